@@ -1,0 +1,109 @@
+"""The functional API: ``apl_loss(logits, target, "nce+rce", ...)``."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import backends
+from .reference import reference_loss
+from .spec import REDUCTIONS, LossSpec
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_inputs(logits: torch.Tensor, target: torch.Tensor, reduction: str, ignore_index: int) -> None:
+    if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError("logits and target must be tensors")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got {target.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be [B, K] or [B, K, d1, ...], got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 2:
+        raise ValueError(f"need at least K = 2 classes, got logits of shape {tuple(logits.shape)}")
+    expected = (logits.shape[0],) + tuple(logits.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"target shape {tuple(target.shape)} does not match logits shape "
+                         f"{tuple(logits.shape)}: expected {expected}")
+    if target.device != logits.device:
+        raise ValueError(f"logits are on {logits.device} but target is on {target.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected 'mean', 'sum' or 'none'")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+
+def _targets_checkable(device: torch.device) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bad.any():
+        value = int(target[bad].reshape(-1)[0])
+        raise ValueError(f"target value {value} is outside [0, {num_classes}) and is not "
+                         f"ignore_index={ignore_index}")
+
+
+def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *, reduction: str = "mean",
+               ignore_index: int = -100, backend: str = "auto", check_targets: bool = True) -> torch.Tensor:
+    """``apl_loss`` with a ready ``LossSpec``; see ``apl_loss`` for the arguments."""
+    _check_inputs(logits, target, reduction, ignore_index)
+    num_classes = logits.shape[1]
+    if check_targets and _targets_checkable(logits.device):
+        _check_target_range(target, num_classes, ignore_index)
+    name = backends.resolve(backend, logits.device)
+    if name == "reference":
+        return reference_loss(logits, target.long(), spec, reduction, ignore_index)
+
+    if logits.dim() > 2:  # [B, K, d1, ...] -> rows of K, as cross_entropy does
+        rows = logits.movedim(1, -1).reshape(-1, num_classes)
+    else:
+        rows = logits
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    flat_target = target.reshape(-1).long().contiguous()
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = backends.fused_op(name)(rows, flat_target, *spec.op_args(), REDUCTIONS[reduction],
+                                      ignore_index, compute_grad)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+def apl_loss(logits: torch.Tensor, target: torch.Tensor, loss: Union[str, LossSpec] = "nce+rce", *,
+             alpha: Optional[float] = None, beta: Optional[float] = None, gamma: Optional[float] = None,
+             q: Optional[float] = None, A: Optional[float] = None, reduction: str = "mean",
+             ignore_index: int = -100, grad: Optional[str] = None, backend: str = "auto",
+             check_targets: bool = True) -> torch.Tensor:
+    """Active-passive loss ``alpha * active + beta * passive`` of logits, fused with the softmax.
+
+    Args:
+        logits: [B, K] or [B, K, d1, ...] float16/bfloat16/float32/float64 scores.
+        target: integer labels, [B] or [B, d1, ...], in [0, K) or equal to ``ignore_index``.
+        loss: ``"nce+rce"``, ``"nfl+mae"``, ``"ce"``, ``"rce"``, ``"sce"``... or a ``LossSpec``.
+        alpha, beta, gamma, q, A, grad: override the ``LossSpec`` defaults
+            (1, 1, 0.5, 0.7, ln 1e-4, "official").
+        reduction: ``"mean"`` (over rows not ignored), ``"sum"`` or ``"none"``.
+        ignore_index: label whose rows get zero loss and zero gradient.
+        backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
+        check_targets: raise ValueError for a label outside [0, K).  On CUDA
+            tensors this costs one host sync; it is skipped inside CUDA-graph
+            capture and under torch.compile, where such a row's loss is NaN.
+
+    Returns:
+        The loss, float32 for half-precision logits (as ``cross_entropy`` under
+        autocast), float64 for float64 logits.
+    """
+    params = dict(alpha=alpha, beta=beta, gamma=gamma, q=q, A=A, grad=grad)
+    if isinstance(loss, LossSpec):
+        given = [k for k, v in params.items() if v is not None]
+        if given:
+            raise ValueError(f"pass either a LossSpec or parameters, not both (got {given})")
+        spec = loss
+    else:
+        spec = LossSpec.from_name(loss, **params)
+    return fused_loss(logits, target, spec, reduction=reduction, ignore_index=ignore_index,
+                      backend=backend, check_targets=check_targets)

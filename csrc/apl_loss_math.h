@@ -1,0 +1,299 @@
+// The loss math of every term, once, for the CPU and the CUDA kernels.
+//
+// All functions are __host__ __device__ and work in the accumulation type T
+// (float for fp16/bf16/fp32 logits, double for fp64).  A kernel streams each
+// row through three steps:
+//
+//   1. SoftmaxStats   max, sum exp(z - max) and sum z            (needs nothing)
+//   2. NormalizerSums sums over k that need log p_k = z_k - lse  (only if needs_second_pass)
+//   3. finish_row     the row's loss and the coefficients of its gradient;
+//      grad_element   d loss / d z_j for every j.
+//
+// Gradient.  With l = log p, each term's derivative with respect to l_k has
+// the form  g_k = c_const + c_focal f'(l_k) + c_pow m_k p_k^q + c_prob m_k p_k
+//                 + [k == y] c_target,
+// where m_k = [P_MIN <= p_k <= 1] (clamped entries get zero gradient) and f'
+// is the derivative of f(l) = -(1-p)^gamma l (a constant focal factor in the
+// official mode).  Through the log-softmax, d loss / d z_j = g_j - p_j sum_k g_k.
+// The per-term coefficients (derived in the comments of finish_row) are summed,
+// weighted by alpha and beta, into one GradCoefs.
+//
+// Codes and defaults match apl_kernels/spec.py.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define APL_HD __host__ __device__ __forceinline__
+#else
+#define APL_HD inline
+#endif
+
+namespace apl {
+
+enum ActiveTerm : int { kActiveNone = 0, kCE = 1, kFL = 2, kNCE = 3, kNFL = 4, kGCE = 5, kNGCE = 6 };
+enum PassiveTerm : int { kPassiveNone = 0, kMAE = 1, kRCE = 2, kNMAE = 3, kNRCE = 4 };
+enum GradMode : int { kOfficial = 0, kExact = 1 };
+enum Reduction : int { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
+
+constexpr double kPMin = 1e-7;
+
+// The LossSpec of apl_kernels/spec.py, as the op passes it.
+struct LossParams {
+  int active;
+  int passive;
+  double alpha, beta, gamma, q, A;
+  int grad_mode;
+};
+
+// Math overloads that resolve to the float or double routine on host and device.
+APL_HD float apl_exp(float x) { return expf(x); }
+APL_HD double apl_exp(double x) { return exp(x); }
+APL_HD float apl_log(float x) { return logf(x); }
+APL_HD double apl_log(double x) { return log(x); }
+APL_HD float apl_expm1(float x) { return expm1f(x); }
+APL_HD double apl_expm1(double x) { return expm1(x); }
+APL_HD float apl_pow(float x, float y) { return powf(x, y); }
+APL_HD double apl_pow(double x, double y) { return pow(x, y); }
+
+// max that propagates NaN, so that a NaN logit poisons its row.
+template <typename T>
+APL_HD T nan_max(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+
+// ---------------------------------------------------------------- step 1
+// Online max / sum-exp (and the plain sum of logits for the NCE normaliser).
+template <typename T>
+struct SoftmaxStats {
+  T max = -INFINITY;
+  T sumexp = 0;
+  T sum_z = 0;
+
+  APL_HD void add(T z) {
+    sum_z += z;
+    const T new_max = nan_max(max, z);
+    // Guard -inf - -inf: while every logit so far is -inf the sum stays 0.
+    if (new_max == -INFINITY) return;
+    sumexp = sumexp * apl_exp(max - new_max) + apl_exp(z - new_max);
+    max = new_max;
+  }
+
+  APL_HD void merge(const SoftmaxStats& o) {
+    sum_z += o.sum_z;
+    const T new_max = nan_max(max, o.max);
+    if (new_max == -INFINITY) return;
+    sumexp = sumexp * apl_exp(max - new_max) + o.sumexp * apl_exp(o.max - new_max);
+    max = new_max;
+  }
+
+  // An all -inf row has no softmax: log(0) - inf -> NaN, as torch gives.
+  APL_HD T lse() const { return max == -INFINITY ? T(NAN) : max + apl_log(sumexp); }
+};
+
+// ---------------------------------------------------------------- focal factor
+// w = (1 - p)^gamma, computed from log p without cancellation.
+template <typename T>
+APL_HD T focal_weight(T log_p, T gamma) {
+  return apl_pow(-apl_expm1(log_p), gamma);
+}
+
+// f(l) = -(1 - p)^gamma * l, the focal loss of one class.
+template <typename T>
+APL_HD T focal_value(T log_p, T gamma) {
+  return -focal_weight(log_p, gamma) * log_p;
+}
+
+// f'(l).  Official: -(1-p)^gamma (the factor is a constant).  Exact:
+// -(1-p)^gamma + gamma (1-p)^gamma p l / (1-p), whose limit as p -> 1 is 0
+// because l / (1-p) -> -1; at p = 0 the second part is 0 even when l = -inf.
+template <typename T>
+APL_HD T focal_deriv(T log_p, T gamma, int grad_mode) {
+  const T one_minus_p = -apl_expm1(log_p);
+  const T w = apl_pow(one_minus_p, gamma);
+  if (grad_mode == kOfficial) return -w;
+  const T p = apl_exp(log_p);
+  if (p == T(0)) return -w;
+  const T l_over_one_minus_p = one_minus_p > T(0) ? log_p / one_minus_p : T(-1);
+  return -w + gamma * w * p * l_over_one_minus_p;
+}
+
+// [P_MIN <= p <= 1]: entries that clamp() leaves unchanged, the only ones with a gradient.
+template <typename T>
+APL_HD bool unclamped(T p) {
+  return p >= T(kPMin) && p <= T(1);
+}
+
+template <typename T>
+APL_HD T clamp_prob(T p) {
+  return p < T(kPMin) ? T(kPMin) : (p > T(1) ? T(1) : p);
+}
+
+// ---------------------------------------------------------------- step 2
+APL_HD bool needs_second_pass(const LossParams& P) {
+  return P.active == kNFL || P.active == kNGCE || P.passive == kRCE || P.passive == kNRCE;
+}
+
+template <typename T>
+struct NormalizerSums {
+  T focal = 0;         // sum_k f(l_k)                       nfl normaliser
+  T focal_deriv = 0;   // sum_k f'(l_k)                      nfl gradient
+  T clamp_pow = 0;     // sum_k clamp(p_k)^q                 ngce normaliser
+  T live_pow = 0;      // sum_k m_k p_k^q                    ngce gradient
+  T clamp_other = 0;   // sum_{k != y} clamp(p_k)            rce, nrce
+  T live_other = 0;    // sum_{k != y} m_k p_k               rce, nrce gradient
+
+  APL_HD void add(T log_p, bool is_target, const LossParams& P) {
+    if (P.active == kNFL) {
+      focal += focal_value(log_p, T(P.gamma));
+      focal_deriv += focal_deriv(log_p, T(P.gamma), P.grad_mode);
+    }
+    if (P.active == kNGCE || P.passive == kRCE || P.passive == kNRCE) {
+      const T p = apl_exp(log_p);
+      const bool live = unclamped(p);
+      if (P.active == kNGCE) {
+        const T pq = apl_pow(clamp_prob(p), T(P.q));
+        clamp_pow += pq;
+        if (live) live_pow += pq;
+      }
+      if ((P.passive == kRCE || P.passive == kNRCE) && !is_target) {
+        clamp_other += clamp_prob(p);
+        if (live) live_other += p;
+      }
+    }
+  }
+
+  APL_HD void merge(const NormalizerSums& o) {
+    focal += o.focal;
+    focal_deriv += o.focal_deriv;
+    clamp_pow += o.clamp_pow;
+    live_pow += o.live_pow;
+    clamp_other += o.clamp_other;
+    live_other += o.live_other;
+  }
+};
+
+// ---------------------------------------------------------------- step 3
+template <typename T>
+struct GradCoefs {
+  T lse;
+  T c_const = 0, c_focal = 0, c_pow = 0, c_prob = 0, c_target = 0;
+  T g_sum = 0;  // sum_k g_k
+};
+
+template <typename T>
+struct RowResult {
+  T loss;
+  GradCoefs<T> grad;  // already multiplied by the row's reduction weight
+};
+
+// The loss of a row with label y and its gradient coefficients.  `weight` is
+// the reduction's factor of this row's gradient (1, or 1/count for mean).
+template <typename T>
+APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>& n, T z_target, int64_t K,
+                               const LossParams& P, T weight) {
+  RowResult<T> r;
+  GradCoefs<T>& c = r.grad;
+  c.lse = s.lse();
+  const T l_y = z_target - c.lse;
+  const T p_y = apl_exp(l_y);
+  const T one_minus_p_y = -apl_expm1(l_y);
+  const T gamma = T(P.gamma), q = T(P.q), Kf = T(K);
+  const T alpha = T(P.alpha) * weight, beta = T(P.beta) * weight;
+  const bool live_y = unclamped(p_y);
+  T active = 0, passive = 0;
+
+  switch (P.active) {
+    case kCE:  // -l_y;  g_k = -[k=y]
+      active = -l_y;
+      c.c_target += -alpha;
+      c.g_sum += -alpha;
+      break;
+    case kFL: {  // f(l_y);  g_k = [k=y] f'(l_y)
+      active = focal_value(l_y, gamma);
+      const T d = focal_deriv(l_y, gamma, P.grad_mode);
+      c.c_target += alpha * d;
+      c.g_sum += alpha * d;
+      break;
+    }
+    case kNCE: {  // L = l_y / S, S = sum_k l_k = sum z - K lse;  g_k = (L - [k=y]) / D, D = -S
+      const T D = -(s.sum_z - Kf * c.lse);
+      active = -l_y / D;
+      c.c_const += alpha * active / D;
+      c.c_target += -alpha / D;
+      c.g_sum += alpha * (Kf * active - T(1)) / D;
+      break;
+    }
+    case kNFL: {  // L = f(l_y) / D, D = sum_k f(l_k);  g_k = (f'(l_y) [k=y] - L f'(l_k)) / D
+      const T D = n.focal;
+      active = focal_value(l_y, gamma) / D;
+      const T d_y = focal_deriv(l_y, gamma, P.grad_mode);
+      c.c_focal += -alpha * active / D;
+      c.c_target += alpha * d_y / D;
+      c.g_sum += alpha * (d_y - active * n.focal_deriv) / D;
+      break;
+    }
+    case kGCE: {  // (1 - clamp(p_y)^q) / q;  g_k = -[k=y] m_y p_y^q
+      const T pq = apl_pow(clamp_prob(p_y), q);
+      active = (T(1) - pq) / q;
+      const T d = live_y ? -pq : T(0);
+      c.c_target += alpha * d;
+      c.g_sum += alpha * d;
+      break;
+    }
+    case kNGCE: {  // L = (1 - c_y^q) / D, D = K - sum_k c_k^q;  g_k = (-q m_y p_y^q [k=y] + L q m_k p_k^q) / D
+      const T D = Kf - n.clamp_pow;
+      const T pq = apl_pow(clamp_prob(p_y), q);
+      active = (T(1) - pq) / D;
+      const T d_y = live_y ? -q * pq : T(0);
+      c.c_pow += alpha * active * q / D;
+      c.c_target += alpha * d_y / D;
+      c.g_sum += alpha * (d_y + active * q * n.live_pow) / D;
+      break;
+    }
+    default:
+      break;
+  }
+
+  switch (P.passive) {
+    case kMAE:   // 1 - p_y;  g_k = -[k=y] p_y
+    case kNMAE: {
+      const T scale = P.passive == kMAE ? T(1) : T(1) / (Kf - T(1));
+      passive = scale * one_minus_p_y;
+      c.c_target += -beta * scale * p_y;
+      c.g_sum += -beta * scale * p_y;
+      break;
+    }
+    case kRCE:   // -A sum_{k!=y} clamp(p_k);  g_k = -A m_k p_k [k!=y]
+    case kNRCE: {
+      const T scale = P.passive == kRCE ? -T(P.A) : T(1) / (Kf - T(1));
+      passive = scale * n.clamp_other;
+      c.c_prob += beta * scale;
+      c.c_target += live_y ? -beta * scale * p_y : T(0);  // the sum excludes y
+      c.g_sum += beta * scale * n.live_other;
+      break;
+    }
+    default:
+      break;
+  }
+
+  r.loss = (P.active != kActiveNone ? T(P.alpha) * active : T(0)) +
+           (P.passive != kPassiveNone ? T(P.beta) * passive : T(0));
+  return r;
+}
+
+// d loss / d z_j = g_j - p_j sum_k g_k, for logit z of class j.
+template <typename T>
+APL_HD T grad_element(T z, bool is_target, const GradCoefs<T>& c, const LossParams& P) {
+  const T log_p = z - c.lse;
+  const T p = apl_exp(log_p);
+  T g = c.c_const;
+  if (c.c_focal != T(0)) g += c.c_focal * focal_deriv(log_p, T(P.gamma), P.grad_mode);
+  if (c.c_pow != T(0) && unclamped(p)) g += c.c_pow * apl_pow(p, T(P.q));
+  if (c.c_prob != T(0) && unclamped(p)) g += c.c_prob * p;
+  if (is_target) g += c.c_target;
+  return g - p * c.g_sum;
+}
+
+}  // namespace apl
