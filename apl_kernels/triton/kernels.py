@@ -1,0 +1,340 @@
+"""Triton kernels of the fused loss, and the launch heuristics.
+
+Two regimes of one kernel family, specialised (constexpr) by active term,
+passive term, gradient mode, reduction and compute_grad:
+
+* row-resident (K <= RESIDENT_MAX_K): a [BLOCK_R, BLOCK_K] tile of whole rows
+  sits in registers; logits are read once and the gradient written once.  When
+  the whole batch is a few tiles (e.g. [128, 10]) one program does every row,
+  counts the kept rows itself and writes the reduced loss: one launch.
+* chunked (large K): one program per row at a time, persistent over rows; pass 1
+  is an online max / log-sum-exp over chunks, pass 2 (nfl, ngce, rce, nrce)
+  the sums that need the final lse, pass 3 the gradient.  A 131072-wide bf16
+  row (256 KB) does not fit one program's registers, and splitting a row over
+  programs would need a second HBM read (or a grid-wide sync).  Instead the grid
+  is sized so that the rows in flight fit in L2 (about #SM rows of 256 KB =
+  33 MB < 50 MB on H200): pass 1 reads HBM, passes 2 and 3 mostly hit L2, so HBM
+  sees one read and one write per element.
+
+Mean reduction with several programs: a one-program pre-pass counts the kept
+rows on device (the gradient needs 1/count before it is written), the main
+kernel writes per-row losses, and a one-program pass sums them in a fixed
+order (deterministic, no atomics, no host sync).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from ..spec import REDUCTIONS
+from . import loss_math as lm
+
+R_NONE: tl.constexpr = tl.constexpr(REDUCTIONS["none"])
+R_MEAN: tl.constexpr = tl.constexpr(REDUCTIONS["mean"])
+
+
+# ------------------------------------------------------------------ helpers
+@triton.jit
+def _param(hi, lo, zero):
+    # Python floats reach a kernel as fp32: a double is passed as hi + lo.
+    return (zero + hi) + lo
+
+
+@triton.jit
+def _count_kept(y_ptr, N, ignore_index, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Number of rows whose label is not ignore_index (one program, fixed order)."""
+    acc = tl.zeros([BLOCK], dtype=tl.int64)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        y = tl.load(y_ptr + offs, mask=offs < N, other=ignore_index)
+        acc += (y != ignore_index).to(tl.int64)
+    return tl.sum(acc, axis=0).to(ACC)
+
+
+@triton.jit
+def _count_kernel(y_ptr, count_ptr, N, ignore_index, BLOCK: tl.constexpr):
+    ACC: tl.constexpr = count_ptr.dtype.element_ty
+    tl.store(count_ptr, _count_kept(y_ptr, N, ignore_index, ACC, BLOCK))
+
+
+@triton.jit
+def _sum_kernel(rows_ptr, count_ptr, out_ptr, N, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """out = sum(rows) (/ max(count, 1) for mean), in a fixed order."""
+    acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
+    for start in range(0, N, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(rows_ptr + offs, mask=offs < N, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if MEAN:
+        total = total / tl.maximum(tl.load(count_ptr), 1.0)
+    tl.store(out_ptr, total)
+
+
+# ------------------------------------------------------------------ row-resident regime
+@triton.jit
+def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, ignore_index, weight,
+                   alpha, beta, gamma, q, A,
+                   ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
+                   COMPUTE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Loss of rows [row0, row0 + BLOCK_R) (0 for ignored / absent rows); writes their gradient."""
+    rows = row0 + tl.arange(0, BLOCK_R)
+    row_ok = rows < N
+    y = tl.load(y_ptr + rows, mask=row_ok, other=ignore_index)
+    kept = row_ok & (y != ignore_index)
+    cols = tl.arange(0, BLOCK_K)
+    col_ok = cols[None, :] < K
+    mask = kept[:, None] & col_ok          # ignored rows are never read
+    rows64 = rows.to(tl.int64)
+    z = tl.load(z_ptr + rows64[:, None] * stride_row + cols[None, :], mask=mask,
+                other=float("-inf")).to(alpha.dtype)
+    m, s, sum_z = lm.block_stats(z, mask, 1)
+    lse = lm.log_sum_exp(m, s)
+    log_p = z - lse[:, None]
+    is_t = cols[None, :] == y[:, None]
+    focal, focal_d, clamp_pow, live_pow, clamp_other, live_other = lm.normalizer_sums(
+        log_p, is_t, mask, gamma, q, ACTIVE, PASSIVE, GRAD_MODE, 1)
+    # The label's logit without an indexed load; an out-of-range label gives NaN.
+    z_y = tl.sum(tl.where(is_t & mask, z, 0.0), axis=1)
+    z_y = tl.where((y >= 0) & (y < K), z_y, float("nan"))
+    loss, c_const, c_focal, c_pow, c_prob, c_target, g_sum = lm.finish_row(
+        lse, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, live_other, z_y, K.to(alpha.dtype), weight,
+        alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE)
+    if COMPUTE_GRAD:
+        g = lm.grad_block(log_p, is_t, c_const[:, None], c_focal[:, None], c_pow[:, None], c_prob[:, None],
+                          c_target[:, None], g_sum[:, None], gamma, q, ACTIVE, PASSIVE, GRAD_MODE)
+        g = tl.where(kept[:, None], g, 0.0)
+        tl.store(grad_ptr + rows64[:, None] * grad_stride + cols[None, :], g.to(grad_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok)
+    return tl.where(kept, loss, 0.0)
+
+
+@triton.jit
+def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row, grad_stride, ignore_index,
+                    a_hi, a_lo, b_hi, b_lo, g_hi, g_lo, q_hi, q_lo, A_hi, A_lo,
+                    ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
+                    REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """SINGLE: one program, every tile, reduced loss in loss_ptr[0].  Else one tile
+    per program, per-row losses in loss_ptr (the output, or a buffer for _sum_kernel)."""
+    ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    zero = tl.zeros([], dtype=ACC)
+    alpha = _param(a_hi, a_lo, zero)
+    beta = _param(b_hi, b_lo, zero)
+    gamma = _param(g_hi, g_lo, zero)
+    q = _param(q_hi, q_lo, zero)
+    A = _param(A_hi, A_lo, zero)
+    weight = zero + 1.0
+    if REDUCTION == R_MEAN:
+        if SINGLE:
+            count = _count_kept(y_ptr, N, ignore_index, ACC, 1024)
+        else:
+            count = tl.load(count_ptr)
+        weight = 1.0 / tl.maximum(count, 1.0)
+    if SINGLE:
+        total = tl.zeros([BLOCK_R], dtype=ACC)
+        for row0 in range(0, N, BLOCK_R):
+            loss = _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, ignore_index,
+                                  weight, alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE, COMPUTE_GRAD,
+                                  BLOCK_R, BLOCK_K)
+            if REDUCTION == R_NONE:
+                rows = row0 + tl.arange(0, BLOCK_R)
+                tl.store(loss_ptr + rows, loss, mask=rows < N)
+            else:
+                total += loss
+        if REDUCTION != R_NONE:
+            tl.store(loss_ptr, tl.sum(total, axis=0) * weight)
+    else:
+        row0 = tl.program_id(0) * BLOCK_R
+        loss = _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, ignore_index,
+                              weight, alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE, COMPUTE_GRAD,
+                              BLOCK_R, BLOCK_K)
+        rows = row0 + tl.arange(0, BLOCK_R)
+        tl.store(loss_ptr + rows, loss, mask=rows < N)
+
+
+# ------------------------------------------------------------------ chunked regime
+@triton.jit
+def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row, grad_stride, ignore_index,
+                   a_hi, a_lo, b_hi, b_lo, g_hi, g_lo, q_hi, q_lo, A_hi, A_lo,
+                   ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
+                   REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, NEEDS_PASS2: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Persistent over rows; per row: online lse, normaliser sums, gradient.  Per-row losses to loss_ptr."""
+    ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    zero = tl.zeros([], dtype=ACC)
+    alpha = _param(a_hi, a_lo, zero)
+    beta = _param(b_hi, b_lo, zero)
+    gamma = _param(g_hi, g_lo, zero)
+    q = _param(q_hi, q_lo, zero)
+    A = _param(A_hi, A_lo, zero)
+    weight = zero + 1.0
+    if REDUCTION == R_MEAN:
+        weight = 1.0 / tl.maximum(tl.load(count_ptr), 1.0)
+    Kf = K.to(ACC)
+    cols0 = tl.arange(0, BLOCK_K)
+    for row in range(tl.program_id(0), N, tl.num_programs(0)):
+        y = tl.load(y_ptr + row)
+        kept = y != ignore_index
+        z_row = z_ptr + tl.cast(row, tl.int64) * stride_row
+        # pass 1: online max / sumexp / sum z (ignored rows: every lane masked, nothing read)
+        m = zero + float("-inf")
+        s = zero
+        sum_z = zero
+        for start in range(0, K, BLOCK_K):
+            cols = start + cols0
+            mask = (cols < K) & kept
+            z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(ACC)
+            m2, s2, sz2 = lm.block_stats(z, mask, 0)
+            m, s, sum_z = lm.merge_stats(m, s, sum_z, m2, s2, sz2)
+        lse = lm.log_sum_exp(m, s)
+        # pass 2: sums that need the final lse (re-read from L2)
+        focal = zero
+        focal_d = zero
+        clamp_pow = zero
+        live_pow = zero
+        clamp_other = zero
+        live_other = zero
+        if NEEDS_PASS2:
+            for start in range(0, K, BLOCK_K):
+                cols = start + cols0
+                mask = (cols < K) & kept
+                z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(ACC)
+                f1, f2, f3, f4, f5, f6 = lm.normalizer_sums(z - lse, cols == y, mask, gamma, q, ACTIVE, PASSIVE,
+                                                            GRAD_MODE, 0)
+                focal += f1
+                focal_d += f2
+                clamp_pow += f3
+                live_pow += f4
+                clamp_other += f5
+                live_other += f6
+        y_ok = kept & (y >= 0) & (y < K)   # an out-of-range label is never read: NaN row
+        z_y = tl.load(z_row + tl.where(y_ok, y, 0), mask=y_ok, other=0.0).to(ACC)
+        z_y = tl.where(y_ok, z_y, float("nan"))
+        loss, c_const, c_focal, c_pow, c_prob, c_target, g_sum = lm.finish_row(
+            lse, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, live_other, z_y, Kf, weight,
+            alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE)
+        tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
+        if COMPUTE_GRAD:
+            # pass 3: the gradient (each chunk is read before it is written: in-place safe)
+            g_row = grad_ptr + tl.cast(row, tl.int64) * grad_stride
+            for start in range(0, K, BLOCK_K):
+                cols = start + cols0
+                mask = (cols < K) & kept
+                z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(ACC)
+                g = lm.grad_block(z - lse, cols == y, c_const, c_focal, c_pow, c_prob, c_target, g_sum, gamma, q,
+                                  ACTIVE, PASSIVE, GRAD_MODE)
+                g = tl.where(kept, g, 0.0)
+                tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < K)
+
+
+# ------------------------------------------------------------------ heuristics
+# Largest padded K kept whole in registers (per element size); beyond, chunked.
+RESIDENT_MAX_K = {1: 16384, 2: 16384, 4: 16384, 8: 8192}
+TILE_ELEMS = 4096          # elements of a row-resident tile
+SINGLE_MAX_TILES = 4       # reduced losses this small run in one program (one launch)
+CHUNK = {2: 8192, 4: 4096, 8: 2048}
+L2_BUDGET = 32 << 20       # bytes of rows in flight in the chunked regime (H200 L2 is 50 MB)
+
+_forced_chunk = None
+
+
+@contextlib.contextmanager
+def force_chunked(block_k: int):
+    """Run every shape in the chunked regime with chunks of block_k (tests, benchmarks)."""
+    global _forced_chunk
+    previous, _forced_chunk = _forced_chunk, int(block_k)
+    try:
+        yield
+    finally:
+        _forced_chunk = previous
+
+
+def _split(x: float):
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(x - hi)
+
+
+def _programs_in_flight(device: torch.device, row_bytes: int, rows: int) -> int:
+    if device.type != "cuda":
+        return max(1, min(rows, 4))   # the interpreter runs programs one after another
+    props = torch.cuda.get_device_properties(device)
+    sms = props.multi_processor_count
+    l2 = getattr(props, "L2_cache_size", 0) or 50 << 20
+    per_sm = max(1, min(4, min(L2_BUDGET, l2 * 2 // 3) // max(1, sms * row_bytes)))
+    return max(1, min(rows, sms * per_sm))
+
+
+def launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction, ignore_index,
+           compute_grad, grad_out=None):
+    """Allocate outputs and launch; grad_out (in-place mode) receives the gradient instead of a new tensor.
+
+    Returns (loss, grad).  Runs under FakeTensor too (only shapes are used).
+    """
+    from torch.library import wrap_triton
+
+    N, K = logits.shape
+    acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    device = logits.device
+    loss_shape = (N,) if reduction == REDUCTIONS["none"] else ()
+    loss = torch.empty(loss_shape, dtype=acc_dtype, device=device)
+    if grad_out is not None:
+        grad, grad_stride = grad_out, grad_out.stride(0)
+    elif compute_grad:
+        grad = torch.empty((N, K), dtype=logits.dtype, device=device)
+        grad_stride = K
+    else:
+        grad, grad_stride = torch.empty((0,), dtype=logits.dtype, device=device), 0
+    write_grad = compute_grad or grad_out is not None
+    grad_arg = grad if write_grad else logits   # never written when not computing the gradient
+    if N == 0:
+        if reduction != REDUCTIONS["none"]:
+            loss.zero_()
+        return loss, grad
+    params = (*_split(alpha), *_split(beta), *_split(gamma), *_split(q), *_split(A))
+    common = dict(ACTIVE=active, PASSIVE=passive, GRAD_MODE=grad_mode, REDUCTION=reduction,
+                  COMPUTE_GRAD=write_grad)
+    elem = logits.element_size()
+    block_k = triton.next_power_of_2(K)
+    mean = reduction == REDUCTIONS["mean"]
+
+    if _forced_chunk is None and block_k <= RESIDENT_MAX_K[elem]:
+        block_r = max(1, min(TILE_ELEMS // block_k, triton.next_power_of_2(N)))
+        tiles = triton.cdiv(N, block_r)
+        single = tiles == 1 or (reduction != REDUCTIONS["none"] and tiles <= SINGLE_MAX_TILES)
+        num_warps = max(1, min(16, block_r * block_k // 512))
+        if single:
+            wrap_triton(resident_kernel)[(1,)](
+                logits, target, loss, grad_arg, loss, N, K, logits.stride(0), grad_stride, ignore_index, *params,
+                SINGLE=True, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps, **common)
+            return loss, grad
+        rows_out, count = _reduction_buffers(loss, N, reduction, acc_dtype, target, ignore_index)
+        wrap_triton(resident_kernel)[(tiles,)](
+            logits, target, rows_out, grad_arg, count, N, K, logits.stride(0), grad_stride, ignore_index, *params,
+            SINGLE=False, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps, **common)
+    else:
+        chunk = _forced_chunk or min(CHUNK[max(2, elem)], block_k)
+        programs = _programs_in_flight(device, K * elem, N)
+        rows_out, count = _reduction_buffers(loss, N, reduction, acc_dtype, target, ignore_index)
+        wrap_triton(chunked_kernel)[(programs,)](
+            logits, target, rows_out, grad_arg, count, N, K, logits.stride(0), grad_stride, ignore_index, *params,
+            NEEDS_PASS2=lm.needs_second_pass(active, passive), BLOCK_K=chunk,
+            num_warps=16 if chunk >= 4096 else max(1, chunk // 256), **common)
+    if reduction != REDUCTIONS["none"]:
+        wrap_triton(_sum_kernel)[(1,)](rows_out, count, loss, N, MEAN=mean, BLOCK=1024, num_warps=4)
+    return loss, grad
+
+
+def _reduction_buffers(loss, N, reduction, acc_dtype, target, ignore_index):
+    """Per-row loss destination and, for mean, the on-device kept-row count (pre-pass launch)."""
+    if reduction == REDUCTIONS["none"]:
+        return loss, loss
+    rows_out = torch.empty((N,), dtype=acc_dtype, device=loss.device)
+    if reduction != REDUCTIONS["mean"]:
+        return rows_out, rows_out
+    count = torch.empty((1,), dtype=acc_dtype, device=loss.device)
+    from torch.library import wrap_triton
+    wrap_triton(_count_kernel)[(1,)](target, count, N, ignore_index, BLOCK=1024, num_warps=4)
+    return rows_out, count

@@ -1,0 +1,249 @@
+"""The loss math of every term, once, as Triton jit helpers.
+
+Mirrors csrc/apl_loss_math.h step for step (the gradient derivation lives in
+that header's comments): per row,
+
+  1. softmax stats    max, sum exp(z - max), sum z          (``block_stats`` + ``merge_stats``)
+  2. normaliser sums  the sums over k that need log p_k       (``normalizer_sums``)
+  3. ``finish_row``   loss and gradient coefficients; ``grad_block`` d loss / d z.
+
+Every helper is elementwise or reduces along ``AXIS``, so the same code serves
+a [rows, K] tile held in registers (AXIS=1) and a 1-D chunk of one row (AXIS=0).
+Only core tl math is used (exp/log), no libdevice: the same code then runs in
+the interpreter (which has no extern calls) and on the GPU.
+All math is in the accumulation dtype of the caller (fp32, or fp64 for fp64).
+"""
+import triton
+import triton.language as tl
+
+from ..spec import ACTIVE_TERMS, GRAD_MODES, P_MIN as _P_MIN, PASSIVE_TERMS
+
+CE: tl.constexpr = tl.constexpr(ACTIVE_TERMS["ce"])
+FL: tl.constexpr = tl.constexpr(ACTIVE_TERMS["fl"])
+NCE: tl.constexpr = tl.constexpr(ACTIVE_TERMS["nce"])
+NFL: tl.constexpr = tl.constexpr(ACTIVE_TERMS["nfl"])
+GCE: tl.constexpr = tl.constexpr(ACTIVE_TERMS["gce"])
+NGCE: tl.constexpr = tl.constexpr(ACTIVE_TERMS["ngce"])
+MAE: tl.constexpr = tl.constexpr(PASSIVE_TERMS["mae"])
+RCE: tl.constexpr = tl.constexpr(PASSIVE_TERMS["rce"])
+NMAE: tl.constexpr = tl.constexpr(PASSIVE_TERMS["nmae"])
+NRCE: tl.constexpr = tl.constexpr(PASSIVE_TERMS["nrce"])
+OFFICIAL: tl.constexpr = tl.constexpr(GRAD_MODES["official"])
+P_MIN: tl.constexpr = tl.constexpr(_P_MIN)
+
+
+def needs_second_pass(active: int, passive: int) -> bool:
+    """Host-side twin of ``NEEDS_PASS2``: the terms whose sums need the final lse."""
+    return active in (ACTIVE_TERMS["nfl"], ACTIVE_TERMS["ngce"]) or passive in (PASSIVE_TERMS["rce"],
+                                                                                  PASSIVE_TERMS["nrce"])
+
+
+# ------------------------------------------------------------------ scalar math
+@triton.jit
+def expm1(x):
+    # Kahan's trick: (u - 1) * x / log(u) cancels the rounding error of u = e^x,
+    # so 1 - p stays accurate for p near 1 (focal factors) without libdevice.
+    u = tl.exp(x)
+    um1 = u - 1.0
+    r = um1 * (x / tl.log(u))
+    r = tl.where(u == 1.0, x, r)
+    r = tl.where(um1 == -1.0, um1, r)
+    return tl.where(u == float("inf"), u, r)
+
+
+@triton.jit
+def pow_nonneg(b, e):
+    # b >= 0 always (1 - p, or a clamped p); 0^0 = 1 as in C pow.
+    return tl.where(e == 0.0, 1.0, tl.exp(e * tl.log(b)))
+
+
+@triton.jit
+def focal_value(log_p, gamma):
+    # f(l) = -(1 - p)^gamma l
+    return -pow_nonneg(-expm1(log_p), gamma) * log_p
+
+
+@triton.jit
+def focal_deriv(log_p, gamma, GRAD_MODE: tl.constexpr):
+    # f'(l): -(1-p)^gamma (official), + gamma (1-p)^gamma p l / (1-p) (exact);
+    # l / (1-p) -> -1 as p -> 1, and the extra part is 0 where p = 0 (l = -inf).
+    one_minus_p = -expm1(log_p)
+    w = pow_nonneg(one_minus_p, gamma)
+    if GRAD_MODE == OFFICIAL:
+        return -w
+    p = tl.exp(log_p)
+    ratio = tl.where(one_minus_p > 0.0, log_p / one_minus_p, -1.0)
+    return tl.where(p == 0.0, -w, -w + gamma * w * p * ratio)
+
+
+@triton.jit
+def clamp_prob(p):
+    return tl.where(p < P_MIN, P_MIN, tl.where(p > 1.0, 1.0, p))
+
+
+@triton.jit
+def unclamped(p):
+    return (p >= P_MIN) & (p <= 1.0)
+
+
+# ------------------------------------------------------------------ step 1
+@triton.jit
+def block_stats(z, mask, AXIS: tl.constexpr):
+    """(max, sum exp(z - max), sum z) of a block along AXIS; masked lanes never enter a sum.
+
+    z holds -inf in masked lanes.  A block whose live lanes are all -inf has
+    max = -inf and sumexp = 0 (not NaN), so that merging stays clean.
+    """
+    m = tl.max(z, axis=AXIS)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    if AXIS == 1:
+        e = tl.exp(z - m_safe[:, None])
+    else:
+        e = tl.exp(z - m_safe)
+    s = tl.sum(tl.where(mask, e, 0.0), axis=AXIS)
+    sz = tl.sum(tl.where(mask, z, 0.0), axis=AXIS)
+    return m, s, sz
+
+
+@triton.jit
+def merge_stats(m, s, sz, m2, s2, sz2):
+    """Online merge of two (max, sumexp, sum z) triples; -inf maxima rescale to 0, never NaN."""
+    new_m = tl.maximum(m, m2)
+    new_safe = tl.where(new_m == float("-inf"), 0.0, new_m)
+    s = tl.where(m == float("-inf"), 0.0, s * tl.exp(m - new_safe)) + \
+        tl.where(m2 == float("-inf"), 0.0, s2 * tl.exp(m2 - new_safe))
+    # A NaN logit makes s NaN (exp(NaN)), whatever tl.max does with NaN.
+    return new_m, s, sz + sz2
+
+
+@triton.jit
+def log_sum_exp(m, s):
+    # An all -inf row has no softmax: NaN, as torch gives.
+    return tl.where(m == float("-inf"), float("nan"), m + tl.log(s))
+
+
+# ------------------------------------------------------------------ step 2
+@triton.jit
+def normalizer_sums(log_p, is_target, mask, gamma, q, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
+                    GRAD_MODE: tl.constexpr, AXIS: tl.constexpr):
+    """Sums over the block of (focal, focal', clamp^q, live p^q, clamp others, live others).
+
+    Terms that the loss does not use come back as 0 (compiled away).
+    """
+    zero = tl.sum(tl.zeros_like(log_p), axis=AXIS)
+    focal = zero
+    focal_d = zero
+    clamp_pow = zero
+    live_pow = zero
+    clamp_other = zero
+    live_other = zero
+    if ACTIVE == NFL:
+        focal = tl.sum(tl.where(mask, focal_value(log_p, gamma), 0.0), axis=AXIS)
+        focal_d = tl.sum(tl.where(mask, focal_deriv(log_p, gamma, GRAD_MODE), 0.0), axis=AXIS)
+    if ACTIVE == NGCE or PASSIVE == RCE or PASSIVE == NRCE:
+        p = tl.exp(log_p)
+        live = mask & unclamped(p)
+        if ACTIVE == NGCE:
+            pq = pow_nonneg(clamp_prob(p), q)
+            clamp_pow = tl.sum(tl.where(mask, pq, 0.0), axis=AXIS)
+            live_pow = tl.sum(tl.where(live, pq, 0.0), axis=AXIS)
+        if PASSIVE == RCE or PASSIVE == NRCE:
+            clamp_other = tl.sum(tl.where(mask & (~is_target), clamp_prob(p), 0.0), axis=AXIS)
+            live_other = tl.sum(tl.where(live & (~is_target), p, 0.0), axis=AXIS)
+    return focal, focal_d, clamp_pow, live_pow, clamp_other, live_other
+
+
+# ------------------------------------------------------------------ step 3
+@triton.jit
+def finish_row(lse, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, live_other, z_y, Kf, weight,
+               alpha, beta, gamma, q, A, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr):
+    """Loss of a row (or a vector of rows) and its gradient coefficients.
+
+    Returns (loss, c_const, c_focal, c_pow, c_prob, c_target, g_sum); the
+    coefficients already carry the row's reduction weight (1, or 1/count).
+    Each case is the one of finish_row in csrc/apl_loss_math.h.
+    """
+    l_y = z_y - lse
+    p_y = tl.exp(l_y)
+    zero = tl.zeros_like(l_y)
+    aw = alpha * weight
+    bw = beta * weight
+    live_y = unclamped(p_y)
+    c_const = zero
+    c_focal = zero
+    c_pow = zero
+    c_prob = zero
+    c_target = zero
+    g_sum = zero
+    loss = zero
+    if ACTIVE == CE:
+        loss = alpha * -l_y
+        c_target = zero - aw
+        g_sum = zero - aw
+    if ACTIVE == FL:
+        loss = alpha * focal_value(l_y, gamma)
+        d = focal_deriv(l_y, gamma, GRAD_MODE)
+        c_target = aw * d
+        g_sum = aw * d
+    if ACTIVE == NCE:
+        D = -(sum_z - Kf * lse)
+        act = -l_y / D
+        loss = alpha * act
+        c_const = aw * act / D
+        c_target = -aw / D
+        g_sum = aw * (Kf * act - 1.0) / D
+    if ACTIVE == NFL:
+        act = focal_value(l_y, gamma) / focal
+        loss = alpha * act
+        d_y = focal_deriv(l_y, gamma, GRAD_MODE)
+        c_focal = -aw * act / focal
+        c_target = aw * d_y / focal
+        g_sum = aw * (d_y - act * focal_d) / focal
+    if ACTIVE == GCE:
+        pq = pow_nonneg(clamp_prob(p_y), q)
+        loss = alpha * (1.0 - pq) / q
+        d = tl.where(live_y, -pq, 0.0)
+        c_target = aw * d
+        g_sum = aw * d
+    if ACTIVE == NGCE:
+        D = Kf - clamp_pow
+        pq = pow_nonneg(clamp_prob(p_y), q)
+        act = (1.0 - pq) / D
+        loss = alpha * act
+        d_y = tl.where(live_y, -q * pq, 0.0)
+        c_pow = aw * act * q / D
+        c_target = aw * d_y / D
+        g_sum = aw * (d_y + act * q * live_pow) / D
+    if PASSIVE == MAE or PASSIVE == NMAE:
+        if PASSIVE == MAE:
+            scale = 1.0
+        else:
+            scale = 1.0 / (Kf - 1.0)
+        loss += beta * scale * -expm1(l_y)
+        c_target += -bw * scale * p_y
+        g_sum += -bw * scale * p_y
+    if PASSIVE == RCE or PASSIVE == NRCE:
+        if PASSIVE == RCE:
+            scale = -A
+        else:
+            scale = 1.0 / (Kf - 1.0)
+        loss += beta * scale * clamp_other
+        c_prob = zero + bw * scale
+        c_target += tl.where(live_y, -bw * scale * p_y, 0.0)  # the sum excludes y
+        g_sum += bw * scale * live_other
+    return loss, c_const, c_focal, c_pow, c_prob, c_target, g_sum
+
+
+@triton.jit
+def grad_block(log_p, is_target, c_const, c_focal, c_pow, c_prob, c_target, g_sum, gamma, q,
+               ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr):
+    """d loss / d z_j = g_j - p_j sum_k g_k (coefficients broadcast by the caller)."""
+    p = tl.exp(log_p)
+    g = tl.where(is_target, c_const + c_target, c_const)
+    if ACTIVE == NFL:
+        g += c_focal * focal_deriv(log_p, gamma, GRAD_MODE)
+    if ACTIVE == NGCE:
+        g += tl.where(unclamped(p), c_pow * pow_nonneg(p, q), 0.0)
+    if PASSIVE == RCE or PASSIVE == NRCE:
+        g += tl.where(unclamped(p), c_prob * p, 0.0)
+    return g - p * g_sum

@@ -1,0 +1,81 @@
+"""The Triton backend as torch.library ops.
+
+``fused_loss_triton`` implements the fused-op schema of ``apl_kernels/ops.py``
+(the shared autograd: backward scales the saved gradient by grad_output).  It is
+a ``triton_op``, so torch.compile traces through it into the kernels
+(fullgraph) and it can be captured in a CUDA graph: no host sync anywhere.
+
+``fused_loss_triton_inplace`` is the opt-in in-place mode: the gradient is
+written over the logits (no second [N, K] buffer).  It is a separate op with
+``mutates_args=("logits",)``; ``inplace_loss`` wraps it in an autograd.Function
+that marks the logits dirty, so autograd's version counter catches any later
+use of the logits' old values (see ``inplace_loss``).
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+from torch.library import triton_op
+
+from .. import ops
+from ..spec import REDUCTIONS
+from . import kernels
+
+
+@triton_op("apl_kernels::fused_loss_triton", mutates_args=())
+def fused_loss_triton(logits: torch.Tensor, target: torch.Tensor, active: int, passive: int, alpha: float,
+                      beta: float, gamma: float, q: float, A: float, grad_mode: int, reduction: int,
+                      ignore_index: int, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return kernels.launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction,
+                          ignore_index, compute_grad)
+
+
+ops.register_fused_autograd(fused_loss_triton)
+
+
+@triton_op("apl_kernels::fused_loss_triton_inplace", mutates_args=("logits",))
+def fused_loss_triton_inplace(logits: torch.Tensor, target: torch.Tensor, active: int, passive: int,
+                              alpha: float, beta: float, gamma: float, q: float, A: float, grad_mode: int,
+                              reduction: int, ignore_index: int) -> torch.Tensor:
+    """The loss; the gradient (reduction weight folded in) replaces the logits."""
+    loss, _ = kernels.launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction,
+                             ignore_index, False, grad_out=logits)
+    return loss
+
+
+class _InplaceLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, *args):
+        loss = fused_loss_triton_inplace(logits, target, *args)
+        ctx.mark_dirty(logits)
+        ctx.mark_non_differentiable(logits)
+        ctx.save_for_backward(logits)
+        ctx.reduction = args[8]
+        ctx.used = False
+        return loss, logits
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_of_overwritten):
+        if ctx.used:
+            raise RuntimeError("apl_kernels overwrite_logits=True: the gradient buffer was consumed by the "
+                               "first backward; backward twice (retain_graph=True) is not supported")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        scale = grad_loss.unsqueeze(1) if ctx.reduction == REDUCTIONS["none"] else grad_loss
+        # Scale in place: the point of this mode is to never hold two [N, K] buffers.
+        grad.mul_(scale.to(grad.dtype))
+        return (grad,) + (None,) * 12
+
+
+def inplace_loss(logits: torch.Tensor, target: torch.Tensor, *args) -> torch.Tensor:
+    """Loss whose gradient overwrites `logits` (args: spec op_args, reduction, ignore_index).
+
+    The logits must be a non-leaf tensor that nothing else needs afterwards (for
+    example the output of the last Linear, which saves its input, not its
+    output).  Autograd catches misuse: a leaf that requires grad is refused, and
+    backward through any op that saved these logits raises the version-counter
+    error.  After the call `logits` holds the gradient; backward runs once.
+    """
+    loss, _ = _InplaceLoss.apply(logits, target, *args)
+    return loss
