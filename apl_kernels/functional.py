@@ -49,10 +49,25 @@ def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: in
                          f"ignore_index={ignore_index}")
 
 
+def _check_overwrite(logits: torch.Tensor, backend: str) -> str:
+    """The backend of overwrite_logits=True (only the Triton kernels write in place)."""
+    if backend == "auto":
+        backend = "triton"
+    if backend != "triton":
+        raise ValueError(f"overwrite_logits=True is supported by backend 'triton' only, got {backend!r}")
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError("overwrite_logits=True needs 2-D logits [N, K] with unit class stride, got shape "
+                         f"{tuple(logits.shape)} and strides {logits.stride()}")
+    return backend
+
+
 def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *, reduction: str = "mean",
-               ignore_index: int = -100, backend: str = "auto", check_targets: bool = True) -> torch.Tensor:
+               ignore_index: int = -100, backend: str = "auto", check_targets: bool = True,
+               overwrite_logits: bool = False) -> torch.Tensor:
     """``apl_loss`` with a ready ``LossSpec``; see ``apl_loss`` for the arguments."""
     _check_inputs(logits, target, reduction, ignore_index)
+    if overwrite_logits:
+        backend = _check_overwrite(logits, backend)
     num_classes = logits.shape[1]
     if check_targets and _targets_checkable(logits.device):
         _check_target_range(target, num_classes, ignore_index)
@@ -68,6 +83,10 @@ def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *, re
         rows = rows.contiguous()
     flat_target = target.reshape(-1).long().contiguous()
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    if overwrite_logits and compute_grad:
+        from .triton.op import inplace_loss
+        loss = inplace_loss(rows, flat_target, *spec.op_args(), REDUCTIONS[reduction], ignore_index)
+        return loss.reshape(target.shape) if reduction == "none" else loss
     loss, _ = backends.fused_op(name)(rows, flat_target, *spec.op_args(), REDUCTIONS[reduction],
                                       ignore_index, compute_grad)
     return loss.reshape(target.shape) if reduction == "none" else loss
@@ -77,7 +96,7 @@ def apl_loss(logits: torch.Tensor, target: torch.Tensor, loss: Union[str, LossSp
              alpha: Optional[float] = None, beta: Optional[float] = None, gamma: Optional[float] = None,
              q: Optional[float] = None, A: Optional[float] = None, reduction: str = "mean",
              ignore_index: int = -100, grad: Optional[str] = None, backend: str = "auto",
-             check_targets: bool = True) -> torch.Tensor:
+             check_targets: bool = True, overwrite_logits: bool = False) -> torch.Tensor:
     """Active-passive loss ``alpha * active + beta * passive`` of logits, fused with the softmax.
 
     Args:
@@ -92,6 +111,12 @@ def apl_loss(logits: torch.Tensor, target: torch.Tensor, loss: Union[str, LossSp
         check_targets: raise ValueError for a label outside [0, K).  On CUDA
             tensors this costs one host sync; it is skipped inside CUDA-graph
             capture and under torch.compile, where such a row's loss is NaN.
+        overwrite_logits: write the gradient over ``logits`` instead of a new
+            [N, K] buffer (backend "triton" only; "auto" picks it).  Needs 2-D
+            logits with unit class stride that are a non-leaf nothing else uses
+            afterwards; they hold the gradient after the call, and backward runs
+            once.  Misuse raises (a leaf requiring grad; backward through an op
+            that saved the logits; a second backward).
 
     Returns:
         The loss, float32 for half-precision logits (as ``cross_entropy`` under
@@ -106,4 +131,4 @@ def apl_loss(logits: torch.Tensor, target: torch.Tensor, loss: Union[str, LossSp
     else:
         spec = LossSpec.from_name(loss, **params)
     return fused_loss(logits, target, spec, reduction=reduction, ignore_index=ignore_index,
-                      backend=backend, check_targets=check_targets)
+                      backend=backend, check_targets=check_targets, overwrite_logits=overwrite_logits)

@@ -21,7 +21,7 @@ class APLLoss(torch.nn.Module):
     def __init__(self, loss: str = "nce+rce", *, alpha: Optional[float] = None, beta: Optional[float] = None,
                  gamma: Optional[float] = None, q: Optional[float] = None, A: Optional[float] = None,
                  reduction: str = "mean", ignore_index: int = -100, grad: Optional[str] = None,
-                 backend: str = "auto", check_targets: bool = True):
+                 backend: str = "auto", check_targets: bool = True, overwrite_logits: bool = False):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; expected 'mean', 'sum' or 'none'")
@@ -30,10 +30,12 @@ class APLLoss(torch.nn.Module):
         self.ignore_index = ignore_index
         self.backend = backend
         self.check_targets = check_targets
+        self.overwrite_logits = overwrite_logits  # Triton only: the gradient replaces the logits
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return fused_loss(logits, target, self.spec, reduction=self.reduction, ignore_index=self.ignore_index,
-                          backend=self.backend, check_targets=self.check_targets)
+                          backend=self.backend, check_targets=self.check_targets,
+                          overwrite_logits=self.overwrite_logits)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -13,6 +13,7 @@ use of the logits' old values (see ``inplace_loss``).
 """
 from __future__ import annotations
 
+import os
 from typing import Tuple
 
 import torch
@@ -22,8 +23,29 @@ from .. import ops
 from ..spec import REDUCTIONS
 from . import kernels
 
+# Under TRITON_INTERPRET=1, wrap_triton hands back the raw interpreted kernel,
+# which cannot be traced with fake tensors; there the ops are opaque custom_ops
+# (same schema, explicit fake kernels) so that torch.compile still works on CPU.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-@triton_op("apl_kernels::fused_loss_triton", mutates_args=())
+
+def _define(name, mutates_args, fake):
+    if not _INTERPRETING:
+        return triton_op(name, mutates_args=mutates_args)
+
+    def wrap(fn):
+        op = torch.library.custom_op(name, mutates_args=mutates_args)(fn)
+        op.register_fake(fake)
+        return op
+    return wrap
+
+
+def _fake_inplace(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction, ignore_index):
+    return ops.fake_fused_loss(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction,
+                               ignore_index, False)[0]
+
+
+@_define("apl_kernels::fused_loss_triton", (), ops.fake_fused_loss)
 def fused_loss_triton(logits: torch.Tensor, target: torch.Tensor, active: int, passive: int, alpha: float,
                       beta: float, gamma: float, q: float, A: float, grad_mode: int, reduction: int,
                       ignore_index: int, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +56,7 @@ def fused_loss_triton(logits: torch.Tensor, target: torch.Tensor, active: int, p
 ops.register_fused_autograd(fused_loss_triton)
 
 
-@triton_op("apl_kernels::fused_loss_triton_inplace", mutates_args=("logits",))
+@_define("apl_kernels::fused_loss_triton_inplace", ("logits",), _fake_inplace)
 def fused_loss_triton_inplace(logits: torch.Tensor, target: torch.Tensor, active: int, passive: int,
                               alpha: float, beta: float, gamma: float, q: float, A: float, grad_mode: int,
                               reduction: int, ignore_index: int) -> torch.Tensor:
@@ -77,5 +99,8 @@ def inplace_loss(logits: torch.Tensor, target: torch.Tensor, *args) -> torch.Ten
     backward through any op that saved these logits raises the version-counter
     error.  After the call `logits` holds the gradient; backward runs once.
     """
+    if logits.is_leaf and logits.requires_grad:
+        raise RuntimeError("overwrite_logits=True: the logits are a leaf that requires grad; the gradient "
+                           "cannot be written over them (pass the output of a layer, or use the default)")
     loss, _ = _InplaceLoss.apply(logits, target, *args)
     return loss
