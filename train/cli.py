@@ -222,7 +222,7 @@ def _run(args, rank, world, device, main_process, say) -> int:
         say(f"{run_dir}: no checkpoint, starting afresh")
 
     config = {"args": vars(args), "run_dir": run_dir, "backend": backend, "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
               "world_size": world, "loss_spec": engine.spec_record(criterion),
               "loss_in_amp_dtype": engine.loss_takes_amp_dtype(criterion, device),
               "data": {"folder": cifar.folder, "differing_from_release": cifar.differing_files,
