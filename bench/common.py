@@ -1,0 +1,413 @@
+"""Shared pieces of the benchmark suite: the matrix, timing, device facts, the results file.
+
+Results file (keep stable; tests in python_tests/test_bench_smoke.py check it):
+
+    {"meta": {"gpu", "torch", "triton", "cuda", "command", "date", "copy_gbps", ...extra keys},
+     "records": [
+        {"kind": "kernel", "loss", "B", "K", "dtype", "backend", "pass", "ms", "gbps",
+         "pct_copy_bw", "peak_mem_ratio", "launches"},
+        {"kind": "epoch", "loss", "model", "amp", "backend", "data", "epoch_s_median",
+         "speedup_vs_reference"}]}
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable, Iterable, Optional
+
+import torch
+
+LOSSES = ("ce", "nce+rce", "nce+mae", "nfl+rce", "nfl+mae", "ngce+mae")
+# Every loss of the package, for the epoch benchmark.
+ALL_LOSSES = ("ce", "fl", "gce", "nce", "nfl", "ngce", "mae", "rce",
+              "nce+rce", "nce+mae", "nfl+rce", "nfl+mae", "ngce+rce", "ngce+mae", "gce+nce", "sce")
+GPU_SHAPES = ((128, 10), (1024, 100), (256, 1000), (4096, 32000), (8192, 131072))
+CPU_SHAPES = ((128, 10), (1024, 100), (4096, 1000))
+QUICK_SHAPES = ((8, 10), (64, 100))
+GPU_DTYPES = ("bf16", "fp32")
+CPU_DTYPES = ("fp32",)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+
+# "compiled" is torch.compile of the reference; "F.cross_entropy" runs for ce only.
+BACKENDS = ("reference", "compiled", "cpu", "cuda", "triton", "F.cross_entropy")
+FUSED_BACKENDS = ("cpu", "cuda", "triton")
+PASSES = ("fwd", "bwd", "fwd+bwd")
+
+KERNEL_KEYS = ("kind", "loss", "B", "K", "dtype", "backend", "pass", "ms", "gbps", "pct_copy_bw",
+               "peak_mem_ratio", "launches")
+EPOCH_KEYS = ("kind", "loss", "model", "amp", "backend", "data", "epoch_s_median", "speedup_vs_reference")
+META_KEYS = ("gpu", "torch", "triton", "cuda", "command", "date", "copy_gbps")
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def parse_list(text: Optional[str], allowed: Optional[Iterable[str]] = None, what: str = "value") -> Optional[list]:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if allowed is not None:
+        allowed = tuple(allowed)
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            raise SystemExit(f"unknown {what} {bad}; expected some of {', '.join(allowed)}")
+    return items
+
+
+def parse_shapes(text: Optional[str]) -> Optional[list]:
+    """'128x10,1024x100' -> [(128, 10), (1024, 100)]."""
+    if text is None:
+        return None
+    shapes = []
+    for item in parse_list(text):
+        match = re.fullmatch(r"(\d+)[x,*:](\d+)", item.replace(" ", ""))
+        if not match:
+            raise SystemExit(f"cannot parse shape {item!r}; write it as BxK, e.g. 4096x1000")
+        shapes.append((int(match.group(1)), int(match.group(2))))
+    return shapes
+
+
+# ----------------------------------------------------------------------------- device facts
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_name(device: torch.device) -> str:
+    """The `gpu` meta field: the GPU's name, or the CPU's name and thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def default_results_path(device: torch.device) -> str:
+    """bench/results/<gpu-or-cpu-name>-<date>.json."""
+    if device.type == "cuda":
+        name = slug(torch.cuda.get_device_name(device))
+    else:
+        name = "cpu-" + slug(cpu_name())
+    return os.path.join(RESULTS_DIR, f"{name}-{datetime.date.today().isoformat()}.json")
+
+
+def triton_version() -> Optional[str]:
+    try:
+        import triton
+        return triton.__version__
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+
+
+def build_info() -> Optional[dict]:
+    try:
+        import apl_kernels
+        return apl_kernels.build_info()
+    except Exception as error:  # noqa: BLE001
+        return {"error": repr(error)}
+
+
+def command_line(module: str) -> str:
+    return " ".join(["python", "-m", module] + [shlex.quote(a) for a in sys.argv[1:]])
+
+
+def base_meta(device: torch.device, module: str) -> dict:
+    return {
+        "gpu": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "cuda": torch.version.cuda,
+        "command": command_line(module),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "copy_gbps": None,
+        "device": device.type,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "host_cpu": cpu_name(),
+        "apl_kernels_build": build_info(),
+        # Other processes on the machine make the numbers noisy; say how busy it was.
+        "loadavg_start": _loadavg(),
+    }
+
+
+def _loadavg() -> Optional[list]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- timing
+
+def warm_up(fn: Callable[[], object], device: torch.device, *, min_calls: int = 3,
+            max_s: float = 15.0) -> None:
+    """Call `fn` until its time settles: three calls in a row within 1.5x of the
+    fastest so far.  torch.compile finishes lazily (kernel loading, the backward
+    graph) over the first few calls, each far slower than the steady state."""
+    best = float("inf")
+    settled = calls = 0
+    start = time.perf_counter()
+    while settled < min_calls and time.perf_counter() - start < max_s:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        took = time.perf_counter() - t0
+        calls += 1
+        settled = settled + 1 if took <= 1.5 * best else 0
+        best = min(best, took)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = False,
+            min_time_s: float = 0.3) -> float:
+    """Median time of one call of `fn` in milliseconds, after warm-up.
+
+    GPU: triton.testing.do_bench (flushes L2 between calls; falls back to CUDA
+    events without triton).  CPU: time.perf_counter, calls batched so each sample
+    lasts >= 2 ms, samples taken for >= `min_time_s` and >= 9 of them.
+    """
+    warm_up(fn, device, max_s=2.0 if quick else 15.0)
+    if device.type == "cuda":
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            return _time_cuda_events(fn, device, reps=10 if quick else 100)
+        warmup, rep = (5, 20) if quick else (50, 300)
+        return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    return _time_cpu(fn, min_time_s=0.02 if quick else min_time_s, min_samples=5 if quick else 9)
+
+
+def _time_cuda_events(fn, device, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _time_cpu(fn, *, min_time_s: float, min_samples: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    one = float("inf")
+    for _ in range(3):  # the fastest of three, so one preempted call does not set the batch size
+        t0 = time.perf_counter()
+        fn()
+        one = min(one, time.perf_counter() - t0)
+    inner = max(1, int(0.002 / max(one, 1e-7)))
+    samples = []
+    start = time.perf_counter()
+    while len(samples) < min_samples or time.perf_counter() - start < min_time_s:
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner)
+        if len(samples) >= 2000:
+            break
+    return statistics.median(samples) * 1e3
+
+
+def copy_gbps(device: torch.device, nbytes: int, *, quick: bool = False) -> float:
+    """Bandwidth of a plain copy of `nbytes` (read + write counted), GB/s."""
+    n = max(1, nbytes // 4)
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, quick=quick)
+    return 2 * n * 4 / (ms * 1e6)
+
+
+# ----------------------------------------------------------------------------- memory, launches
+
+@contextlib.contextmanager
+def quiet_native_stderr():
+    """Send file descriptor 2 to /dev/null: the profiler's native library logs
+    a few lines per session there (not controllable from Python)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]:
+    """Peak memory allocated by one call of `fn` above what was allocated before,
+    counting what it returns (the gradient of a fwd+bwd).
+
+    GPU: torch.cuda.max_memory_allocated delta.  CPU: the running sum of the
+    allocation/free events recorded by torch.profiler (profile_memory=True),
+    i.e. the same quantity for the CPU allocator.  None if it cannot be measured.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del out
+        return int(peak)
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+        del out
+        events = [e for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+        current = peak = 0
+        for event in sorted(events, key=lambda e: e.start_ns()):
+            current += event.nbytes()
+            peak = max(peak, current)
+        return int(peak)
+    except Exception:  # noqa: BLE001 - the profiler's internals move between torch versions
+        return None
+
+
+def count_launches(fn: Callable[[], object], device: torch.device, reps: int = 5) -> Optional[float]:
+    """Device activities (kernels, memsets, memcpys) per call, from torch.profiler; None on CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize(device)
+    with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize(device)
+    count = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    per_call = count / reps
+    return int(per_call) if per_call == int(per_call) else round(per_call, 2)
+
+
+# ----------------------------------------------------------------------------- results file
+
+def record_key(record: dict) -> tuple:
+    if record.get("kind") == "kernel":
+        return ("kernel", record["loss"], record["B"], record["K"], record["dtype"], record["backend"],
+                record["pass"])
+    return ("epoch", record["loss"], record["model"], record["amp"], record["backend"], record["data"])
+
+
+def load_results(path: str) -> Optional[dict]:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or "meta" not in data or "records" not in data:
+        return None
+    return data
+
+
+def write_json_atomic(path: str, data: dict) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def merge_results(path: str, meta: dict, records: list, *, replace_meta: bool) -> dict:
+    """Add `records` to the results file at `path` (created if absent), atomically.
+
+    A record replaces an older one of the same configuration.  The kernel
+    benchmark owns `meta` (replace_meta=True); the epoch benchmark only adds its
+    command and extra keys to an existing file's meta.
+    """
+    old = load_results(path)
+    if old is None:
+        data = {"meta": dict(meta), "records": []}
+        data["meta"]["commands"] = [meta["command"]]
+    else:
+        data = old
+        commands = data["meta"].get("commands", [data["meta"].get("command")])
+        if replace_meta:
+            keep_copy = meta.get("copy_gbps") is None
+            copy_old = data["meta"].get("copy_gbps")
+            data["meta"].update(meta)
+            if keep_copy:
+                data["meta"]["copy_gbps"] = copy_old
+        else:
+            for key, value in meta.items():
+                if key not in META_KEYS or data["meta"].get(key) is None:
+                    data["meta"][key] = value
+        data["meta"]["commands"] = [c for c in commands if c] + [meta["command"]]
+    new_keys = {record_key(r) for r in records}
+    data["records"] = [r for r in data["records"] if record_key(r) not in new_keys] + list(records)
+    write_json_atomic(path, data)
+    return data
+
+
+def validate_results(data: dict) -> list:
+    """Problems with a results object's format (empty list: valid)."""
+    problems = []
+    if not isinstance(data, dict) or set(data) != {"meta", "records"}:
+        return [f"top level must be an object with exactly 'meta' and 'records', got {type(data).__name__}"]
+    missing = [k for k in META_KEYS if k not in data["meta"]]
+    if missing:
+        problems.append(f"meta lacks {missing}")
+    if not isinstance(data["records"], list):
+        return problems + ["records must be a list"]
+    for i, r in enumerate(data["records"]):
+        kind = r.get("kind") if isinstance(r, dict) else None
+        keys = {"kernel": KERNEL_KEYS, "epoch": EPOCH_KEYS}.get(kind)
+        if keys is None:
+            problems.append(f"record {i}: unknown kind {kind!r}")
+        elif set(r) != set(keys):
+            problems.append(f"record {i}: keys {sorted(r)} != {sorted(keys)}")
+        elif kind == "kernel" and r["pass"] not in PASSES:
+            problems.append(f"record {i}: pass {r['pass']!r}")
+    return problems
+
+
+def fmt(value, spec: str = ".3g", none: str = "-") -> str:
+    if value is None:
+        return none
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)

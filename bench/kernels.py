@@ -1,0 +1,330 @@
+"""Kernel benchmark: every backend of every loss over a matrix of shapes and dtypes.
+
+    python -m bench.kernels                 # full matrix on the GPU if there is one, else the CPU matrix
+    python -m bench.kernels --quick         # tiny shapes, seconds: a smoke test
+    python -m bench.kernels --device cpu --losses nce+rce --shapes 4096x1000
+
+Passes (each timed separately; the loss is reduced with "mean"):
+  fwd      the loss with no gradient wanted (torch.no_grad), as in evaluation;
+  bwd      torch.autograd.grad of an existing forward's loss (retain_graph; for
+           torch.compile a twin graph compiled without buffer donation).  The
+           fused backends compute the gradient inside their forward, so their
+           bwd is only a scale by grad_output (free on the CPU when it is 1);
+  fwd+bwd  the training step: forward with requires_grad, then the gradient.
+Input validation is off (check_targets=False): it costs a host sync on the GPU
+and is not part of the loss.
+
+Columns: median ms; GB/s on the minimal I/O (fwd: read the logits once; bwd:
+write the gradient once; fwd+bwd: both); % of the copy bandwidth measured in
+the same run (GPU: device-to-device copy of a 1 GiB buffer; CPU: Tensor.copy_ of
+the same logits tensor); peak extra memory / logits size, counting the returned
+gradient (GPU: max_memory_allocated delta; CPU: torch.profiler allocation
+events); device launches per call (GPU: torch.profiler device activities; none
+on the CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+
+from . import common
+from .common import BACKENDS, DTYPES, LOSSES, PASSES, fmt
+
+MODULE = "bench.kernels"
+
+
+class Skip(Exception):
+    """A backend that cannot run this configuration; the message says why."""
+
+
+def _import_package():
+    try:
+        import apl_kernels  # noqa: F401
+        from apl_kernels import backends, reference
+        return backends, reference
+    except Exception as error:  # noqa: BLE001
+        raise SystemExit(f"apl_kernels does not import ({error!r}); install it with "
+                         "`pip install --no-build-isolation -e .` from the repository root")
+
+
+def _setup_compile(device: torch.device = torch.device("cpu")):
+    # Every configuration compiles its own graphs; keep dynamo from giving up.
+    if device.type == "cpu":
+        # No pool of compile workers: on a small CPU they would run beside the timed calls.
+        import torch._inductor.config as inductor_config
+        inductor_config.compile_threads = 1
+    cfg = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, 4096)
+
+
+def make_loss_fn(backend: str, loss: str, device: torch.device):
+    """fn(logits, target) -> scalar loss for one backend, or raise Skip(reason)."""
+    backends, reference = _import_package()
+    from apl_kernels import LossSpec, fused_loss
+    spec = LossSpec.from_name(loss)
+    if backend == "F.cross_entropy":
+        if loss != "ce":
+            raise Skip("F.cross_entropy is the baseline of ce only")
+        return lambda x, t: torch.nn.functional.cross_entropy(x, t)
+    if backend == "compiled":
+        def oracle(x, t):
+            return reference.reference_loss(x, t, spec, "mean", -100)
+        def oracle_retained(x, t):  # its own code object, hence its own dynamo cache entry
+            return reference.reference_loss(x, t, spec, "mean", -100)
+
+        torch._dynamo.reset()  # one configuration's graphs at a time: memory, and no recompile limits
+        compiled = torch.compile(oracle, dynamic=False)
+        # The bwd pass calls backward on one graph many times (retain_graph), which a
+        # graph compiled with donated buffers refuses; same graph, donation off.
+        compiled.for_retained_graph = torch.compile(oracle_retained, dynamic=False)
+        return compiled
+    if backend == "triton" and device.type != "cuda":
+        raise Skip("triton needs a GPU (the interpreter on CPU is not a performance backend)")
+    if backend != "reference":
+        reason = backends.unavailable_reason(backend, device)
+        if reason is not None:
+            raise Skip(reason)
+    return lambda x, t: fused_loss(x, t, spec, backend=backend, check_targets=False)
+
+
+def make_pass_fns(loss_fn, logits, target):
+    """The three timed callables; each returns what it produced (kept alive by the memory probe)."""
+    x = logits.detach().requires_grad_(True)
+
+    def fwd():
+        with torch.no_grad():
+            return loss_fn(logits, target)
+
+    def fwd_bwd():
+        return torch.autograd.grad(loss_fn(x, target), x)
+
+    retained_fn = getattr(loss_fn, "for_retained_graph", None)
+    if retained_fn is not None:
+        with torch._functorch.config.patch(donated_buffer=False):  # read when it compiles, now
+            out = retained_fn(x, target)
+    else:
+        out = loss_fn(x, target)
+
+    def bwd():
+        return torch.autograd.grad(out, x, retain_graph=True)
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+
+
+def io_bytes(B: int, K: int, dtype: torch.dtype, pass_name: str) -> int:
+    one = B * K * torch.finfo(dtype).bits // 8
+    return 2 * one if pass_name == "fwd+bwd" else one
+
+
+def _row(backend: str, results: dict, ref_ms, compiled_ms) -> str:
+    fb = results.get("fwd+bwd", {})
+    vs_ref = ref_ms / fb["ms"] if ref_ms and fb.get("ms") else None
+    vs_comp = compiled_ms / fb["ms"] if compiled_ms and fb.get("ms") else None
+    cells = [f"{backend:<16}",
+             *(f"{fmt(results.get(p, {}).get('ms'), '.4f'):>9}" for p in PASSES),
+             f"{fmt(fb.get('gbps'), '.1f'):>8}", f"{fmt(fb.get('pct_copy_bw'), '.1f'):>6}",
+             f"{fmt(fb.get('peak_mem_ratio'), '.2f'):>6}", f"{fmt(fb.get('launches')):>5}",
+             f"{fmt(vs_ref, '.2f'):>7}", f"{fmt(vs_comp, '.2f'):>7}"]
+    return " ".join(cells)
+
+
+HEADER = (f"{'backend':<16} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'GB/s':>8} {'%copy':>6} "
+          f"{'mem x':>6} {'lnch':>5} {'x ref':>7} {'x comp':>7}")
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch.cuda.is_available() is False")
+    _import_package()
+    _setup_compile(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = device.type == "cuda"
+
+    losses = common.parse_list(args.losses, LOSSES + common.ALL_LOSSES, "loss") or \
+        (["ce", "nce+rce"] if args.quick else list(LOSSES))
+    shapes = common.parse_shapes(args.shapes) or \
+        list(common.QUICK_SHAPES if args.quick else (common.GPU_SHAPES if gpu else common.CPU_SHAPES))
+    dtypes = common.parse_list(args.dtypes, DTYPES, "dtype") or \
+        list(common.GPU_DTYPES[:1] if (args.quick and gpu) else (common.GPU_DTYPES if gpu else common.CPU_DTYPES))
+    backends = common.parse_list(args.backends, BACKENDS, "backend") or \
+        [b for b in BACKENDS if not (args.quick and b == "compiled")]
+    passes = common.parse_list(args.passes, PASSES, "pass") or list(PASSES)
+    out_path = args.out or common.default_results_path(device)
+
+    meta = common.base_meta(device, MODULE)
+    meta.update({
+        "kernel_matrix": {"losses": losses, "shapes": [list(s) for s in shapes], "dtypes": dtypes,
+                          "backends": backends, "passes": passes, "quick": bool(args.quick)},
+        "timing": ("triton.testing.do_bench median (L2 flushed), after warm-up" if gpu else
+                   "time.perf_counter median of batched calls (>= 2 ms per sample), after warm-up"),
+        "copy_kind": ("device-to-device copy (Tensor.copy_) of a 1 GiB buffer" if gpu else
+                      "CPU memcpy (Tensor.copy_) of the same logits tensor, per shape: copy_gbps_by_shape"),
+        "peak_mem_kind": ("torch.cuda.max_memory_allocated delta / logits bytes, gradient included" if gpu else
+                          "peak of torch.profiler CPU allocation events / logits bytes, gradient included"),
+        "launches_kind": "torch.profiler device activities per call" if gpu else "not measured on the CPU",
+        "check_targets": False,
+        "reduction": "mean",
+    })
+    skipped = []
+    records = []
+    copy_sizes = {}
+
+    print(f"apl_kernels kernel benchmark on {meta['gpu']} (torch {meta['torch']}, triton {meta['triton']})")
+    if gpu:
+        meta["copy_gbps"] = round(common.copy_gbps(device, (64 if args.quick else 1024) << 20, quick=args.quick), 2)
+        print(f"device-to-device copy bandwidth: {meta['copy_gbps']:.1f} GB/s")
+    else:
+        meta["copy_gbps_by_shape"] = {}
+    print(f"results -> {out_path}")
+
+    configs = [(loss, shape, dtype) for dtype in dtypes for shape in shapes for loss in losses]
+    t_start = time.perf_counter()
+    for index, (loss, (B, K), dtype_name) in enumerate(configs, 1):
+        dtype = DTYPES[dtype_name]
+        nbytes = B * K * torch.finfo(dtype).bits // 8
+        torch.manual_seed(index)
+        logits = (torch.randn(B, K, device=device) * 3).to(dtype)
+        target = torch.randint(0, K, (B,), device=device)
+        if gpu:
+            copy_bw = meta["copy_gbps"]
+        else:
+            shape_key = f"{B}x{K} {dtype_name}"
+            copy_bw = meta["copy_gbps_by_shape"].get(shape_key)
+            if copy_bw is None:
+                dst = torch.empty_like(logits)
+                ms = common.time_ms(lambda: dst.copy_(logits), device, quick=args.quick)
+                copy_bw = round(2 * nbytes / (ms * 1e6), 2)
+                meta["copy_gbps_by_shape"][shape_key] = copy_bw
+                copy_sizes[shape_key] = nbytes
+                del dst
+        elapsed = time.perf_counter() - t_start
+        print(f"\n[{index}/{len(configs)}] {loss}  [{B}, {K}] {dtype_name}  "
+              f"(logits {nbytes / 2**20:.2f} MiB, copy {copy_bw:.1f} GB/s, {elapsed:.0f} s elapsed)")
+        print("  " + HEADER, flush=True)
+        ref_ms = compiled_ms = None
+        for backend in backends:
+            try:
+                loss_fn = make_loss_fn(backend, loss, device)
+            except Skip as reason:
+                if not (backend == "F.cross_entropy" and loss != "ce"):
+                    print(f"  {backend:<16} skipped: {reason}")
+                    skipped.append({"backend": backend, "loss": loss, "B": B, "K": K, "dtype": dtype_name,
+                                    "reason": str(reason)})
+                continue
+            results = {}
+            try:
+                fns = make_pass_fns(loss_fn, logits, target)
+                for pass_name in passes:
+                    fn = fns[pass_name]
+                    ms = common.time_ms(fn, device, quick=args.quick, min_time_s=args.min_time)
+                    gbps = io_bytes(B, K, dtype, pass_name) / (ms * 1e6)
+                    peak = None if args.no_memory else common.peak_extra_bytes(fn, device)
+                    launches = None if args.no_launches else common.count_launches(fn, device)
+                    results[pass_name] = {
+                        "kind": "kernel", "loss": loss, "B": B, "K": K, "dtype": dtype_name, "backend": backend,
+                        "pass": pass_name, "ms": round(ms, 5), "gbps": round(gbps, 2),
+                        "pct_copy_bw": round(100 * gbps / copy_bw, 2) if copy_bw else None,
+                        "peak_mem_ratio": None if peak is None else round(peak / nbytes, 3),
+                        "launches": launches}
+            except Exception as error:  # noqa: BLE001 - one failing backend must not end the run
+                message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+                print(f"  {backend:<16} failed: {message}")
+                skipped.append({"backend": backend, "loss": loss, "B": B, "K": K, "dtype": dtype_name,
+                                "reason": "failed: " + message})
+                if gpu and isinstance(error, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+            finally:
+                fns = None
+                loss_fn = None
+                gc.collect()
+            records.extend(results.values())
+            fb = results.get("fwd+bwd", {}).get("ms")
+            if backend == "reference":
+                ref_ms = fb
+            elif backend == "compiled":
+                compiled_ms = fb
+            if results:
+                print("  " + _row(backend, results, ref_ms, compiled_ms), flush=True)
+        del logits, target
+        if gpu:
+            torch.cuda.empty_cache()
+
+    if not gpu and copy_sizes:
+        # The headline copy figure on the CPU: that of the largest tensor copied.
+        largest = max(copy_sizes, key=copy_sizes.get)
+        meta["copy_gbps"] = meta["copy_gbps_by_shape"][largest]
+        meta["copy_gbps_of"] = largest
+    meta["skipped"] = skipped
+    meta["kernel_seconds"] = round(time.perf_counter() - t_start, 1)
+    meta["loadavg_end"] = common._loadavg()
+
+    from .goals import evaluate, format_goal
+    data = common.merge_results(out_path, meta, records, replace_meta=True)
+    goals = evaluate(data)
+    data["meta"]["goals"] = goals
+    common.write_json_atomic(out_path, data)
+
+    print(f"\n{len(records)} records written to {out_path} ({meta['kernel_seconds']} s)")
+    if skipped:
+        reasons = sorted({(s['backend'], s['reason']) for s in skipped})
+        print("skipped backends:")
+        for backend, reason in reasons:
+            print(f"  {backend}: {reason}")
+    print("\nGoals measurable in this file:")
+    for goal in goals:
+        if goal["status"] != "not measured":
+            print("  " + format_goal(goal))
+    if not args.no_plots:
+        from .plots import plot_results
+        for path in plot_results(data, os.path.splitext(out_path)[0]):
+            print(f"plot -> {path}")
+    return data
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.kernels",
+        description=__doc__.split("\n\n", 1)[0] + " Prints a table per configuration, writes the results "
+                    "JSON (bench/results/<gpu-or-cpu-name>-<date>.json unless --out) and PNG plots next to it.",
+        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda or cpu (default: cuda if available).  The CPU matrix uses shapes "
+                             "128x10,1024x100,4096x1000 and fp32.")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke mode: losses ce,nce+rce, shapes 8x10,64x100, one dtype, short timing, "
+                             "no torch.compile (add it with --backends)")
+    parser.add_argument("--losses", help=f"comma list (default {','.join(LOSSES)})")
+    parser.add_argument("--shapes", help="comma list of BxK (default: the GPU or CPU matrix)")
+    parser.add_argument("--dtypes", help="comma list of bf16,fp16,fp32,fp64 (default bf16,fp32 on GPU, fp32 on CPU)")
+    parser.add_argument("--backends", help=f"comma list of {','.join(BACKENDS)} (default all; 'compiled' is "
+                                           "torch.compile of the reference, compiled once outside the timing)")
+    parser.add_argument("--passes", help="comma list of fwd,bwd,fwd+bwd (default all)")
+    parser.add_argument("--out", help="results JSON path; records are merged into an existing file "
+                                      "(same configuration replaced)")
+    parser.add_argument("--min-time", type=float, default=0.3,
+                        help="CPU: seconds of samples per timing (default 0.3)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU: torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe")
+    parser.add_argument("--no-launches", action="store_true", help="skip the profiler launch count (GPU)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""PNG plots of a results file: time and % of copy bandwidth vs K, per backend.
+
+    python -m bench.plots bench/results/<name>.json     # writes <name>-time.png and <name>-bw.png
+
+One panel per (dtype, loss); x is K (the shape's B is in the tick label), solid
+lines fwd+bwd, dashed fwd.  matplotlib is imported lazily: without it the
+benchmarks still run and say that the plots were skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .common import BACKENDS, load_results
+
+COLORS = {"reference": "tab:gray", "compiled": "tab:purple", "cpu": "tab:blue", "cuda": "tab:green",
+          "triton": "tab:red", "F.cross_entropy": "tab:orange"}
+
+
+def plot_results(data: dict, stem: str) -> list:
+    """Write <stem>-time.png and <stem>-bw.png; returns the paths written ([] without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        print(f"plots skipped: matplotlib is not available ({error})")
+        return []
+    kernels = [r for r in data["records"] if r.get("kind") == "kernel" and r.get("ms") is not None]
+    if not kernels:
+        return []
+    dtypes = sorted({r["dtype"] for r in kernels})
+    losses = [l for l in dict.fromkeys(r["loss"] for r in kernels)]
+    paths = []
+    for metric, ylabel, suffix, log_y in (("ms", "median time (ms)", "time", True),
+                                          ("pct_copy_bw", "% of copy bandwidth", "bw", False)):
+        fig, axes = plt.subplots(len(dtypes), len(losses), squeeze=False, sharex=True,
+                                 figsize=(3.6 * len(losses) + 1, 3.2 * len(dtypes) + 0.8))
+        for i, dtype in enumerate(dtypes):
+            for j, loss in enumerate(losses):
+                ax = axes[i][j]
+                rows = [r for r in kernels if r["dtype"] == dtype and r["loss"] == loss]
+                shapes = sorted({(r["K"], r["B"]) for r in rows})
+                for backend in BACKENDS:
+                    for pass_name, style in (("fwd+bwd", "-"), ("fwd", "--")):
+                        pts = sorted((r["K"], r[metric]) for r in rows
+                                     if r["backend"] == backend and r["pass"] == pass_name
+                                     and r.get(metric) is not None)
+                        if pts:
+                            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", markersize=3,
+                                    color=COLORS.get(backend), label=f"{backend} {pass_name}")
+                ax.set_xscale("log")
+                if log_y:
+                    ax.set_yscale("log")
+                ax.set_xticks([k for k, _ in shapes])
+                ax.set_xticklabels([f"{b}x{k}" for k, b in shapes], rotation=30, fontsize=7)
+                ax.minorticks_off()
+                ax.set_title(f"{loss} {dtype}", fontsize=9)
+                ax.grid(True, alpha=0.3)
+                if j == 0:
+                    ax.set_ylabel(ylabel)
+        handles, labels = [], []
+        for ax in axes.flat:
+            for h, l in zip(*ax.get_legend_handles_labels()):
+                if l not in labels:
+                    handles.append(h)
+                    labels.append(l)
+        fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+        meta = data["meta"]
+        what = "fwd+bwd (solid), fwd (dashed)"
+        copy = meta.get("copy_kind", "copy") if metric == "pct_copy_bw" else ""
+        fig.suptitle(f"{ylabel} vs shape BxK, {what} -- {meta.get('gpu')}, torch {meta.get('torch')}, "
+                     f"{str(meta.get('date'))[:10]}" + (f"\n100% = {copy}" if copy else ""), fontsize=10)
+        fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 6), 1, 0.93))
+        path = f"{stem}-{suffix}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.plots",
+                                     description="Redraw the PNG plots of a results JSON.")
+    parser.add_argument("results")
+    args = parser.parse_args(argv)
+    data = load_results(args.results)
+    if data is None:
+        print(f"cannot read {args.results}", file=sys.stderr)
+        return 2
+    for path in plot_results(data, os.path.splitext(args.results)[0]):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
