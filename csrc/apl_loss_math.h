@@ -108,15 +108,32 @@ APL_HD T focal_value(T log_p, T gamma) {
 // f'(l).  Official: -(1-p)^gamma (the factor is a constant).  Exact:
 // -(1-p)^gamma + gamma (1-p)^gamma p l / (1-p), whose limit as p -> 1 is 0
 // because l / (1-p) -> -1; at p = 0 the second part is 0 even when l = -inf.
+// `p` and `one_minus_p` are exp(l) and -expm1(l), passed in by callers that have them.
 template <typename T>
-APL_HD T focal_deriv(T log_p, T gamma, int grad_mode) {
-  const T one_minus_p = -apl_expm1(log_p);
-  const T w = apl_pow(one_minus_p, gamma);
+APL_HD T focal_deriv_from(T log_p, T p, T one_minus_p, T w, T gamma, int grad_mode) {
   if (grad_mode == kOfficial) return -w;
-  const T p = apl_exp(log_p);
   if (p == T(0)) return -w;
   const T l_over_one_minus_p = one_minus_p > T(0) ? log_p / one_minus_p : T(-1);
   return -w + gamma * w * p * l_over_one_minus_p;
+}
+
+template <typename T>
+APL_HD T focal_deriv(T log_p, T gamma, int grad_mode) {
+  const T one_minus_p = -apl_expm1(log_p);
+  return focal_deriv_from(log_p, apl_exp(log_p), one_minus_p, apl_pow(one_minus_p, gamma), gamma, grad_mode);
+}
+
+// f(l) and f'(l) of one class with one pow: what the nfl normaliser pass needs.
+template <typename T>
+struct FocalTerms {
+  T value, deriv;
+};
+
+template <typename T>
+APL_HD FocalTerms<T> focal_terms(T log_p, T p, T gamma, int grad_mode) {
+  const T one_minus_p = -apl_expm1(log_p);
+  const T w = apl_pow(one_minus_p, gamma);
+  return {-w * log_p, focal_deriv_from(log_p, p, one_minus_p, w, gamma, grad_mode)};
 }
 
 // [P_MIN <= p <= 1]: entries that clamp() leaves unchanged, the only ones with a gradient.
@@ -144,24 +161,31 @@ struct NormalizerSums {
   T clamp_other = 0;   // sum_{k != y} clamp(p_k)            rce, nrce
   T live_other = 0;    // sum_{k != y} m_k p_k               rce, nrce gradient
 
+  // The nfl sums, from focal_terms() of one class.
+  APL_HD void add_focal(const FocalTerms<T>& f) {
+    focal += f.value;
+    focal_deriv += f.deriv;
+  }
+
+  // The ngce, rce and nrce sums, from p = exp(log p) of one class.
+  APL_HD void add_prob(T p, bool is_target, const LossParams& P) {
+    const bool live = unclamped(p);
+    if (P.active == kNGCE) {
+      const T pq = apl_pow(clamp_prob(p), T(P.q));
+      clamp_pow += pq;
+      if (live) live_pow += pq;
+    }
+    if ((P.passive == kRCE || P.passive == kNRCE) && !is_target) {
+      clamp_other += clamp_prob(p);
+      if (live) live_other += p;
+    }
+  }
+
+  // One class, from its log p alone.
   APL_HD void add(T log_p, bool is_target, const LossParams& P) {
-    if (P.active == kNFL) {
-      focal += focal_value(log_p, T(P.gamma));
-      focal_deriv += focal_deriv(log_p, T(P.gamma), P.grad_mode);
-    }
-    if (P.active == kNGCE || P.passive == kRCE || P.passive == kNRCE) {
-      const T p = apl_exp(log_p);
-      const bool live = unclamped(p);
-      if (P.active == kNGCE) {
-        const T pq = apl_pow(clamp_prob(p), T(P.q));
-        clamp_pow += pq;
-        if (live) live_pow += pq;
-      }
-      if ((P.passive == kRCE || P.passive == kNRCE) && !is_target) {
-        clamp_other += clamp_prob(p);
-        if (live) live_other += p;
-      }
-    }
+    const T p = apl_exp(log_p);
+    if (P.active == kNFL) add_focal(focal_terms(log_p, p, T(P.gamma), P.grad_mode));
+    if (P.active == kNGCE || P.passive == kRCE || P.passive == kNRCE) add_prob(p, is_target, P);
   }
 
   APL_HD void merge(const NormalizerSums& o) {
@@ -283,17 +307,24 @@ APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>
   return r;
 }
 
-// d loss / d z_j = g_j - p_j sum_k g_k, for logit z of class j.
+// d loss / d z_j = g_j - p_j sum_k g_k, from p_j and (read only when the loss
+// has an nfl term, c_focal != 0) focal_d = f'(log p_j): for kernels that kept them.
 template <typename T>
-APL_HD T grad_element(T z, bool is_target, const GradCoefs<T>& c, const LossParams& P) {
-  const T log_p = z - c.lse;
-  const T p = apl_exp(log_p);
+APL_HD T grad_element_from(T p, T focal_d, bool is_target, const GradCoefs<T>& c, const LossParams& P) {
   T g = c.c_const;
-  if (c.c_focal != T(0)) g += c.c_focal * focal_deriv(log_p, T(P.gamma), P.grad_mode);
+  if (c.c_focal != T(0)) g += c.c_focal * focal_d;
   if (c.c_pow != T(0) && unclamped(p)) g += c.c_pow * apl_pow(p, T(P.q));
   if (c.c_prob != T(0) && unclamped(p)) g += c.c_prob * p;
   if (is_target) g += c.c_target;
   return g - p * c.g_sum;
+}
+
+// The same for logit z of class j.
+template <typename T>
+APL_HD T grad_element(T z, bool is_target, const GradCoefs<T>& c, const LossParams& P) {
+  const T log_p = z - c.lse;
+  const T focal_d = c.c_focal != T(0) ? focal_deriv(log_p, T(P.gamma), P.grad_mode) : T(0);
+  return grad_element_from(apl_exp(log_p), focal_d, is_target, c, P);
 }
 
 }  // namespace apl

@@ -1,0 +1,40 @@
+// exp(x) for x <= 0, written so that the compiler vectorises loops calling it
+// (libm's expf is an opaque call that stops vectorisation without -ffast-math).
+//
+// The kernel only takes exp of z - max(z) <= 0; rows holding NaN or +inf are
+// handled before, so x is never NaN here.  x = -inf (a masked class) gives 0.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace apl_cpu {
+
+// float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, and the minimax
+// polynomial of Cephes' expf (about 1 ulp); 2^n is built in the exponent bits.
+inline float exp_nonpos(float x) {
+  // Below this the result is subnormal; 0 is within any tolerance of it and
+  // keeps 2^n a normal float.
+  const bool underflow = x < -87.0f;
+  const float xs = underflow ? 0.0f : x;
+  const int n = static_cast<int>(xs * 1.44269504088896341f - 0.5f);  // round to nearest, xs <= 0
+  const float nf = static_cast<float>(n);
+  const float r = (xs - nf * 0.693359375f) - nf * -2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  const float e_r = poly * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return underflow ? 0.0f : e_r * scale;
+}
+
+// fp64 is the precise path, not the fast one.
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+}  // namespace apl_cpu
