@@ -167,12 +167,14 @@ def evaluate(model: nn.Module, loader, *, device, amp: str = "bf16") -> dict:
 
 def make_optimizer(model: nn.Module, lr: float = 0.01, momentum: float = 0.9,
                    weight_decay: float = 1e-4) -> torch.optim.SGD:
-    """The official SGD.  Fused where available: with a GradScaler its found-inf
-    check then stays on the device instead of syncing the host every step."""
-    try:
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
-    except (RuntimeError, ValueError):
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    """The official SGD.  On CUDA the fused implementation: with a GradScaler its
+    found-inf check then stays on the device instead of syncing the host every
+    step.  Not on the CPU: there (torch 2.14) fused SGD still applies a step whose
+    gradients overflowed, and the weights turn NaN under fp16."""
+    kwargs = dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if next(model.parameters()).device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.SGD(model.parameters(), **kwargs)
 
 
 # --------------------------------------------------------------------------- timing
