@@ -189,7 +189,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
     events without triton).  CPU: time.perf_counter, calls batched so each sample
     lasts >= 2 ms, samples taken for >= `min_time_s` and >= 9 of them.
     """
-    warm_up(fn, device, max_s=2.0 if quick else 15.0)
+    warm_up(fn, device, max_s=0.1 if quick else 15.0)
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
@@ -403,6 +403,11 @@ def validate_results(data: dict) -> list:
         elif kind == "kernel" and r["pass"] not in PASSES:
             problems.append(f"record {i}: pass {r['pass']!r}")
     return problems
+
+
+def sig(value: float, digits: int = 4) -> float:
+    """`value` rounded to `digits` significant digits (tiny shapes have tiny GB/s)."""
+    return float(f"{value:.{digits}g}")
 
 
 def fmt(value, spec: str = ".3g", none: str = "-") -> str:

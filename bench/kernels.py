@@ -181,7 +181,7 @@ def run(args) -> dict:
 
     print(f"apl_kernels kernel benchmark on {meta['gpu']} (torch {meta['torch']}, triton {meta['triton']})")
     if gpu:
-        meta["copy_gbps"] = round(common.copy_gbps(device, (64 if args.quick else 1024) << 20, quick=args.quick), 2)
+        meta["copy_gbps"] = common.sig(common.copy_gbps(device, (64 if args.quick else 1024) << 20, quick=args.quick))
         print(f"device-to-device copy bandwidth: {meta['copy_gbps']:.1f} GB/s")
     else:
         meta["copy_gbps_by_shape"] = {}
@@ -203,7 +203,7 @@ def run(args) -> dict:
             if copy_bw is None:
                 dst = torch.empty_like(logits)
                 ms = common.time_ms(lambda: dst.copy_(logits), device, quick=args.quick)
-                copy_bw = round(2 * nbytes / (ms * 1e6), 2)
+                copy_bw = common.sig(2 * nbytes / (ms * 1e6))
                 meta["copy_gbps_by_shape"][shape_key] = copy_bw
                 copy_sizes[shape_key] = nbytes
                 del dst
@@ -232,9 +232,9 @@ def run(args) -> dict:
                     launches = None if args.no_launches else common.count_launches(fn, device)
                     results[pass_name] = {
                         "kind": "kernel", "loss": loss, "B": B, "K": K, "dtype": dtype_name, "backend": backend,
-                        "pass": pass_name, "ms": round(ms, 5), "gbps": round(gbps, 2),
-                        "pct_copy_bw": round(100 * gbps / copy_bw, 2) if copy_bw else None,
-                        "peak_mem_ratio": None if peak is None else round(peak / nbytes, 3),
+                        "pass": pass_name, "ms": common.sig(ms), "gbps": common.sig(gbps),
+                        "pct_copy_bw": common.sig(100 * gbps / copy_bw) if copy_bw else None,
+                        "peak_mem_ratio": None if peak is None else common.sig(peak / nbytes),
                         "launches": launches}
             except Exception as error:  # noqa: BLE001 - one failing backend must not end the run
                 message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]

@@ -1,0 +1,107 @@
+"""Smoke test of the benchmark suite: the CLIs run on tiny shapes on the CPU and
+write a results JSON of the documented format.  Checks the format, not the speed."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from bench import common, goals, kernels  # noqa: E402
+
+KERNEL_KEYS = {"kind", "loss", "B", "K", "dtype", "backend", "pass", "ms", "gbps", "pct_copy_bw",
+               "peak_mem_ratio", "launches"}
+EPOCH_KEYS = {"kind", "loss", "model", "amp", "backend", "data", "epoch_s_median", "speedup_vs_reference"}
+META_KEYS = {"gpu", "torch", "triton", "cuda", "command", "date", "copy_gbps"}
+
+
+def _run(args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def _check_format(data):
+    assert set(data) == {"meta", "records"}
+    assert META_KEYS <= set(data["meta"])
+    for record in data["records"]:
+        keys = KERNEL_KEYS if record["kind"] == "kernel" else EPOCH_KEYS
+        assert set(record) == keys, record
+    assert common.validate_results(data) == []
+
+
+def test_kernel_and_epoch_cli_write_valid_results(tmp_path):
+    out = tmp_path / "results.json"
+    stdout = _run(["bench.kernels", "--quick", "--device", "cpu", "--out", str(out)])
+    assert "records written" in stdout
+    data = json.loads(out.read_text())
+    _check_format(data)
+    kernel = [r for r in data["records"] if r["kind"] == "kernel"]
+    assert {r["pass"] for r in kernel} == {"fwd", "bwd", "fwd+bwd"}
+    assert {"reference", "F.cross_entropy"} <= {r["backend"] for r in kernel}
+    for r in kernel:
+        assert r["ms"] > 0 and r["gbps"] > 0 and r["launches"] is None
+        assert r["dtype"] == "fp32" and r["K"] in (10, 100)
+    assert data["meta"]["copy_gbps"] > 0 and data["meta"]["device"] == "cpu"
+    # A backend that cannot run is skipped with its reason, never recorded.
+    from apl_kernels import backends
+    for name in ("cpu", "cuda", "triton"):
+        reason = backends.unavailable_reason(name, torch.device("cpu"))
+        recorded = any(r["backend"] == name for r in kernel)
+        if reason is not None or name == "triton":
+            assert not recorded
+            assert any(s["backend"] == name for s in data["meta"]["skipped"])
+        else:
+            assert recorded
+
+    stdout = _run(["bench.epochs", "--quick", "--device", "cpu", "--out", str(out)])
+    assert "epoch records written" in stdout
+    data = json.loads(out.read_text())
+    _check_format(data)
+    epochs = [r for r in data["records"] if r["kind"] == "epoch"]
+    assert {r["backend"] for r in epochs} == {"reference", "auto"}
+    assert all(r["data"] == "synthetic" and r["epoch_s_median"] > 0 for r in epochs)
+    assert [r["speedup_vs_reference"] for r in epochs if r["backend"] == "reference"] == [1.0]
+    # The epoch run was appended: the kernel records are still there.
+    assert len([r for r in data["records"] if r["kind"] == "kernel"]) == len(kernel)
+    assert len(data["meta"]["commands"]) == 2
+
+    stdout = _run(["bench.goals", str(out)])
+    assert len([line for line in stdout.splitlines() if line.startswith("  ")]) == len(goals.evaluate(data))
+
+
+def test_unavailable_extension_is_skipped_with_reason(tmp_path, monkeypatch):
+    """Without the C++ extension the kernel benchmark still writes valid results."""
+    from apl_kernels import ops
+    monkeypatch.setattr(ops, "_C", None)
+    with pytest.raises(kernels.Skip, match="did not import"):
+        kernels.make_loss_fn("cpu", "nce+rce", torch.device("cpu"))
+    out = tmp_path / "no_ext.json"
+    args = kernels.build_parser().parse_args(
+        ["--quick", "--device", "cpu", "--losses", "nce+rce", "--shapes", "8x10", "--no-plots", "--out", str(out)])
+    kernels.run(args)
+    data = json.loads(out.read_text())
+    _check_format(data)
+    assert {r["backend"] for r in data["records"]} == {"reference"}
+    assert any(s["backend"] == "cpu" and "did not import" in s["reason"] for s in data["meta"]["skipped"])
+
+
+def test_merge_replaces_same_configuration(tmp_path):
+    path = str(tmp_path / "m.json")
+    meta = {k: None for k in META_KEYS}
+    meta["command"] = "first"
+    rec = {"kind": "epoch", "loss": "ce", "model": "cnn8", "amp": "bf16", "backend": "auto", "data": "synthetic",
+           "epoch_s_median": 1.0, "speedup_vs_reference": 1.0}
+    common.merge_results(path, meta, [rec], replace_meta=True)
+    common.merge_results(path, dict(meta, command="second"), [dict(rec, epoch_s_median=2.0)], replace_meta=False)
+    data = common.load_results(path)
+    assert [r["epoch_s_median"] for r in data["records"]] == [2.0]
+    assert data["meta"]["commands"] == ["first", "second"]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
