@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apl_kernels backend computing the loss (auto: fastest available)")
 
     g = p.add_argument_group("model and recipe")
-    g.add_argument("--model", default="cnn8", choices=MODELS, help="network")
+    g.add_argument("--model", default="cnn8", choices=MODELS, help="network: cnn8 (8-layer CNN of the official code) or resnet18 (CIFAR variant)")
     g.add_argument("--epochs", type=int, default=120, help="epochs (the cosine schedule spans them)")
     g.add_argument("--batch-size", type=int, default=128,
                    help="global batch size (divided among torchrun processes); the last partial batch is kept")
@@ -261,7 +261,7 @@ def _run(args, rank, world, device, main_process, say) -> int:
         scheduler.step()
         row = {"epoch": epoch, "lr": lr, "train_loss": metrics["train_loss"], "noisy_acc": metrics["noisy_acc"],
                "clean_acc": metrics["clean_acc"], "test_acc": test["test_acc"], "test_loss": test["test_loss"],
-               "epoch_time_s": epoch_time, "eval_time_s": eval_time}
+               "epoch_time_s": epoch_time, "eval_time_s": eval_time, "train_samples": metrics["samples"]}
         history.append(row)
         if main_process:
             # Checkpoint first: a log line never refers to an epoch the checkpoint lacks.

@@ -218,7 +218,8 @@ class DeviceLoader:
         in channels_last memory format.
     train: shuffle, random crop (pad 4, zero fill) and horizontal flip;
         otherwise the data in order, unaugmented.
-    The last partial batch is kept.  ``set_epoch(e)`` must be called before
+    The last partial batch is kept (in training, a last batch of one sample
+    joins the previous batch, as BatchNorm needs two).  ``set_epoch(e)`` must be called before
     each training epoch: epoch e's order and augmentation come from (seed, e).
     For DistributedDataParallel pass rank and world_size: each rank then gets
     an equal share of every epoch (wrapped as in DistributedSampler).
@@ -262,15 +263,24 @@ class DeviceLoader:
         plan = [_shard(t, self.rank, self.world_size).to(self.device) for t in (order, dy, dx, flip)]
         return tuple(plan)
 
+    def _starts(self, count: int) -> list:
+        """Batch boundaries.  A lone last training sample joins the previous batch:
+        BatchNorm cannot train on a batch of one."""
+        bounds = list(range(0, count, self.batch_size)) + [count]
+        if self.train and len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+            del bounds[-2]
+        return bounds
+
     def __len__(self) -> int:
         per_rank = -(-self.n // self.world_size) if self.world_size > 1 else self.n
-        return -(-per_rank // self.batch_size)
+        return len(self._starts(per_rank)) - 1
 
     def __iter__(self):
         order, dy, dx, flip = self._epoch_plan()
         span = torch.arange(32, device=self.device)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+        bounds = self._starts(len(order))
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            idx = order[start:stop]
             if self.train:
                 rows = dy[start:start + len(idx), None] + span
                 flipped = flip[start:start + len(idx), None]

@@ -1,0 +1,178 @@
+"""Whole runs on a fabricated CIFAR-10, on the CPU: every model for 2 epochs,
+bit-exact resume, the CLI, the sweep and report, and a 2-process gloo DDP run."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from train_helpers import ROOT, fabricate_cifar
+from train import cli, report, sweep
+from train.models import build_model
+
+BASE = ["--batch-size", "16", "--no-download", "--backend", "reference"]
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    fabricate_cifar(str(root), per_batch=10, test=10)  # 50 training images, 10 test images
+    return str(root)
+
+
+def train(argv):
+    """One run in this process (saves the ~5 s of importing torch per run)."""
+    assert cli.main(argv) == 0
+
+
+def read_rows(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_every_flag_is_explained(capsys):
+    for parser in (cli.build_parser(), sweep.build_parser()):
+        for action in parser._actions:
+            assert action.help and len(action.help) > 10, action.option_strings
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--stop-after", "--resume", "--noise-seed", "--amp", "--backend", "--compile", "--deterministic"):
+        assert flag in text
+
+
+def test_models_have_the_specified_structure():
+    cnn = build_model("cnn8")
+    convs = [m for m in cnn.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [64, 64, 128, 128, 196, 196]
+    assert all(c.kernel_size == (3, 3) for c in convs)
+    linears = [m for m in cnn.modules() if isinstance(m, torch.nn.Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == [(3136, 256), (256, 10)]
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in cnn.modules()) == 3
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in cnn.modules()) == 1
+    resnet = build_model("resnet18")
+    # The CIFAR ResNet-18 (3x3 stem, no max-pool) has 11,173,962 parameters.
+    assert sum(p.numel() for p in resnet.parameters()) == 11_173_962
+    for model in (cnn, resnet):
+        assert convs[1].weight.is_contiguous(memory_format=torch.channels_last)
+        model.eval()
+        assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("model, amp, loss", [("cnn8", "bf16", "nfl+rce"), ("resnet18", "off", "gce")])
+def test_two_epoch_run(cifar, tmp_path, capsys, model, amp, loss):
+    out = str(tmp_path)
+    train(["--model", model, "--amp", amp, "--loss", loss, "--noise", "asym", "--rate", "0.4", "--epochs", "2",
+           "--data", cifar, "--out", out, "--seed", "3", "--noise-seed", "11", *BASE])
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch ")]
+    assert len(lines) == 2 and lines[1].startswith("epoch 2/2")  # one line per epoch off a terminal
+    (run_dir,) = [os.path.join(out, d) for d in os.listdir(out)]
+    rows = read_rows(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["lr"] == pytest.approx(0.01) and rows[1]["lr"] == pytest.approx(0.01 * (1 + math.cos(math.pi / 2)) / 2)
+    for row in rows:
+        assert row["epoch_time_s"] > 0 and row["eval_time_s"] > 0 and row["train_samples"] == 50
+        for key in ("train_loss", "noisy_acc", "clean_acc", "test_acc"):
+            assert math.isfinite(row[key])
+    with open(os.path.join(run_dir, "result.json")) as f:
+        result = json.load(f)
+    noise = result["noise"]
+    assert noise["type"] == "asym" and noise["rate"] == 0.4 and noise["seed"] == 11
+    # 5 classes flip int(0.4 * 5) = 2 of their 5 samples: 10 of 50.
+    assert noise["realised_rate"] == pytest.approx(10 / 50) and np.array(noise["transition"]).shape == (10, 10)
+    assert result["final"]["test_acc"] == rows[-1]["test_acc"] and result["timing"]["epochs_timed"] == 2
+    assert result["timing"]["first_epoch_s"] == rows[0]["epoch_time_s"]
+    assert result["backend"] == "reference" and result["model"] == model
+    expected = {"nfl+rce": dict(alpha=1.0, beta=1.0, gamma=0.5), "gce": dict(q=0.7)}[loss]
+    for key, value in expected.items():
+        assert result["loss_spec"][key] == value
+    state = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert state["epoch"] == 2 and {"model", "optimizer", "scheduler", "scaler", "rng"} <= set(state)
+
+
+def test_resume_is_bit_exact(cifar, tmp_path):
+    common = ["--loss", "nce+rce", "--noise", "sym", "--rate", "0.4", "--epochs", "3", "--data", cifar,
+              "--amp", "bf16", "--run-name", "r", *BASE]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    train(common + ["--out", whole])
+    train(common + ["--out", parts, "--stop-after", "1"])
+    run_dir = os.path.join(parts, "r")
+    assert not os.path.exists(os.path.join(run_dir, "result.json")) and len(read_rows(run_dir)) == 1
+    assert cli.main(common + ["--out", parts]) == 2  # a checkpoint there: refuses to start over silently
+    train(common + ["--out", parts, "--resume"])
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if k not in ("epoch_time_s", "eval_time_s")} for r in rows]
+    assert strip(read_rows(run_dir)) == strip(read_rows(os.path.join(whole, "r")))
+    a = torch.load(os.path.join(whole, "r", "checkpoint.pt"), weights_only=False)
+    b = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=False)
+    assert a["epoch"] == b["epoch"] == 3
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for key, buffers in a["optimizer"]["state"].items():
+        assert torch.equal(buffers["momentum_buffer"], b["optimizer"]["state"][key]["momentum_buffer"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+
+def test_sweep_skips_finished_runs_then_report(cifar, tmp_path, capsys):
+    out = str(tmp_path / "runs")
+    flags = ["--epochs", "2", "--data", cifar, "--out", out, *BASE]
+    for loss in ("ce", "nce+rce"):
+        for seed in ("0", "1"):
+            train(["--loss", loss, "--noise", "sym", "--rate", "0.4", "--seed", seed, *flags])
+    capsys.readouterr()
+    grid = ["--noise-types", "sym", "--losses", "ce", "nce+rce", "--rates", "0.4", "--seeds", "0", "1", "2"]
+    assert sweep.main(grid + ["--dry-run"] + flags) == 0
+    listing = capsys.readouterr().out
+    assert "6 runs, 4 finished, 2 to run" in listing and listing.count("[finished]") == 4
+    assert sweep.main(grid + ["--workers", "2"] + flags) == 0  # the two seed-2 runs, as subprocesses
+    progress = capsys.readouterr().out
+    assert progress.count(": ok in") == 2 and "s2" in progress
+
+    written = report.make_report(out)
+    finals = {}
+    for d in os.listdir(out):
+        if d != "report":
+            with open(os.path.join(out, d, "result.json")) as f:
+                r = json.load(f)
+            finals.setdefault(r["loss"], []).append(r["final"]["test_acc"])
+    assert sorted(len(v) for v in finals.values()) == [3, 3]
+    (csv_path,) = [p for p in written["tables"] if p.endswith(".csv")]
+    with open(csv_path) as f:
+        rows = {line.split(",")[0]: line.strip().split(",") for line in f}
+    assert rows["loss"] == ["loss", "0.4_mean", "0.4_std", "0.4_n", "0.4_paper"]
+    for loss, paper in (("ce", "60.28"), ("nce+rce", "86.02")):  # published, Ma et al. Table
+        _, mean, std, n, published = rows[loss]
+        assert float(mean) == pytest.approx(np.mean(finals[loss]), abs=0.006)
+        assert float(std) == pytest.approx(np.std(finals[loss], ddof=1), abs=0.006)
+        assert n == "3" and published == paper
+    with open([p for p in written["tables"] if p.endswith(".md")][0]) as f:
+        assert "| NCE+RCE |" in f.read()
+    assert len(written["plots"]) == 3
+    for png in written["plots"]:
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(png) > 10_000
+
+
+def test_ddp_gloo_two_processes(cifar, tmp_path):
+    out = str(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "train",
+         "--noise", "sym", "--rate", "0.2", "--epochs", "2", "--data", cifar, "--out", out, "--run-name", "ddp",
+         "--amp", "off", *BASE],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out, "ddp", "result.json")) as f:
+        result = json.load(f)
+    assert result["world_size"] == 2
+    rows = read_rows(os.path.join(out, "ddp"))
+    # 25 samples per process, summed over both by the all-reduce.
+    assert [r["train_samples"] for r in rows] == [50, 50]
+    assert proc.stdout.count("epoch 2/2") == 1  # only rank 0 reports
