@@ -92,7 +92,8 @@ def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, 
                 other=float("-inf")).to(alpha.dtype)
     m, s, sum_z = lm.block_stats(z, mask, 1)
     lse = lm.log_sum_exp(m, s)
-    log_p = z - lse[:, None]
+    log_s = tl.log(s)
+    log_p = lm.log_softmax(z, m[:, None], log_s[:, None])
     is_t = cols[None, :] == y[:, None]
     focal, focal_d, clamp_pow, live_pow, clamp_other, live_other = lm.normalizer_sums(
         log_p, is_t, mask, gamma, q, ACTIVE, PASSIVE, GRAD_MODE, 1)
@@ -100,7 +101,8 @@ def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, 
     z_y = tl.sum(tl.where(is_t & mask, z, 0.0), axis=1)
     z_y = tl.where((y >= 0) & (y < K), z_y, float("nan"))
     loss, c_const, c_focal, c_pow, c_prob, c_target, g_sum = lm.finish_row(
-        lse, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, live_other, z_y, K.to(alpha.dtype), weight,
+        lse, lm.log_softmax(z_y, m, log_s), sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, live_other,
+        K.to(alpha.dtype), weight,
         alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE)
     if COMPUTE_GRAD:
         g = lm.grad_block(log_p, is_t, c_const[:, None], c_focal[:, None], c_pow[:, None], c_prob[:, None],
@@ -190,6 +192,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
             m2, s2, sz2 = lm.block_stats(z, mask, 0)
             m, s, sum_z = lm.merge_stats(m, s, sum_z, m2, s2, sz2)
         lse = lm.log_sum_exp(m, s)
+        log_s = tl.log(s)
         # pass 2: sums that need the final lse (re-read from L2)
         focal = zero
         focal_d = zero
@@ -202,7 +205,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
                 cols = start + cols0
                 mask = (cols < K) & kept
                 z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(ACC)
-                f1, f2, f3, f4, f5, f6 = lm.normalizer_sums(z - lse, cols == y, mask, gamma, q, ACTIVE, PASSIVE,
+                f1, f2, f3, f4, f5, f6 = lm.normalizer_sums(lm.log_softmax(z, m, log_s), cols == y, mask, gamma, q, ACTIVE, PASSIVE,
                                                             GRAD_MODE, 0)
                 focal += f1
                 focal_d += f2
@@ -214,7 +217,8 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
         z_y = tl.load(z_row + tl.where(y_ok, y, 0), mask=y_ok, other=0.0).to(ACC)
         z_y = tl.where(y_ok, z_y, float("nan"))
         loss, c_const, c_focal, c_pow, c_prob, c_target, g_sum = lm.finish_row(
-            lse, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, live_other, z_y, Kf, weight,
+            lse, lm.log_softmax(z_y, m, log_s), sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other,
+            live_other, Kf, weight,
             alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE)
         tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
         if COMPUTE_GRAD:
@@ -224,7 +228,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
                 cols = start + cols0
                 mask = (cols < K) & kept
                 z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(ACC)
-                g = lm.grad_block(z - lse, cols == y, c_const, c_focal, c_pow, c_prob, c_target, g_sum, gamma, q,
+                g = lm.grad_block(lm.log_softmax(z, m, log_s), cols == y, c_const, c_focal, c_pow, c_prob, c_target, g_sum, gamma, q,
                                   ACTIVE, PASSIVE, GRAD_MODE)
                 g = tl.where(kept, g, 0.0)
                 tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < K)
@@ -239,6 +243,7 @@ CHUNK = {2: 8192, 4: 4096, 8: 2048}
 L2_BUDGET = 32 << 20       # bytes of rows in flight in the chunked regime (H200 L2 is 50 MB)
 
 _forced_chunk = None
+last_plan = None           # (regime, grid, block) of the latest launch, for tests and benchmarks
 
 
 @contextlib.contextmanager
@@ -274,6 +279,7 @@ def launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode,
     Returns (loss, grad).  Runs under FakeTensor too (only shapes are used).
     """
     from torch.library import wrap_triton
+    global last_plan
 
     N, K = logits.shape
     acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -305,6 +311,7 @@ def launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode,
         tiles = triton.cdiv(N, block_r)
         single = tiles == 1 or (reduction != REDUCTIONS["none"] and tiles <= SINGLE_MAX_TILES)
         num_warps = max(1, min(16, block_r * block_k // 512))
+        last_plan = ("single" if single else "tiles", 1 if single else tiles, block_r, block_k)
         if single:
             wrap_triton(resident_kernel)[(1,)](
                 logits, target, loss, grad_arg, loss, N, K, logits.stride(0), grad_stride, ignore_index, *params,
@@ -317,6 +324,7 @@ def launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode,
     else:
         chunk = _forced_chunk or min(CHUNK[max(2, elem)], block_k)
         programs = _programs_in_flight(device, K * elem, N)
+        last_plan = ("chunked", programs, 1, chunk)
         rows_out, count = _reduction_buffers(loss, N, reduction, acc_dtype, target, ignore_index)
         wrap_triton(chunked_kernel)[(programs,)](
             logits, target, rows_out, grad_arg, count, N, K, logits.stride(0), grad_stride, ignore_index, *params,

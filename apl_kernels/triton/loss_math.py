@@ -107,19 +107,28 @@ def block_stats(z, mask, AXIS: tl.constexpr):
 
 @triton.jit
 def merge_stats(m, s, sz, m2, s2, sz2):
-    """Online merge of two (max, sumexp, sum z) triples; -inf maxima rescale to 0, never NaN."""
+    """Online merge of two (max, sumexp, sum z) triples.
+
+    A -inf max scales its sum (0) by exp(-inf) = 0, never NaN; a NaN logit made
+    its block's sum NaN (exp(NaN)), which survives the merge even if tl.max
+    ignored the NaN.  +inf gives exp(inf - inf) = NaN: a NaN row, as torch.
+    """
     new_m = tl.maximum(m, m2)
     new_safe = tl.where(new_m == float("-inf"), 0.0, new_m)
-    s = tl.where(m == float("-inf"), 0.0, s * tl.exp(m - new_safe)) + \
-        tl.where(m2 == float("-inf"), 0.0, s2 * tl.exp(m2 - new_safe))
-    # A NaN logit makes s NaN (exp(NaN)), whatever tl.max does with NaN.
-    return new_m, s, sz + sz2
+    return new_m, s * tl.exp(m - new_safe) + s2 * tl.exp(m2 - new_safe), sz + sz2
 
 
 @triton.jit
 def log_sum_exp(m, s):
     # An all -inf row has no softmax: NaN, as torch gives.
     return tl.where(m == float("-inf"), float("nan"), m + tl.log(s))
+
+
+@triton.jit
+def log_softmax(z, m, log_s):
+    # (z - max) - log(sumexp), not z - lse: lse rounds to the spacing of the
+    # logits (1.5e-5 at 140 in fp32); this keeps log p as accurate as torch's.
+    return (z - m) - log_s
 
 
 # ------------------------------------------------------------------ step 2
@@ -155,15 +164,15 @@ def normalizer_sums(log_p, is_target, mask, gamma, q, ACTIVE: tl.constexpr, PASS
 
 # ------------------------------------------------------------------ step 3
 @triton.jit
-def finish_row(lse, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, live_other, z_y, Kf, weight,
+def finish_row(lse, l_y, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, live_other, Kf, weight,
                alpha, beta, gamma, q, A, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr):
     """Loss of a row (or a vector of rows) and its gradient coefficients.
 
     Returns (loss, c_const, c_focal, c_pow, c_prob, c_target, g_sum); the
     coefficients already carry the row's reduction weight (1, or 1/count).
-    Each case is the one of finish_row in csrc/apl_loss_math.h.
+    Each case is the one of finish_row in csrc/apl_loss_math.h.  l_y = log p_y
+    comes from the caller as (z_y - max) - log(sumexp), accurate for large logits.
     """
-    l_y = z_y - lse
     p_y = tl.exp(l_y)
     zero = tl.zeros_like(l_y)
     aw = alpha * weight

@@ -1,0 +1,209 @@
+"""GPU-only checks of the Triton backend: half precision, compile, CUDA graphs,
+more than 2^31 elements, launch count.  Skipped without CUDA (and under the
+interpreter, which runs CPU tensors)."""
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from apl_kernels import LossSpec, apl_loss  # noqa: E402
+from apl_kernels.reference import reference_loss  # noqa: E402
+
+from apl_triton_helpers import INTERPRET, regime  # noqa: E402
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA (no interpreter)")]
+
+
+def _logits(n, k, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return (torch.randn(n, k, device="cuda", generator=g) * 3).to(dtype)
+
+
+def _target(n, k, seed=1):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    y = torch.randint(0, k, (n,), device="cuda", generator=g)
+    y[::7] = -100
+    return y
+
+
+def _reference(x, y, spec, reduction="mean"):
+    xr = x.detach().double().requires_grad_()
+    loss = reference_loss(xr, y, spec, reduction)
+    loss.sum().backward()
+    return loss.detach(), xr.grad
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16), ids=str)
+@pytest.mark.parametrize("loss", ("nce+rce", "nce+mae", "nfl+rce", "ngce+nrce", "ce", "fl+mae"))
+@pytest.mark.parametrize("shape", ((128, 10), (256, 1000), (300, 20000), (8, 131072)), ids=str)
+def test_half_precision(loss, dtype, shape):
+    """fp32 accumulation; loss in fp32, gradient in the logits' dtype, within its rounding."""
+    x, y = _logits(*shape, dtype), _target(shape[0], shape[1])
+    spec = LossSpec.from_name(loss)
+    xt = x.clone().requires_grad_()
+    got = apl_loss(xt, y, spec, backend="triton")
+    got.backward()
+    assert got.dtype == torch.float32 and xt.grad.dtype == dtype
+    ref_loss, ref_grad = _reference(x, y, spec)
+    torch.testing.assert_close(got.double(), ref_loss, rtol=1e-4, atol=1e-5)
+    scale = ref_grad.abs().max().item()
+    torch.testing.assert_close(xt.grad.double(), ref_grad, rtol=2e-2, atol=2e-2 * scale + 1e-8)
+
+
+@pytest.mark.parametrize("regime_name", ("single", "tiles", "chunked"))
+def test_half_precision_forced_regimes(regime_name):
+    x, y = _logits(64, 37, torch.bfloat16), _target(64, 37)
+    spec = LossSpec.from_name("nfl+rce")
+    xt = x.clone().requires_grad_()
+    with regime(regime_name):
+        got = apl_loss(xt, y, spec, backend="triton", reduction="none")
+    got.sum().backward()
+    ref_loss, ref_grad = _reference(x, y, spec, "none")
+    torch.testing.assert_close(got.double(), ref_loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xt.grad.double(), ref_grad, rtol=2e-2, atol=2e-3)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 100)).cuda()
+
+
+@pytest.mark.parametrize("overwrite", (False, True))
+def test_compile_fullgraph_training_step(overwrite):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(256, 32, device="cuda"), _target(256, 100)
+
+    def loss_fn(x, y):
+        return apl_loss(model(x), y, "nce+rce", backend="triton", overwrite_logits=overwrite)
+
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    for _ in range(3):   # several steps: recompiles would show up as errors with fullgraph
+        opt.zero_grad()
+        loss = compiled(x, y)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.zero_grad()
+        ref = reference_loss(model(x), y, LossSpec.from_name("nce+rce"))
+        ref.backward()
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+        for g, p in zip(grads, model.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+        opt.step()
+
+
+@pytest.mark.parametrize("shape", ((128, 10), (64, 50000)), ids=str)
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_cuda_graph_capture(shape, reduction):
+    """Forward + backward captured in a CUDA graph (no host sync), replayed on new data."""
+    n, k = shape
+    static_x = torch.zeros(n, k, device="cuda", requires_grad=True)
+    static_y = torch.zeros(n, dtype=torch.long, device="cuda")
+    weight = torch.rand(n if reduction == "none" else (), device="cuda") + 0.5
+    spec = LossSpec.from_name("nfl+rce")
+
+    def step():
+        loss = apl_loss(static_x, static_y, spec, reduction=reduction, backend="triton", check_targets=False)
+        (loss * weight).sum().backward()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):   # warm-up compiles the kernels outside the capture
+            static_x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = step()
+    for seed in (3, 4):
+        with torch.no_grad():
+            static_x.copy_(_logits(n, k, torch.float32, seed))
+            static_y.copy_(_target(n, k, seed + 10))
+        graph.replay()
+        torch.cuda.synchronize()
+        xr = static_x.detach().double().requires_grad_()
+        ref = reference_loss(xr, static_y, spec, reduction)
+        (ref * weight.double()).sum().backward()
+        torch.testing.assert_close(static_loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(static_x.grad.double(), xr.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", (1000, 131072))
+def test_more_than_2_31_elements(k):
+    """int64 offsets: rows beyond element 2^31 are read and written at the right place."""
+    n = (2 ** 31) // k + 64
+    need = n * k * 2 * 3 + (2 << 30)   # bf16 logits, fused gradient, scaled x.grad + slack
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    x = torch.empty(n, k, device="cuda", dtype=torch.bfloat16)
+    x.normal_(0, 3)
+    y = torch.randint(0, k, (n,), device="cuda")
+    x.requires_grad_()
+    spec = LossSpec.from_name("nce+rce")
+    loss = apl_loss(x, y, spec, reduction="none", backend="triton", check_targets=False)
+    loss.sum().backward()
+    for rows in (slice(0, 4), slice(n - 68, n)):   # before and beyond 2^31
+        xr = x.detach()[rows].double().requires_grad_()
+        ref = reference_loss(xr, y[rows], spec, "none")
+        ref.sum().backward()
+        torch.testing.assert_close(loss[rows].double(), ref.detach(), rtol=1e-4, atol=1e-5)
+        scale = xr.grad.abs().max().item()
+        torch.testing.assert_close(x.grad[rows].double(), xr.grad, rtol=2e-2, atol=2e-2 * scale)
+
+
+def test_launch_count_small_batch():
+    """[128, 10] forward + backward: at most 2 kernel launches (the fused kernel and the backward scale)."""
+    x = _logits(128, 10, torch.float32).requires_grad_()
+    y = _target(128, 10)
+    grad_out = torch.ones((), device="cuda")   # given, so that autograd launches no fill of its own
+    for _ in range(2):
+        apl_loss(x, y, "nce+rce", backend="triton", check_targets=False).backward(grad_out)
+    torch.cuda.synchronize()
+    x.grad = None
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        loss = apl_loss(x, y, "nce+rce", backend="triton", check_targets=False)
+        loss.backward(grad_out)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert 1 <= len(kernels) <= 2, [e.name for e in kernels]
+    ref_loss, ref_grad = _reference(x.detach(), y, LossSpec.from_name("nce+rce"))
+    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_small_batch_latency():
+    """[128, 10] fwd + bwd under a CUDA graph: GPU time per step <= 10 us (the goal of issue 3)."""
+    x = torch.zeros(128, 10, device="cuda", requires_grad=True)
+    y = _target(128, 10)
+    grad_out = torch.ones((), device="cuda")
+
+    def step():
+        apl_loss(x, y, "nce+rce", backend="triton", check_targets=False).backward(grad_out)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(20):
+            step()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    per_step_us = start.elapsed_time(end) * 1e3 / 200
+    assert per_step_us <= 10.0, f"{per_step_us:.1f} us per forward + backward"
