@@ -195,7 +195,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
             from triton.testing import do_bench
         except ImportError:
             return _time_cuda_events(fn, device, reps=10 if quick else 100)
-        warmup, rep = (5, 20) if quick else (50, 300)
+        warmup, rep = (5, 20) if quick else (25, 150)
         return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     return _time_cpu(fn, min_time_s=0.02 if quick else min_time_s, min_samples=5 if quick else 9)
 
@@ -312,7 +312,10 @@ def count_launches(fn: Callable[[], object], device: torch.device, reps: int = 5
         for _ in range(reps):
             fn()
         torch.cuda.synchronize(device)
-    count = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    # Device-side activities only; ranges of record_function mirrored on the GPU
+    # timeline (user annotations) are not launches.
+    count = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                and not getattr(e, "is_user_annotation", False))
     per_call = count / reps
     return int(per_call) if per_call == int(per_call) else round(per_call, 2)
 

@@ -36,7 +36,7 @@ def plot_results(data: dict, stem: str) -> list:
     for metric, ylabel, suffix, log_y in (("ms", "median time (ms)", "time", True),
                                           ("pct_copy_bw", "% of copy bandwidth", "bw", False)):
         fig, axes = plt.subplots(len(dtypes), len(losses), squeeze=False, sharex=True,
-                                 figsize=(3.6 * len(losses) + 1, 3.2 * len(dtypes) + 0.8))
+                                 figsize=(max(10.0, 3.6 * len(losses) + 1), 3.2 * len(dtypes) + 1.6))
         for i, dtype in enumerate(dtypes):
             for j, loss in enumerate(losses):
                 ax = axes[i][j]
@@ -66,13 +66,17 @@ def plot_results(data: dict, stem: str) -> list:
                 if l not in labels:
                     handles.append(h)
                     labels.append(l)
-        fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+        ncol = 4
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
         meta = data["meta"]
-        what = "fwd+bwd (solid), fwd (dashed)"
-        copy = meta.get("copy_kind", "copy") if metric == "pct_copy_bw" else ""
-        fig.suptitle(f"{ylabel} vs shape BxK, {what} -- {meta.get('gpu')}, torch {meta.get('torch')}, "
-                     f"{str(meta.get('date'))[:10]}" + (f"\n100% = {copy}" if copy else ""), fontsize=10)
-        fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) // 6), 1, 0.93))
+        title = (f"{ylabel} vs shape BxK: fwd+bwd solid, fwd dashed\n"
+                 f"{meta.get('gpu')}, torch {meta.get('torch')}, {str(meta.get('date'))[:10]}")
+        if metric == "pct_copy_bw":
+            title += f"\n100% = {meta.get('copy_kind', 'copy bandwidth')}"
+        fig.suptitle(title, fontsize=10)
+        legend_rows = -(-len(labels) // ncol)
+        height = fig.get_figheight()
+        fig.tight_layout(rect=(0, (0.25 * legend_rows + 0.2) / height, 1, 1 - 0.6 / height))
         path = f"{stem}-{suffix}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
