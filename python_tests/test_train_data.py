@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from train_helpers import ROOT, fabricate_cifar, write_batch
+from train_helpers import ROOT, fabricate_cifar
 from train import data
 
 MEAN = np.array([0.49139968, 0.48215827, 0.44653124])

@@ -231,7 +231,10 @@ def _run(args, rank, world, device, main_process, say) -> int:
     if main_process:
         os.makedirs(run_dir, exist_ok=True)
         engine.atomic_write_json(paths["config"], config)
-        if not resume:  # a fresh start drops any old log
+        if not resume:  # a fresh start drops the old state, so no stale result.json outlives it
+            for stale in (paths["result"], paths["ckpt"]):
+                if os.path.exists(stale):
+                    os.remove(stale)
             open(paths["metrics"], "w").close()
         else:
             _rewrite_metrics(paths["metrics"], history)
