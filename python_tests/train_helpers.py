@@ -32,9 +32,11 @@ def fabricate_cifar(root, per_batch=20, test=20, seed=0):
     folder = os.path.join(root, "cifar-10-batches-py")
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
-    all_x, all_y = [], []
+    all_x, all_y, offset = [], [], 0
     for i, (name, n) in enumerate([(f"data_batch_{k}", per_batch) for k in range(1, 6)] + [("test_batch", test)]):
-        labels = rng.permutation(np.arange(n) % 10)
+        # Consecutive class ids across the training batches: balanced overall for any batch size.
+        labels = rng.permutation((offset + np.arange(n)) % 10)
+        offset = offset + n if name != "test_batch" else 0
         images = rng.integers(0, 64, size=(n, 32, 32, 3)).astype(np.uint8) + (labels * 19)[:, None, None, None].astype(np.uint8)
         write_batch(os.path.join(folder, name), images, labels, f"batch {i + 1} of 5" if i < 5 else "testing batch 1 of 1")
         if name != "test_batch":

@@ -197,6 +197,8 @@ def _run(args, rank, world, device, main_process, say) -> int:
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     train_model = torch.compile(model) if args.compile else model
+    # Every process evaluates the whole test set on its plain (not DDP) model.
+    eval_model = torch.compile(engine.unwrap(model)) if args.compile else engine.unwrap(model)
     criterion = engine.make_criterion(args.loss, args.noise, backend, alpha=args.alpha, beta=args.beta,
                                       gamma=args.gamma, q=args.q, A=args.A, grad=args.grad)
     optimizer = engine.make_optimizer(model, args.lr, args.momentum, args.weight_decay)
@@ -259,7 +261,7 @@ def _run(args, rank, world, device, main_process, say) -> int:
         if bar:
             bar.close()
         stopwatch.start()
-        test = engine.evaluate(engine.unwrap(model), test_loader, device=device, amp=args.amp)
+        test = engine.evaluate(eval_model, test_loader, device=device, amp=args.amp)
         eval_time = stopwatch.stop()
         scheduler.step()
         row = {"epoch": epoch, "lr": lr, "train_loss": metrics["train_loss"], "noisy_acc": metrics["noisy_acc"],
