@@ -28,8 +28,8 @@ import torch
 
 LOSSES = ("ce", "nce+rce", "nce+mae", "nfl+rce", "nfl+mae", "ngce+mae")
 # Every loss of the package, for the epoch benchmark.
-ALL_LOSSES = ("ce", "fl", "gce", "nce", "nfl", "ngce", "mae", "rce",
-              "nce+rce", "nce+mae", "nfl+rce", "nfl+mae", "ngce+rce", "ngce+mae", "gce+nce", "sce")
+ALL_LOSSES = ("ce", "fl", "gce", "nce", "nfl", "ngce", "mae", "rce", "sce",
+              "nce+rce", "nce+mae", "nfl+rce", "nfl+mae", "ngce+rce", "ngce+mae")
 GPU_SHAPES = ((128, 10), (1024, 100), (256, 1000), (4096, 32000), (8192, 131072))
 CPU_SHAPES = ((128, 10), (1024, 100), (4096, 1000))
 QUICK_SHAPES = ((8, 10), (64, 100))
@@ -182,12 +182,13 @@ def warm_up(fn: Callable[[], object], device: torch.device, *, min_calls: int = 
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = False,
-            min_time_s: float = 0.3) -> float:
+            min_time_s: float = 0.3, stat: str = "median") -> float:
     """Median time of one call of `fn` in milliseconds, after warm-up.
 
     GPU: triton.testing.do_bench (flushes L2 between calls; falls back to CUDA
     events without triton).  CPU: time.perf_counter, calls batched so each sample
-    lasts >= 2 ms, samples taken for >= `min_time_s` and >= 9 of them.
+    lasts >= 2 ms, samples taken for >= `min_time_s` and >= 9 of them; their
+    median, or with stat="min" the fastest (used for the CPU copy reference).
     """
     warm_up(fn, device, max_s=0.1 if quick else 15.0)
     if device.type == "cuda":
@@ -197,7 +198,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, quick: bool = Fal
             return _time_cuda_events(fn, device, reps=10 if quick else 100)
         warmup, rep = (5, 20) if quick else (25, 150)
         return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    return _time_cpu(fn, min_time_s=0.02 if quick else min_time_s, min_samples=5 if quick else 9)
+    return _time_cpu(fn, min_time_s=0.02 if quick else min_time_s, min_samples=5 if quick else 9, stat=stat)
 
 
 def _time_cuda_events(fn, device, reps: int) -> float:
@@ -215,7 +216,7 @@ def _time_cuda_events(fn, device, reps: int) -> float:
     return statistics.median(times)
 
 
-def _time_cpu(fn, *, min_time_s: float, min_samples: int, warmup: int = 1) -> float:
+def _time_cpu(fn, *, min_time_s: float, min_samples: int, warmup: int = 1, stat: str = "median") -> float:
     for _ in range(warmup):
         fn()
     one = float("inf")
@@ -233,7 +234,38 @@ def _time_cpu(fn, *, min_time_s: float, min_samples: int, warmup: int = 1) -> fl
         samples.append((time.perf_counter() - t0) / inner)
         if len(samples) >= 2000:
             break
-    return statistics.median(samples) * 1e3
+    return (min(samples) if stat == "min" else statistics.median(samples)) * 1e3
+
+
+def time_interleaved(fns: dict, *, quick: bool = False, min_time_s: float = 0.3) -> dict:
+    """CPU: median ms of each callable, sampled in turn (the order rotating), so that
+    a change in the machine's load affects all of them alike.  Call after warm-up.
+    Each sample batches calls to >= 2 ms; >= `min_time_s` of samples per callable."""
+    names = list(fns)
+    inner = {}
+    for name in names:
+        one = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fns[name]()
+            one = min(one, time.perf_counter() - t0)
+        inner[name] = max(1, int(0.002 / max(one, 1e-7)))
+    samples = {name: [] for name in names}
+    spent = {name: 0.0 for name in names}
+    min_samples, min_time_s = (5, 0.02) if quick else (9, min_time_s)
+    rounds = 0
+    while any(len(samples[n]) < min_samples or spent[n] < min_time_s for n in names) and rounds < 2000:
+        order = names[rounds % len(names):] + names[:rounds % len(names)]
+        for name in order:
+            fn, n = fns[name], inner[name]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            took = time.perf_counter() - t0
+            samples[name].append(took / n)
+            spent[name] += took
+        rounds += 1
+    return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 
 
 def copy_gbps(device: torch.device, nbytes: int, *, quick: bool = False) -> float:
@@ -359,16 +391,23 @@ def merge_results(path: str, meta: dict, records: list, *, replace_meta: bool) -
     """Add `records` to the results file at `path` (created if absent), atomically.
 
     A record replaces an older one of the same configuration.  The kernel
-    benchmark owns `meta` (replace_meta=True); the epoch benchmark only adds its
-    command and extra keys to an existing file's meta.
+    benchmark owns `meta` (replace_meta=True: `copy_gbps` and `date` become the
+    latest run's; each record's pct_copy_bw used its own run's copy figure); the
+    epoch benchmark only adds its keys.  meta["runs"] lists every run's command,
+    date, copy bandwidth and machine load.
     """
     old = load_results(path)
+    run = {k: meta[k] for k in ("command", "date", "copy_gbps", "threads", "loadavg_start", "loadavg_end",
+                                "kernel_seconds", "epoch_seconds") if k in meta}
     if old is None:
         data = {"meta": dict(meta), "records": []}
         data["meta"]["commands"] = [meta["command"]]
+        data["meta"]["runs"] = [run]
     else:
         data = old
         commands = data["meta"].get("commands", [data["meta"].get("command")])
+        runs = data["meta"].get("runs", [])
+        skipped = data["meta"].get("skipped", [])
         if replace_meta:
             keep_copy = meta.get("copy_gbps") is None
             copy_old = data["meta"].get("copy_gbps")
@@ -380,6 +419,11 @@ def merge_results(path: str, meta: dict, records: list, *, replace_meta: bool) -
                 if key not in META_KEYS or data["meta"].get(key) is None:
                     data["meta"][key] = value
         data["meta"]["commands"] = [c for c in commands if c] + [meta["command"]]
+        data["meta"]["runs"] = runs + [run]
+        # Skips of earlier runs stay listed (e.g. a bf16 run, then an fp32 run).
+        seen = {json.dumps(x, sort_keys=True) for x in data["meta"].get("skipped", [])}
+        data["meta"]["skipped"] = data["meta"].get("skipped", []) + [
+            x for x in skipped if json.dumps(x, sort_keys=True) not in seen]
     new_keys = {record_key(r) for r in records}
     data["records"] = [r for r in data["records"] if record_key(r) not in new_keys] + list(records)
     write_json_atomic(path, data)

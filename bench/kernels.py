@@ -7,7 +7,7 @@
 Passes (each timed separately; the loss is reduced with "mean"):
   fwd      the loss with no gradient wanted (torch.no_grad), as in evaluation;
   bwd      torch.autograd.grad of an existing forward's loss (retain_graph; so
-           torch.compile's graphs are compiled without buffer donation).  The
+           torch.compile runs without buffer donation).  The
            fused backends compute the gradient inside their forward, so their
            bwd is only a scale by grad_output (free on the CPU when it is 1);
   fwd+bwd  the training step: forward with requires_grad, then the gradient.
@@ -16,7 +16,7 @@ and is not part of the loss.
 
 Columns: median ms; GB/s on the minimal I/O (fwd: read the logits once; bwd:
 write the gradient once; fwd+bwd: both); % of the copy bandwidth measured in
-the same run (GPU: device-to-device copy of a 1 GiB buffer; CPU: Tensor.copy_ of
+the same run (GPU: device-to-device copy of a 1 GiB buffer; CPU: fastest Tensor.copy_ of
 the same logits tensor); peak extra memory / logits size, counting the returned
 gradient (GPU: max_memory_allocated delta; CPU: torch.profiler allocation
 events); device launches per fwd+bwd (GPU: torch.profiler device activities:
@@ -58,27 +58,16 @@ def _setup_compile(device: torch.device = torch.device("cpu")):
         # No pool of compile workers: on a small CPU they would run beside the timed calls.
         import torch._inductor.config as inductor_config
         inductor_config.compile_threads = 1
+    # The bwd pass calls backward many times on one graph (retain_graph), which a
+    # graph with donated buffers refuses (checked at backward time).  Donation only
+    # lets the backward reuse saved buffers for its outputs: times are those of the
+    # default torch.compile, its peak memory may be somewhat higher.
+    torch._functorch.config.donated_buffer = False
     cfg = torch._dynamo.config
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
                  "accumulated_recompile_limit"):
         if hasattr(cfg, name):
             setattr(cfg, name, 4096)
-
-
-class _NoDonation:
-    """A torch.compile'd function whose graphs are compiled without buffer donation.
-
-    The bwd pass calls backward many times on one graph (retain_graph), which a
-    graph compiled with donated buffers refuses.  Donation only lets the backward
-    reuse saved buffers for its outputs, so the times are those of the default
-    torch.compile; its peak memory may be somewhat higher."""
-
-    def __init__(self, compiled):
-        self.compiled = compiled
-
-    def __call__(self, x, t):
-        with torch._functorch.config.patch(donated_buffer=False):  # read when a graph compiles
-            return self.compiled(x, t)
 
 
 def make_loss_fn(backend: str, loss: str, device: torch.device):
@@ -94,7 +83,7 @@ def make_loss_fn(backend: str, loss: str, device: torch.device):
         def oracle(x, t):
             return reference.reference_loss(x, t, spec, "mean", -100)
         torch._dynamo.reset()  # one configuration's graphs at a time: memory, and no recompile limits
-        return _NoDonation(torch.compile(oracle, dynamic=False))
+        return torch.compile(oracle, dynamic=False)
     if backend == "triton" and device.type != "cuda":
         raise Skip("triton needs a GPU (the interpreter on CPU is not a performance backend)")
     if backend != "reference":
@@ -140,6 +129,50 @@ def _row(backend: str, results: dict, ref_ms, compiled_ms) -> str:
     return " ".join(cells)
 
 
+def _fb(row):
+    return row.get("fwd+bwd", {}).get("ms") if isinstance(row, dict) else None
+
+
+def _print_row(backend, rows, *, ref_ms, compiled_ms):
+    row = rows.get(backend)
+    if row is None:
+        return
+    print("  " + (row if isinstance(row, str) else _row(backend, row, ref_ms, compiled_ms)), flush=True)
+
+
+def _failed(backend, error, skipped, loss, B, K, dtype_name, gpu) -> str:
+    message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    skipped.append({"backend": backend, "loss": loss, "B": B, "K": K, "dtype": dtype_name,
+                    "reason": "failed: " + message})
+    if gpu and isinstance(error, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()
+    return f"{backend:<16} failed: {message}"
+
+
+def _time_pass(fns: dict, device, args, rows, skipped, config) -> dict:
+    """{backend: ms} of one pass; a backend that raises is reported and left out."""
+    loss, B, K, dtype_name = config
+    ok = {}
+    for backend, fn in fns.items():
+        try:
+            if len(fns) == 1 or device.type == "cuda":
+                ok[backend] = common.time_ms(fn, device, quick=args.quick, min_time_s=args.min_time)
+            else:
+                common.warm_up(fn, device, max_s=0.1 if args.quick else 15.0)
+                ok[backend] = None
+        except Exception as error:  # noqa: BLE001
+            rows[backend] = _failed(backend, error, skipped, loss, B, K, dtype_name, device.type == "cuda")
+    pending = {b: fns[b] for b, ms in ok.items() if ms is None}
+    if pending:
+        try:
+            ok.update(common.time_interleaved(pending, quick=args.quick, min_time_s=args.min_time))
+        except Exception as error:  # noqa: BLE001
+            for backend in pending:
+                ok.pop(backend)
+                rows[backend] = _failed(backend, error, skipped, loss, B, K, dtype_name, False)
+    return ok
+
+
 HEADER = (f"{'backend':<16} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'GB/s':>8} {'%copy':>6} "
           f"{'mem x':>6} {'lnch':>5} {'x ref':>7} {'x comp':>7}")
 
@@ -170,9 +203,10 @@ def run(args) -> dict:
         "kernel_matrix": {"losses": losses, "shapes": [list(s) for s in shapes], "dtypes": dtypes,
                           "backends": backends, "passes": passes, "quick": bool(args.quick)},
         "timing": ("triton.testing.do_bench median (L2 flushed), after warm-up" if gpu else
-                   "time.perf_counter median of batched calls (>= 2 ms per sample), after warm-up"),
+                   "time.perf_counter median of batched calls (>= 2 ms per sample), after warm-up; "
+                   "the backends of a configuration sampled in turn"),
         "copy_kind": ("device-to-device copy (Tensor.copy_) of a 1 GiB buffer" if gpu else
-                      "CPU memcpy (Tensor.copy_) of the same logits tensor, per shape: copy_gbps_by_shape"),
+                      "CPU memcpy (Tensor.copy_) of the same logits tensor, fastest sample, per shape: copy_gbps_by_shape"),
         "peak_mem_kind": ("torch.cuda.max_memory_allocated delta / logits bytes, gradient included" if gpu else
                           "peak of torch.profiler CPU allocation events / logits bytes, gradient included"),
         "launches_kind": "torch.profiler device activities per call" if gpu else "not measured on the CPU",
@@ -206,60 +240,68 @@ def run(args) -> dict:
             copy_bw = meta["copy_gbps_by_shape"].get(shape_key)
             if copy_bw is None:
                 dst = torch.empty_like(logits)
-                ms = common.time_ms(lambda: dst.copy_(logits), device, quick=args.quick)
+                # The fastest sample: the copy bandwidth the machine can reach, which a
+                # median on a busy machine would understate.
+                ms = common.time_ms(lambda: dst.copy_(logits), device, quick=args.quick,
+                                    min_time_s=max(args.min_time, 0.5), stat="min")
                 copy_bw = common.sig(2 * nbytes / (ms * 1e6))
                 meta["copy_gbps_by_shape"][shape_key] = copy_bw
                 copy_sizes[shape_key] = nbytes
                 del dst
         elapsed = time.perf_counter() - t_start
         print(f"\n[{index}/{len(configs)}] {loss}  [{B}, {K}] {dtype_name}  "
-              f"(logits {nbytes / 2**20:.2f} MiB, copy {copy_bw:.1f} GB/s, {elapsed:.0f} s elapsed)")
+              f"(logits {nbytes / 2**20:.3g} MiB, copy {copy_bw:.3g} GB/s, {elapsed:.0f} s elapsed)")
         print("  " + HEADER, flush=True)
-        ref_ms = compiled_ms = None
-        for backend in backends:
-            try:
-                loss_fn = make_loss_fn(backend, loss, device)
-            except Skip as reason:
-                if not (backend == "F.cross_entropy" and loss != "ce"):
-                    print(f"  {backend:<16} skipped: {reason}")
-                    skipped.append({"backend": backend, "loss": loss, "B": B, "K": K, "dtype": dtype_name,
-                                    "reason": str(reason)})
-                continue
-            results = {}
-            try:
-                fns = make_pass_fns(loss_fn, logits, target)
-                for pass_name in passes:
-                    fn = fns[pass_name]
-                    ms = common.time_ms(fn, device, quick=args.quick, min_time_s=args.min_time)
+        # On the CPU all backends of a configuration are timed together, sample by
+        # sample in turn, so that the load of other processes hits them alike and
+        # their ratios hold; on the GPU one backend at a time (memory at the big shapes).
+        groups = [list(backends)] if not gpu else [[b] for b in backends]
+        rows = {}
+        for group in groups:
+            fns = {}
+            for backend in group:
+                try:
+                    fns[backend] = make_pass_fns(make_loss_fn(backend, loss, device), logits, target)
+                except Skip as reason:
+                    if not (backend == "F.cross_entropy" and loss != "ce"):
+                        skipped.append({"backend": backend, "loss": loss, "B": B, "K": K, "dtype": dtype_name,
+                                        "reason": str(reason)})
+                        rows[backend] = f"{backend:<16} skipped: {reason}"
+                except Exception as error:  # noqa: BLE001 - one failing backend must not end the run
+                    rows[backend] = _failed(backend, error, skipped, loss, B, K, dtype_name, gpu)
+            results = {backend: {} for backend in fns}
+            for pass_name in passes:
+                times = _time_pass({b: f[pass_name] for b, f in fns.items()}, device, args, rows, skipped,
+                                   (loss, B, K, dtype_name))
+                for backend, ms in times.items():
+                    fn = fns[backend][pass_name]
+                    try:
+                        peak = None if args.no_memory else common.peak_extra_bytes(fn, device)
+                        launches = None if (args.no_launches or pass_name != "fwd+bwd") else \
+                            common.count_launches(fn, device)
+                    except Exception as error:  # noqa: BLE001
+                        rows[backend] = _failed(backend, error, skipped, loss, B, K, dtype_name, gpu)
+                        continue
                     gbps = io_bytes(B, K, dtype, pass_name) / (ms * 1e6)
-                    peak = None if args.no_memory else common.peak_extra_bytes(fn, device)
-                    launches = None if (args.no_launches or pass_name != "fwd+bwd") else \
-                        common.count_launches(fn, device)
-                    results[pass_name] = {
+                    results[backend][pass_name] = {
                         "kind": "kernel", "loss": loss, "B": B, "K": K, "dtype": dtype_name, "backend": backend,
                         "pass": pass_name, "ms": common.sig(ms), "gbps": common.sig(gbps),
                         "pct_copy_bw": common.sig(100 * gbps / copy_bw) if copy_bw else None,
                         "peak_mem_ratio": None if peak is None else common.sig(peak / nbytes),
                         "launches": launches}
-            except Exception as error:  # noqa: BLE001 - one failing backend must not end the run
-                message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
-                print(f"  {backend:<16} failed: {message}")
-                skipped.append({"backend": backend, "loss": loss, "B": B, "K": K, "dtype": dtype_name,
-                                "reason": "failed: " + message})
-                if gpu and isinstance(error, torch.cuda.OutOfMemoryError):
-                    torch.cuda.empty_cache()
-            finally:
-                fns = None
-                loss_fn = None
-                gc.collect()
-            records.extend(results.values())
-            fb = results.get("fwd+bwd", {}).get("ms")
-            if backend == "reference":
-                ref_ms = fb
-            elif backend == "compiled":
-                compiled_ms = fb
-            if results:
-                print("  " + _row(backend, results, ref_ms, compiled_ms), flush=True)
+                for backend in list(fns):
+                    if backend in rows and "failed" in rows[backend]:
+                        fns.pop(backend)  # failed in this pass: not timed further
+            for backend, res in results.items():
+                records.extend(res.values())
+                if res and backend not in rows:
+                    rows[backend] = res
+            fns = results = None
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+            for backend in group:
+                _print_row(backend, rows, ref_ms=_fb(rows.get("reference")), compiled_ms=_fb(rows.get("compiled")))
         del logits, target
         if gpu:
             torch.cuda.empty_cache()
