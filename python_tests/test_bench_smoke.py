@@ -105,3 +105,56 @@ def test_merge_replaces_same_configuration(tmp_path):
     assert [r["epoch_s_median"] for r in data["records"]] == [2.0]
     assert data["meta"]["commands"] == ["first", "second"]
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def _k(backend, loss, B, K, dtype, ms, pass_="fwd+bwd", pct=None, mem=None, launches=None):
+    return {"kind": "kernel", "loss": loss, "B": B, "K": K, "dtype": dtype, "backend": backend, "pass": pass_,
+            "ms": ms, "gbps": 1.0, "pct_copy_bw": pct, "peak_mem_ratio": mem, "launches": launches}
+
+
+def test_goals_logic_on_handmade_records():
+    """The goal checker on made-up records (a test fixture, not a measurement)."""
+    big = dict(B=8192, K=131072, dtype="bf16")
+    records = [
+        _k("triton", "nce+rce", ms=1.0, pct=90.0, mem=1.0, **big),
+        _k("triton", "nce+mae", ms=1.0, pct=80.0, mem=1.05, **big),
+        _k("cuda", "nce+rce", ms=0.9, pct=95.0, mem=1.2, **big),
+        _k("compiled", "nce+rce", ms=3.0, **big),
+        _k("triton", "ce", 128, 10, "bf16", ms=0.008, launches=2),
+        _k("cuda", "ce", 128, 10, "bf16", ms=0.006, launches=1),
+        _k("F.cross_entropy", "ce", 128, 10, "bf16", ms=0.02),
+        _k("cpu", "nce+rce", 4096, 1000, "fp32", ms=10.0),
+        _k("reference", "nce+rce", 4096, 1000, "fp32", ms=60.0),
+        _k("compiled", "nce+rce", 4096, 1000, "fp32", ms=25.0),
+        {"kind": "epoch", "loss": "nce+rce", "model": "cnn8", "amp": "bf16", "backend": "auto", "data": "synthetic",
+         "epoch_s_median": 0.9, "speedup_vs_reference": 1.2},
+        {"kind": "epoch", "loss": "nfl+mae", "model": "cnn8", "amp": "bf16", "backend": "auto", "data": "synthetic",
+         "epoch_s_median": 1.1, "speedup_vs_reference": 1.05},
+    ]
+    data = {"meta": {"device": "cuda", "gpu": "test"}, "records": records}
+    status = {g["goal"]: g for g in goals.evaluate(data)}
+
+    def find(prefix):
+        (goal,) = [g for name, g in status.items() if name.startswith(prefix)]
+        return goal
+
+    assert find("epoch speedup")["status"] == "missed" and "nfl+mae" in find("epoch speedup")["detail"]
+    assert find("epoch time")["status"] == "missed"
+    assert find("peak extra memory")["status"] == "missed"  # cuda 1.2x
+    assert find("triton nce+rce bf16")["status"] == "met"
+    assert find("triton nce+mae bf16")["status"] == "missed"
+    assert find("triton nce+mae bf16")["margin_pct"] == pytest.approx(-5.9, abs=0.1)
+    assert find("triton nfl+rce")["status"] == "not measured"
+    assert find("triton [128, 10] fwd+bwd <= 2 launches")["status"] == "met"
+    assert find("triton [128, 10] fwd+bwd <= 10 us")["status"] == "met"
+    assert find("triton >= 2x")["status"] == "met"
+    assert find("triton ce at least")["status"] == "met"
+    assert find("cuda nce+rce")["status"] == "met"
+    assert find("cuda fastest")["status"] == "met"
+    assert find("cuda never")["status"] == "met"
+    assert find("cpu nce+rce fp32 [4096,1000] fwd+bwd >= 5x")["status"] == "met"
+    assert find("cpu nce+rce fp32 [4096,1000] fwd+bwd >= 3x")["status"] == "missed"  # 2.5x
+    assert find("cpu nfl+rce fp32 [4096,1000] fwd+bwd >= 5x")["status"] == "not measured"
+    # On a CPU run the GPU goals are reported as not applicable.
+    cpu = goals.evaluate({"meta": {"device": "cpu"}, "records": records})
+    assert {g["status"] for g in cpu if g["goal"].startswith("triton")} == {"n/a", "not measured"}
