@@ -155,9 +155,13 @@ def _run(args, rank, world, device, main_process, say) -> int:
     from apl_kernels import backends
     if args.epochs < 1 or args.batch_size < world:
         raise UsageError("--epochs must be >= 1 and --batch-size at least the number of processes")
+    if not 0.0 <= args.rate <= 1.0:
+        raise UsageError(f"--rate must lie in [0, 1], got {args.rate}")
     try:
         backend = backends.resolve(args.backend, device)
-    except (RuntimeError, ValueError) as error:
+        criterion = engine.make_criterion(args.loss, args.noise, backend, alpha=args.alpha, beta=args.beta,
+                                          gamma=args.gamma, q=args.q, A=args.A, grad=args.grad)
+    except (RuntimeError, ValueError) as error:  # unknown loss, bad parameter, backend unavailable
         raise UsageError(str(error)) from None
     run_dir = os.path.join(args.out, run_name(args))
     paths = {k: os.path.join(run_dir, v) for k, v in
@@ -191,7 +195,7 @@ def _run(args, rank, world, device, main_process, say) -> int:
     noise = {"type": args.noise, "rate": args.rate, "recipe": args.noise_recipe if args.noise == "asym" else None,
              "seed": noise_seed, **noise_record(cifar.train_labels, noisy)}
 
-    # Model, loss, optimiser, schedule, scaler.
+    # Model, optimiser, schedule, scaler.
     _seed_everything(args.seed)
     model = build_model(args.model).to(device)
     if world > 1:
@@ -199,8 +203,6 @@ def _run(args, rank, world, device, main_process, say) -> int:
     train_model = torch.compile(model) if args.compile else model
     # Every process evaluates the whole test set on its plain (not DDP) model.
     eval_model = torch.compile(engine.unwrap(model)) if args.compile else engine.unwrap(model)
-    criterion = engine.make_criterion(args.loss, args.noise, backend, alpha=args.alpha, beta=args.beta,
-                                      gamma=args.gamma, q=args.q, A=args.A, grad=args.grad)
     optimizer = engine.make_optimizer(model, args.lr, args.momentum, args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
