@@ -39,6 +39,14 @@ def fake_fused_loss(logits, target, active, passive, alpha, beta, gamma, q, A, g
     return loss, grad
 
 
+def _tracing(*tensors) -> bool:
+    """True under torch.compile, make_fx or with fake/functional tensors (opcheck, AOT autograd)."""
+    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors):
+        return True
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+    return get_proxy_mode() is not None
+
+
 def _setup_context(ctx, inputs, output):
     ctx.reduction = inputs[10]
     ctx.save_for_backward(output[1])
@@ -52,8 +60,8 @@ def _backward(ctx, grad_loss, _unused_grad_of_grad):
         scale = grad_loss
         # On the CPU reading the scalar costs nothing, and the usual
         # `loss.backward()` (scale 1) then needs no pass over the gradient.
-        if (grad.device.type == "cpu" and not torch.compiler.is_compiling()
-                and scale.item() == 1.0):
+        # Never while tracing: a branch on the value would be baked into the graph.
+        if grad.device.type == "cpu" and not _tracing(grad, scale) and scale.item() == 1.0:
             return (grad,) + (None,) * 12
     return (torch.mul(grad, scale.to(grad.dtype)),) + (None,) * 12
 

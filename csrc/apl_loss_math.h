@@ -5,7 +5,7 @@
 // row through three steps:
 //
 //   1. SoftmaxStats   max, sum exp(z - max) and sum z            (needs nothing)
-//   2. NormalizerSums sums over k that need log p_k = z_k - lse  (only if needs_second_pass)
+//   2. NormalizerSums sums over k that need log p_k = log_prob(z_k, ...)  (only if needs_second_pass)
 //   3. finish_row     the row's loss and the coefficients of its gradient;
 //      grad_element   d loss / d z_j for every j.
 //
@@ -16,7 +16,8 @@
 // is the derivative of f(l) = -(1-p)^gamma l (a constant focal factor in the
 // official mode).  Through the log-softmax, d loss / d z_j = g_j - p_j sum_k g_k.
 // The per-term coefficients (derived in the comments of finish_row) are summed,
-// weighted by alpha and beta, into one GradCoefs.
+// weighted by alpha and beta, into one GradCoefs.  Kernels that merge partial
+// NormalizerSums must merge every field (merge() does).
 //
 // Codes and defaults match apl_kernels/spec.py.
 #pragma once
@@ -48,7 +49,16 @@ struct LossParams {
 };
 
 // Math overloads that resolve to the float or double routine on host and device.
-APL_HD float apl_exp(float x) { return expf(x); }
+// CUDA kernels may define APL_CUDA_FAST_EXP: float exp is then __expf (ex2.approx,
+// 2 instructions instead of ~10; a few ulp), as Triton's tl.exp.  Host code and
+// double are unaffected.
+APL_HD float apl_exp(float x) {
+#if defined(__CUDA_ARCH__) && defined(APL_CUDA_FAST_EXP)
+  return __expf(x);
+#else
+  return expf(x);
+#endif
+}
 APL_HD double apl_exp(double x) { return exp(x); }
 APL_HD float apl_log(float x) { return logf(x); }
 APL_HD double apl_log(double x) { return log(x); }
@@ -90,7 +100,15 @@ struct SoftmaxStats {
 
   // An all -inf row has no softmax: log(0) - inf -> NaN, as torch gives.
   APL_HD T lse() const { return max == -INFINITY ? T(NAN) : max + apl_log(sumexp); }
+  APL_HD T log_sum() const { return max == -INFINITY ? T(NAN) : apl_log(sumexp); }
 };
+
+// log p = (z - max) - log sum exp(z - max), as torch's log_softmax computes it:
+// z - lse would round lse to the precision of max (1e4 + 0.69 in fp32 is off by 5e-4).
+template <typename T>
+APL_HD T log_prob(T z, T max, T log_sum) {
+  return (z - max) - log_sum;
+}
 
 // ---------------------------------------------------------------- focal factor
 // w = (1 - p)^gamma, computed from log p without cancellation.
@@ -160,6 +178,7 @@ struct NormalizerSums {
   T live_pow = 0;      // sum_k m_k p_k^q                    ngce gradient
   T clamp_other = 0;   // sum_{k != y} clamp(p_k)            rce, nrce
   T live_other = 0;    // sum_{k != y} m_k p_k               rce, nrce gradient
+  T dead_other = 0;    // sum_{k != y} (1 - m_k) p_k         rce, nrce gradient: 1 - live_other = p_y + dead_other
 
   // The nfl sums, from focal_terms() of one class.
   APL_HD void add_focal(const FocalTerms<T>& f) {
@@ -177,7 +196,11 @@ struct NormalizerSums {
     }
     if ((P.passive == kRCE || P.passive == kNRCE) && !is_target) {
       clamp_other += clamp_prob(p);
-      if (live) live_other += p;
+      if (live) {
+        live_other += p;
+      } else {
+        dead_other += p;
+      }
     }
   }
 
@@ -195,6 +218,7 @@ struct NormalizerSums {
     live_pow += o.live_pow;
     clamp_other += o.clamp_other;
     live_other += o.live_other;
+    dead_other += o.dead_other;
   }
 };
 
@@ -202,8 +226,13 @@ struct NormalizerSums {
 template <typename T>
 struct GradCoefs {
   T lse;
+  T max, log_sum;  // the row's max and log sum exp(z - max): log p = log_prob(z, max, log_sum)
   T c_const = 0, c_focal = 0, c_pow = 0, c_prob = 0, c_target = 0;
   T g_sum = 0;  // sum_k g_k
+  // c_prob - g_sum, the factor of p_k for every unclamped k != y.  rce makes the
+  // two nearly equal when p_y is small (1 - live_other); p_coef is computed
+  // from p_y + dead_other instead, so the gradient keeps its relative accuracy.
+  T p_coef = 0;
 };
 
 template <typename T>
@@ -220,7 +249,9 @@ APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>
   RowResult<T> r;
   GradCoefs<T>& c = r.grad;
   c.lse = s.lse();
-  const T l_y = z_target - c.lse;
+  c.max = s.max;
+  c.log_sum = s.log_sum();
+  const T l_y = log_prob(z_target, c.max, c.log_sum);
   const T p_y = apl_exp(l_y);
   const T one_minus_p_y = -apl_expm1(l_y);
   const T gamma = T(P.gamma), q = T(P.q), Kf = T(K);
@@ -293,6 +324,8 @@ APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>
     case kNRCE: {
       const T scale = P.passive == kRCE ? -T(P.A) : T(1) / (Kf - T(1));
       passive = scale * n.clamp_other;
+      // c_prob - g_sum = beta scale (1 - live_other) - (the active term's g_sum)
+      c.p_coef = beta * scale * (p_y + n.dead_other) - c.g_sum;
       c.c_prob += beta * scale;
       c.c_target += live_y ? -beta * scale * p_y : T(0);  // the sum excludes y
       c.g_sum += beta * scale * n.live_other;
@@ -301,6 +334,7 @@ APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>
     default:
       break;
   }
+  if (P.passive != kRCE && P.passive != kNRCE) c.p_coef = -c.g_sum;  // c_prob = 0
 
   r.loss = (P.active != kActiveNone ? T(P.alpha) * active : T(0)) +
            (P.passive != kPassiveNone ? T(P.beta) * passive : T(0));
@@ -314,15 +348,17 @@ APL_HD T grad_element_from(T p, T focal_d, bool is_target, const GradCoefs<T>& c
   T g = c.c_const;
   if (c.c_focal != T(0)) g += c.c_focal * focal_d;
   if (c.c_pow != T(0) && unclamped(p)) g += c.c_pow * apl_pow(p, T(P.q));
-  if (c.c_prob != T(0) && unclamped(p)) g += c.c_prob * p;
-  if (is_target) g += c.c_target;
-  return g - p * c.g_sum;
+  if (is_target) {  // here c_prob p_y and c_target cancel exactly: keep them apart
+    if (unclamped(p)) g += c.c_prob * p;
+    return g + c.c_target - p * c.g_sum;
+  }
+  return g + p * (unclamped(p) ? c.p_coef : -c.g_sum);
 }
 
 // The same for logit z of class j.
 template <typename T>
 APL_HD T grad_element(T z, bool is_target, const GradCoefs<T>& c, const LossParams& P) {
-  const T log_p = z - c.lse;
+  const T log_p = log_prob(z, c.max, c.log_sum);
   const T focal_d = c.c_focal != T(0) ? focal_deriv(log_p, T(P.gamma), P.grad_mode) : T(0);
   return grad_element_from(apl_exp(log_p), focal_d, is_target, c, P);
 }

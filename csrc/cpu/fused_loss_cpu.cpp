@@ -41,16 +41,18 @@ template <typename acc_t>
 void clamped_sums(const acc_t* __restrict e, int64_t begin, int64_t end, acc_t inv_sumexp,
                   apl::NormalizerSums<acc_t>& sums) {
   const apl::LossParams rce_only{apl::kActiveNone, apl::kRCE, 0, 0, 0, 0, 0, apl::kOfficial};
-  acc_t clamp_other = 0, live_other = 0;
-#pragma omp simd reduction(+ : clamp_other, live_other)
+  acc_t clamp_other = 0, live_other = 0, dead_other = 0;
+#pragma omp simd reduction(+ : clamp_other, live_other, dead_other)
   for (int64_t k = begin; k < end; ++k) {
     apl::NormalizerSums<acc_t> one;
     one.add_prob(e[k] * inv_sumexp, false, rce_only);
     clamp_other += one.clamp_other;
     live_other += one.live_other;
+    dead_other += one.dead_other;
   }
   sums.clamp_other += clamp_other;
   sums.live_other += live_other;
+  sums.dead_other += dead_other;
 }
 
 // Loss of one row with a valid label y; writes its gradient row if grad != nullptr.
@@ -87,7 +89,7 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
   stats.max = max;
   stats.sumexp = sumexp;
   stats.sum_z = sum_z;
-  const acc_t lse = stats.lse();
+  const acc_t log_sum = stats.log_sum();
   const acc_t inv_sumexp = acc_t(1) / sumexp;
 
   // Pass 3.  Classes k != y in two segments and y alone, so that `is_target`
@@ -99,7 +101,7 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
       for (int64_t k = 0; k < K; ++k) {
         const acc_t p = e[k] * inv_sumexp;
         if (ctx.nfl) {
-          const auto f = apl::focal_terms(static_cast<acc_t>(z[k]) - lse, p, acc_t(P.gamma), P.grad_mode);
+          const auto f = apl::focal_terms(apl::log_prob(static_cast<acc_t>(z[k]), max, log_sum), p, acc_t(P.gamma), P.grad_mode);
           sums.add_focal(f);
           if (grad) focal_d[k] = f.deriv;
         }
@@ -121,17 +123,20 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
   if (!ctx.ngce) c.c_pow = 0;
   if (!ctx.nfl) c.c_focal = 0;
   const apl::LossParams& P = ctx.P;
-  if (ctx.nfl || ctx.ngce) {
+  if (ctx.nfl) {
     for (int64_t k = 0; k < K; ++k)
       grad[k] = static_cast<scalar_t>(apl::grad_element_from(e[k] * inv_sumexp, focal_d[k], false, c, P));
+  } else if (ctx.ngce) {  // pow per class: a plain loop
+    for (int64_t k = 0; k < K; ++k)
+      grad[k] = static_cast<scalar_t>(apl::grad_element_from(e[k] * inv_sumexp, acc_t(0), false, c, P));
   } else {
     const acc_t zero = 0;
 #pragma omp simd
     for (int64_t k = 0; k < K; ++k)
       grad[k] = static_cast<scalar_t>(apl::grad_element_from(e[k] * inv_sumexp, zero, false, c, P));
   }
-  grad[y] = static_cast<scalar_t>(
-      apl::grad_element_from(e[y] * inv_sumexp, ctx.nfl ? focal_d[y] : acc_t(0), true, c, P));
+  // The label's p as finish_row computes it, so that its rce terms cancel exactly.
+  grad[y] = static_cast<scalar_t>(apl::grad_element(static_cast<acc_t>(z[y]), true, c, P));
   return row.loss;
 }
 

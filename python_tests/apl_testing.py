@@ -1,0 +1,128 @@
+"""Helpers of the foundation tests: run a loss on a backend, compare with the reference.
+
+A module of its own name (python_tests/ holds several conftests).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from apl_kernels import LossSpec, apl_loss
+from apl_kernels.reference import reference_loss
+
+# Every term, and every pair of an active and a passive term.
+ACTIVES = ("ce", "fl", "nce", "nfl", "gce", "ngce")
+PASSIVES = ("mae", "rce", "nmae", "nrce")
+ALL_LOSSES = ACTIVES + PASSIVES + tuple(f"{a}+{p}" for a in ACTIVES for p in PASSIVES)
+
+# |actual - expected| <= rtol |expected| + atol max|expected|, per logits dtype.
+# fp16/bf16: the math is fp32 in both, the gradient is rounded to the dtype.
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-9, atol=1e-11),
+    torch.float32: dict(rtol=2e-4, atol=2e-6),
+    torch.float16: dict(rtol=2e-3, atol=5e-4),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=4e-3),
+}
+
+
+def _max_finite_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    return (a[finite] - b[finite]).abs().max().item() if finite.any() else 0.0
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "",
+                 extra_atol: float = 0.0) -> None:
+    """NaN where the reference is NaN, the same infinities, finite values within tolerance.
+
+    extra_atol: an absolute error also allowed, e.g. a multiple of the reference's own error.
+    """
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    nan_a, nan_e = torch.isnan(a), torch.isnan(e)
+    assert torch.equal(nan_a, nan_e), f"{what}: NaN at {nan_a.nonzero().tolist()[:5]}, expected at {nan_e.nonzero().tolist()[:5]}"
+    inf_e = torch.isinf(e)
+    assert torch.equal(a[inf_e], e[inf_e]) and not torch.isinf(a[~inf_e]).any(), f"{what}: infinities differ"
+    finite = ~(nan_e | inf_e)
+    if not finite.any():
+        return
+    a, e = a[finite], e[finite]
+    tol = TOLERANCES[dtype]
+    bound = tol["rtol"] * e.abs() + tol["atol"] * max(e.abs().max().item(), 1e-30) + extra_atol
+    err = (a - e).abs()
+    worst = (err - bound).argmax()
+    assert (err <= bound).all(), (f"{what}: {int((err > bound).sum())} of {err.numel()} values differ; worst "
+                                  f"{a[worst].item():.9g} vs {e[worst].item():.9g} (dtype {dtype})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A backend under test: its name for ``apl_loss`` and the device of its tensors."""
+    name: str
+    device: str
+
+    def __str__(self):
+        return self.name
+
+
+def loss_and_grad(backend: str, logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, reduction: str = "mean",
+                  ignore_index: int = -100, grad_output: torch.Tensor | None = None, check_targets: bool = True):
+    """The loss and d(grad_output . loss)/d logits of one backend ("reference" included)."""
+    x = logits.detach().clone().requires_grad_()
+    loss = apl_loss(x, target, spec, reduction=reduction, ignore_index=ignore_index, backend=backend,
+                    check_targets=check_targets)
+    if grad_output is None:
+        loss.backward(torch.ones_like(loss))
+    else:
+        loss.backward(grad_output.to(loss.device, loss.dtype))
+    return loss.detach(), x.grad
+
+
+def reference_loss_and_grad(logits, target, spec, reduction="mean", ignore_index=-100, grad_output=None):
+    """The oracle, on CPU, in the logits' dtype (the reference upcasts half inputs itself)."""
+    x = logits.detach().cpu().clone().requires_grad_()
+    loss = reference_loss(x, target.cpu(), spec, reduction, ignore_index)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.cpu().to(loss.dtype)
+    loss.backward(go)
+    return loss.detach(), x.grad
+
+
+def compare_with_reference(loss, grad, logits, target, spec, reduction="mean", ignore_index=-100, grad_output=None,
+                           label=""):
+    """Compare a backend's loss and gradient with the reference on the same input."""
+    dtype = logits.dtype
+    ref_loss, ref_grad = reference_loss_and_grad(logits, target, spec, reduction, ignore_index, grad_output)
+    expected_loss_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert loss.dtype == expected_loss_dtype, f"loss dtype {loss.dtype}, expected {expected_loss_dtype}"
+    assert grad.dtype == dtype, f"grad dtype {grad.dtype}, expected {dtype}"
+    # Below fp64 some gradients are ill-conditioned (rce: p_j (c - sum_k c p_k) cancels);
+    # allow a few times the error of the reference itself against its fp64 run.
+    loss_noise = grad_noise = 0.0
+    if dtype != torch.float64:
+        truth_loss, truth_grad = reference_loss_and_grad(logits.double(), target, spec, reduction, ignore_index,
+                                                         grad_output)
+        loss_noise = 4 * _max_finite_diff(ref_loss, truth_loss)
+        grad_noise = 4 * _max_finite_diff(ref_grad, truth_grad)
+    assert_close(loss, ref_loss, dtype, f"loss of {label}", loss_noise)
+    assert_close(grad, ref_grad, dtype, f"grad of {label}", grad_noise)
+
+
+def check_against_reference(backend: Backend, logits, target, spec, reduction="mean", ignore_index=-100,
+                            grad_output=None):
+    """Run `backend` and the reference on the same input and compare loss and gradient."""
+    dev = backend.device
+    loss, grad = loss_and_grad(backend.name, logits.to(dev), target.to(dev), spec, reduction, ignore_index,
+                               None if grad_output is None else grad_output.to(dev), check_targets=True)
+    label = f"{backend} {spec.name} {spec.grad} {reduction} {logits.dtype} {tuple(logits.shape)}"
+    compare_with_reference(loss, grad, logits, target, spec, reduction, ignore_index, grad_output, label)
+    return loss, grad
+
+
+def make_inputs(n: int, k: int, dtype=torch.float32, scale: float = 3.0, seed: int = 0, ignore_every: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, k, generator=g, dtype=torch.float64) * scale).to(dtype)
+    target = torch.randint(0, k, (n,), generator=g)
+    if ignore_every:
+        target[::ignore_every] = -100
+    return logits, target

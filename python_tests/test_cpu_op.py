@@ -1,0 +1,110 @@
+"""The CPU op called directly: schema, dtypes, the gradient folded into the
+forward, threads, strides and the C++ argument checks."""
+import pytest
+import torch
+
+from apl_kernels import LossSpec
+from apl_kernels.spec import REDUCTIONS
+
+from apl_testing import assert_close, compare_with_reference, make_inputs, reference_loss_and_grad
+
+op = torch.ops.apl_kernels.fused_loss.default
+
+
+def _call(x, y, spec=LossSpec(), reduction="mean", ignore_index=-100, compute_grad=True):
+    return op(x, y, *spec.op_args(), REDUCTIONS[reduction], ignore_index, compute_grad)
+
+
+def test_schema():
+    schema = str(op._schema)
+    assert schema.startswith("apl_kernels::fused_loss(Tensor logits, Tensor target, int active, int passive, "
+                             "float alpha, float beta, float gamma, float q, float A, int grad_mode, int reduction, "
+                             "int ignore_index, bool compute_grad) -> (Tensor loss, Tensor grad)")
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("reduction", ("none", "mean", "sum"))
+def test_output_dtypes_and_shapes(dtype, reduction):
+    x, y = make_inputs(6, 5, dtype)
+    loss, grad = _call(x, y, reduction=reduction)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert loss.shape == ((6,) if reduction == "none" else ())
+    assert grad.dtype == dtype and grad.shape == (6, 5) and grad.is_contiguous()
+    _, no_grad = _call(x, y, reduction=reduction, compute_grad=False)
+    assert no_grad.numel() == 0
+    loss2, _ = _call(x, y, reduction=reduction, compute_grad=False)
+    assert torch.equal(loss, loss2)
+
+
+@pytest.mark.parametrize("reduction", ("none", "mean", "sum"))
+def test_forward_gradient_has_the_reduction_weight(reduction):
+    """grad = d(sum of the reduced loss)/d logits: 1/count for mean, count of kept rows."""
+    x, y = make_inputs(10, 7, torch.float64, ignore_every=3)
+    spec = LossSpec.from_name("nfl+rce")
+    loss, grad = _call(x, y, spec, reduction)
+    ref_loss, ref_grad = reference_loss_and_grad(x, y, spec, reduction)
+    assert_close(loss, ref_loss, torch.float64, "loss")
+    assert_close(grad, ref_grad, torch.float64, "grad")
+
+
+def test_unit_grad_output_needs_no_pass():
+    """backward with grad_output == 1 returns the forward's gradient itself."""
+    x, y = make_inputs(8, 6, torch.float32)
+    x.requires_grad_()
+    loss, grad = _call(x, y)
+    (g,) = torch.autograd.grad(loss, x)
+    assert g.data_ptr() == grad.data_ptr()
+    loss, grad = _call(x, y)
+    (g2,) = torch.autograd.grad(loss, x, torch.tensor(0.5))
+    assert_close(g2, 0.5 * grad, torch.float32, "scaled")
+
+
+def test_deterministic_across_thread_counts():
+    x, y = make_inputs(3000, 50, torch.float32, ignore_every=7)
+    spec = LossSpec.from_name("nce+rce")
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(_call(x, y, spec))
+    finally:
+        torch.set_num_threads(before)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_row_stride_read_in_place():
+    base, y = make_inputs(16, 30, torch.float64)
+    x = base[:, 3:13]  # stride (30, 1)
+    y = y % 10
+    loss, grad = _call(x, y, reduction="none")
+    ref_loss, ref_grad = reference_loss_and_grad(x.contiguous(), y, LossSpec(), "none")
+    assert_close(loss, ref_loss, torch.float64, "loss")
+    assert_close(grad, ref_grad, torch.float64, "grad")
+
+
+def test_cpp_argument_checks():
+    x, y = make_inputs(4, 6, torch.float32)
+    with pytest.raises(RuntimeError, match="stride"):
+        _call(x.t().contiguous().t(), y)
+    with pytest.raises(RuntimeError, match="int64"):
+        _call(x, y.int())
+    with pytest.raises(RuntimeError, match="target must be"):
+        _call(x, y[:3])
+    with pytest.raises(RuntimeError, match="K >= 2"):
+        _call(x[:, :1], y)
+    with pytest.raises(RuntimeError, match="active"):
+        op(x, y, 9, 0, 1.0, 1.0, 0.5, 0.7, -9.2, 0, 1, -100, True)
+    with pytest.raises(RuntimeError, match="both terms"):
+        op(x, y, 0, 0, 1.0, 1.0, 0.5, 0.7, -9.2, 0, 1, -100, True)
+    with pytest.raises(RuntimeError, match="reduction"):
+        op(x, y, 3, 2, 1.0, 1.0, 0.5, 0.7, -9.2, 0, 5, -100, True)
+
+
+def test_large_k_half():
+    """fp16 logits with K = 50257: fp32 accumulation keeps the sums accurate."""
+    x, y = make_inputs(4, 50257, torch.float16)
+    spec = LossSpec.from_name("nce+rce")
+    loss, grad = _call(x, y, spec)
+    compare_with_reference(loss, grad, x, y, spec, "mean", label="fp16 K=50257")
