@@ -12,6 +12,7 @@ Results file (keep stable; tests in python_tests/test_bench_smoke.py check it):
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import json
 import os
@@ -387,8 +388,28 @@ def write_json_atomic(path: str, data: dict) -> None:
         raise
 
 
+class ResultsWriter:
+    """Writes one run's records into the results file at `path`, merged with what
+    the file held when the run began; called after every configuration, so that
+    an interrupted run (a time limit) keeps what it measured."""
+
+    def __init__(self, path: str, *, replace_meta: bool):
+        self.path, self.replace_meta = path, replace_meta
+        self.old = load_results(path)
+
+    def write(self, meta: dict, records: list) -> dict:
+        data = _merged(copy.deepcopy(self.old), meta, records, self.replace_meta)
+        write_json_atomic(self.path, data)
+        return data
+
+
 def merge_results(path: str, meta: dict, records: list, *, replace_meta: bool) -> dict:
-    """Add `records` to the results file at `path` (created if absent), atomically.
+    """Add `records` to the results file at `path` (created if absent), atomically."""
+    return ResultsWriter(path, replace_meta=replace_meta).write(meta, records)
+
+
+def _merged(old: Optional[dict], meta: dict, records: list, replace_meta: bool) -> dict:
+    """`old` (or a new file) with `records` and this run's `meta` merged in.
 
     A record replaces an older one of the same configuration.  The kernel
     benchmark owns `meta` (replace_meta=True: `copy_gbps` and `date` become the
@@ -396,7 +417,7 @@ def merge_results(path: str, meta: dict, records: list, *, replace_meta: bool) -
     epoch benchmark only adds its keys.  meta["runs"] lists every run's command,
     date, copy bandwidth and machine load.
     """
-    old = load_results(path)
+    meta = copy.deepcopy(meta)
     run = {k: meta[k] for k in ("command", "date", "copy_gbps", "threads", "loadavg_start", "loadavg_end",
                                 "kernel_seconds", "epoch_seconds") if k in meta}
     if old is None:
@@ -426,7 +447,6 @@ def merge_results(path: str, meta: dict, records: list, *, replace_meta: bool) -
             x for x in skipped if json.dumps(x, sort_keys=True) not in seen]
     new_keys = {record_key(r) for r in records}
     data["records"] = [r for r in data["records"] if record_key(r) not in new_keys] + list(records)
-    write_json_atomic(path, data)
     return data
 
 

@@ -114,6 +114,8 @@ def run(args) -> dict:
 
     records, details = [], []
     configs = [(m, a, l) for m in model_names for a in amps for l in losses]
+    writer = common.ResultsWriter(out_path, replace_meta=False)
+    meta["epoch_details"] = details
     t_start = time.perf_counter()
     for index, (model_name, amp, loss) in enumerate(configs, 1):
         torch.manual_seed(0)
@@ -159,11 +161,13 @@ def run(args) -> dict:
         runs = None
         if gpu:
             torch.cuda.empty_cache()
+        meta["epoch_seconds"] = round(time.perf_counter() - t_start, 1)
+        writer.write(meta, records)  # after every configuration: a cut-off run keeps its records
 
     meta["epoch_details"] = details
     meta["epoch_seconds"] = round(time.perf_counter() - t_start, 1)
     meta["loadavg_end"] = common._loadavg()
-    data = common.merge_results(out_path, meta, records, replace_meta=False)
+    data = writer.write(meta, records)
     # The epoch benchmark's own settings and details always describe its latest run.
     data["meta"]["epoch_settings"] = settings
     data["meta"]["epoch_details"] = details

@@ -226,6 +226,7 @@ def run(args) -> dict:
     print(f"results -> {out_path}")
 
     configs = [(loss, shape, dtype) for dtype in dtypes for shape in shapes for loss in losses]
+    writer = common.ResultsWriter(out_path, replace_meta=True)
     t_start = time.perf_counter()
     for index, (loss, (B, K), dtype_name) in enumerate(configs, 1):
         dtype = DTYPES[dtype_name]
@@ -303,6 +304,10 @@ def run(args) -> dict:
             for backend in group:
                 _print_row(backend, rows, ref_ms=_fb(rows.get("reference")), compiled_ms=_fb(rows.get("compiled")))
         del logits, target
+        meta["skipped"] = skipped
+        meta["kernel_seconds"] = round(time.perf_counter() - t_start, 1)
+        meta["kernel_complete"] = index == len(configs)
+        writer.write(meta, records)  # after every configuration: a cut-off run keeps its records
         if gpu:
             torch.cuda.empty_cache()
 
@@ -316,7 +321,7 @@ def run(args) -> dict:
     meta["loadavg_end"] = common._loadavg()
 
     from .goals import evaluate, format_goal
-    data = common.merge_results(out_path, meta, records, replace_meta=True)
+    data = writer.write(meta, records)
     goals = evaluate(data)
     data["meta"]["goals"] = goals
     common.write_json_atomic(out_path, data)
