@@ -307,15 +307,15 @@ def run(args) -> dict:
         meta["skipped"] = skipped
         meta["kernel_seconds"] = round(time.perf_counter() - t_start, 1)
         meta["kernel_complete"] = index == len(configs)
+        if not gpu and copy_sizes:
+            # The headline copy figure on the CPU: that of the largest tensor copied.
+            largest = max(copy_sizes, key=copy_sizes.get)
+            meta["copy_gbps"] = meta["copy_gbps_by_shape"][largest]
+            meta["copy_gbps_of"] = largest
         writer.write(meta, records)  # after every configuration: a cut-off run keeps its records
         if gpu:
             torch.cuda.empty_cache()
 
-    if not gpu and copy_sizes:
-        # The headline copy figure on the CPU: that of the largest tensor copied.
-        largest = max(copy_sizes, key=copy_sizes.get)
-        meta["copy_gbps"] = meta["copy_gbps_by_shape"][largest]
-        meta["copy_gbps_of"] = largest
     meta["skipped"] = skipped
     meta["kernel_seconds"] = round(time.perf_counter() - t_start, 1)
     meta["loadavg_end"] = common._loadavg()
