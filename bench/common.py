@@ -102,13 +102,15 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
 
 
-def default_results_path(device: torch.device) -> str:
-    """bench/results/<gpu-or-cpu-name>-<date>.json."""
+def default_results_path(device: torch.device, quick: bool = False) -> str:
+    """bench/results/<gpu-or-cpu-name>-<date>.json; smoke runs (--quick) go to the
+    temporary directory instead, to keep bench/results for real measurements."""
     if device.type == "cuda":
         name = slug(torch.cuda.get_device_name(device))
     else:
         name = "cpu-" + slug(cpu_name())
-    return os.path.join(RESULTS_DIR, f"{name}-{datetime.date.today().isoformat()}.json")
+    folder = os.path.join(tempfile.gettempdir(), "apl_bench_quick") if quick else RESULTS_DIR
+    return os.path.join(folder, f"{name}-{datetime.date.today().isoformat()}.json")
 
 
 def triton_version() -> Optional[str]:

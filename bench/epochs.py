@@ -96,7 +96,7 @@ def run(args) -> dict:
                     steps)
     steps_per_epoch = len(loader.loader) if steps is None else min(steps, len(loader.loader))
 
-    out_path = args.out or common.default_results_path(device)
+    out_path = args.out or common.default_results_path(device, quick=args.quick)
     meta = common.base_meta(device, MODULE)
     settings = {"losses": losses, "models": model_names, "amp": amps, "batch_size": batch, "epochs": epochs,
                 "steps_per_epoch": steps_per_epoch, "data": data_kind, "data_note": data_note,
@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke mode: nce+rce, cnn8, bf16, batch 8, 2 epochs of 2 steps")
+                        help="smoke mode: nce+rce, cnn8, bf16, batch 8, 2 epochs of 2 steps; results go to the "
+                             "temporary directory unless --out")
     parser.add_argument("--losses", help=f"comma list or 'all' (default: all on GPU = {','.join(ALL_LOSSES)}; "
                                          f"{','.join(CPU_DEFAULT_LOSSES)} on CPU)")
     parser.add_argument("--models", help="comma list of cnn8,resnet18 (default cnn8)")

@@ -196,7 +196,7 @@ def run(args) -> dict:
     backends = common.parse_list(args.backends, BACKENDS, "backend") or \
         [b for b in BACKENDS if not (args.quick and b == "compiled")]
     passes = common.parse_list(args.passes, PASSES, "pass") or list(PASSES)
-    out_path = args.out or common.default_results_path(device)
+    out_path = args.out or common.default_results_path(device, quick=args.quick)
 
     meta = common.base_meta(device, MODULE)
     meta.update({
@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "128x10,1024x100,4096x1000 and fp32.")
     parser.add_argument("--quick", action="store_true",
                         help="smoke mode: losses ce,nce+rce, shapes 8x10,64x100, one dtype, short timing, "
-                             "no torch.compile (add it with --backends)")
+                             "no torch.compile (add it with --backends); results go to the temporary "
+                             "directory unless --out")
     parser.add_argument("--losses", help=f"comma list (default {','.join(LOSSES)})")
     parser.add_argument("--shapes", help="comma list of BxK (default: the GPU or CPU matrix)")
     parser.add_argument("--dtypes", help="comma list of bf16,fp16,fp32,fp64 (default bf16,fp32 on GPU, fp32 on CPU)")
