@@ -351,6 +351,8 @@ def count_launches(fn: Callable[[], object], device: torch.device, reps: int = 5
     # timeline (user annotations) are not launches.
     count = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                 and not getattr(e, "is_user_annotation", False))
+    if count == 0:
+        return None  # no device activity recorded (CUPTI unavailable?): unknown, not zero
     per_call = count / reps
     return int(per_call) if per_call == int(per_call) else round(per_call, 2)
 
