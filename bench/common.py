@@ -129,6 +129,20 @@ def build_info() -> Optional[dict]:
         return {"error": repr(error)}
 
 
+def git_state() -> Optional[str]:
+    """The repository's commit, "+dirty" when the kernels' sources have uncommitted changes."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "csrc", "apl_kernels", "setup.py"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
 def command_line(module: str) -> str:
     return " ".join(["python", "-m", module] + [shlex.quote(a) for a in sys.argv[1:]])
 
@@ -147,6 +161,7 @@ def base_meta(device: torch.device, module: str) -> dict:
         "threads": torch.get_num_threads(),
         "host_cpu": cpu_name(),
         "apl_kernels_build": build_info(),
+        "git": git_state(),
         # Other processes on the machine make the numbers noisy; say how busy it was.
         "loadavg_start": _loadavg(),
     }
