@@ -3,7 +3,8 @@
     python -m bench.epochs                       # GPU: every loss, cnn8, bs 128, AMP bf16 and fp16,
                                                  #      full CIFAR-sized epochs of synthetic data
                                                  # CPU: ce and nce+rce, 8 steps per epoch (a few minutes)
-    python -m bench.epochs --data ~/data         # real CIFAR-10 (cifar-10-batches-py under that folder)
+    python -m bench.epochs --data ~/data         # real CIFAR-10 (cifar-10-batches-py under that folder;
+                                                 # ./data is used by default when it holds CIFAR-10)
     python -m bench.epochs --losses nce+rce --amp bf16 --epochs 6 --models cnn8,resnet18
 
 The step is the training recipe's (train.engine.train_one_epoch: AMP, GradScaler
@@ -33,6 +34,7 @@ from .common import ALL_LOSSES
 MODULE = "bench.epochs"
 CPU_DEFAULT_LOSSES = ("ce", "nce+rce")
 CIFAR_TRAIN_SIZE = 50000
+DEFAULT_DATA = "./data"  # the train CLI's default --data
 
 
 def _import_train():
@@ -82,8 +84,11 @@ def run(args) -> dict:
     if epochs < 2:
         raise SystemExit("--epochs must be >= 2: the first epoch is warm-up and not counted")
 
-    if args.data:
-        cifar = data_mod.load_cifar10(args.data, download=False)
+    data_dir = args.data
+    if data_dir is None and not (args.synthetic or args.quick) and data_mod.find_folder(DEFAULT_DATA):
+        data_dir = DEFAULT_DATA  # train's default folder holds CIFAR-10: use the real thing
+    if data_dir and not args.synthetic:
+        cifar = data_mod.load_cifar10(data_dir, download=False)
         images, labels = cifar.train_images, cifar.train_labels
         data_kind = "cifar10"
         data_note = f"CIFAR-10 from {cifar.folder} ({len(labels)} training images)"
@@ -206,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="epochs per backend, the first not counted (default 4 on GPU, 3 on CPU)")
     parser.add_argument("--steps", type=int, default=None,
                         help="steps per epoch (default: full epochs on GPU, 8 on CPU)")
-    parser.add_argument("--data", help="folder holding cifar-10-batches-py: real CIFAR-10 (default: synthetic)")
+    parser.add_argument("--data", help="folder holding cifar-10-batches-py: real CIFAR-10 (default: ./data "
+                                       "when it holds CIFAR-10, else synthetic data)")
+    parser.add_argument("--synthetic", action="store_true", help="synthetic data even when CIFAR-10 is present")
     parser.add_argument("--n-train", type=int, default=0,
                         help="synthetic images (default 50000 for full epochs, else steps x batch)")
     parser.add_argument("--out", help="results JSON to merge into (default bench/results/<name>-<date>.json)")
