@@ -26,9 +26,18 @@ from .noise import NOISE_TYPES, RECIPES, make_noisy_labels, noise_record
 CHECKPOINT, RESULT, CONFIG, METRICS = "checkpoint.pt", "result.json", "config.json", "metrics.jsonl"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None, False or already explained."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or "") or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m train", formatter_class=HelpFormatter,
         description="Train on CIFAR-10 with synthetic label noise and a loss of apl_kernels; log accuracy "
                     "and per-epoch time. Several GPUs: torchrun --nproc_per_node N -m train ...")
     g = p.add_argument_group("loss and noise")

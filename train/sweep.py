@@ -27,7 +27,7 @@ GRIDS = {"sym": (tuple(SYMMETRIC), SYM_RATES), "asym": (tuple(ASYMMETRIC), ASYM_
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m train.sweep", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m train.sweep", formatter_class=cli.HelpFormatter,
         description="Run the grid noise types x losses x rates x seeds (the paper's CIFAR-10 grids by default), "
                     "one `python -m train` process per run. Other flags (e.g. --epochs, --model, --backend, --amp, "
                     "--out, --data) are passed to every run.",
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", nargs="+", type=float, default=None,
                    help="noise rates (default: the paper's rates for each noise type)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (3 runs as in the paper)")
-    p.add_argument("--gpus", default=None, help="comma-separated GPU ids; one run per GPU at a time")
+    p.add_argument("--gpus", default=None, help="comma-separated GPU ids, one run at a time per entry (list an id twice to share a GPU between two runs)")
     p.add_argument("--workers", type=int, default=1, help="parallel runs without --gpus (CPU threads are shared out)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
     return p
