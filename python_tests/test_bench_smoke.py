@@ -81,6 +81,14 @@ def test_unavailable_extension_is_skipped_with_reason(tmp_path, monkeypatch):
     """Without the C++ extension the kernel benchmark still writes valid results."""
     from apl_kernels import ops
     monkeypatch.setattr(ops, "_C", None)
+    # kernels.run sets compile options process-wide; give them back after the test.
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(torch._functorch.config, "donated_buffer", torch._functorch.config.donated_buffer)
+    monkeypatch.setattr(inductor_config, "compile_threads", inductor_config.compile_threads)
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            monkeypatch.setattr(torch._dynamo.config, name, getattr(torch._dynamo.config, name))
     with pytest.raises(kernels.Skip, match="did not import"):
         kernels.make_loss_fn("cpu", "nce+rce", torch.device("cpu"))
     out = tmp_path / "no_ext.json"
