@@ -1,0 +1,284 @@
+// Shared pieces of the CUDA kernels of apl_kernels::fused_loss: the launch
+// arguments, 16-byte "slots" of a row, warp/block reductions of the mergeable
+// sums of csrc/apl_loss_math.h, row status, and the deterministic loss reduction.
+//
+// Slots.  A row starting at address a is cut at 16-byte boundaries: slot j holds
+// elements [j*V - shift, j*V - shift + V) with V = 16 / sizeof(scalar_t) and
+// shift = (a mod 16) / sizeof(scalar_t).  Interior slots are one aligned 16-byte
+// load whatever the row stride or storage offset; the (at most two) edge slots
+// are read element by element, so no byte outside the row is ever touched.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+#include <string.h>
+
+// Per-element exps run on ex2.approx (see apl_exp); the tolerances of the
+// contract tests hold with it.  Remove this line for libdevice's expf.
+#define APL_CUDA_FAST_EXP 1
+#include "apl_loss_math.h"
+
+namespace apl_cuda {
+
+using apl::GradCoefs;
+using apl::LossParams;
+using apl::NormalizerSums;
+using apl::SoftmaxStats;
+
+// Device workspace of the mean/sum reductions (16-byte header, then one partial per block).
+struct Workspace {
+  unsigned long long count;  // rows whose target != ignore_index (mean only)
+  unsigned int ticket;       // blocks done; the last one reduces the partials
+  unsigned int pad;
+};
+constexpr int64_t kWorkspaceHeader = 16;
+__device__ __forceinline__ double* partials(Workspace* ws) {
+  return reinterpret_cast<double*>(reinterpret_cast<char*>(ws) + kWorkspaceHeader);
+}
+
+// What every kernel gets, by value.  `loss` is [N] (reduction none) or the scalar.
+template <typename scalar_t>
+struct Args {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* logits;
+  int64_t row_stride, N, K;
+  const int64_t* target;
+  int64_t ignore_index;
+  scalar_t* grad;  // nullptr: no gradient
+  acc_t* loss;
+  Workspace* ws;  // nullptr for reduction none
+  LossParams P;
+  int reduction;
+  bool second_pass;
+};
+
+// ---------------------------------------------------------------- slots
+template <typename scalar_t>
+struct alignas(16) Slot {
+  static constexpr int V = 16 / int(sizeof(scalar_t));
+  scalar_t v[V];
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ int slot_shift(const scalar_t* p) {
+  return int((reinterpret_cast<uintptr_t>(p) & 15) / sizeof(scalar_t));
+}
+
+// Number of slots of a row of K elements with this shift.
+template <typename scalar_t>
+__device__ __forceinline__ int64_t slot_count(int64_t K, int shift) {
+  constexpr int V = Slot<scalar_t>::V;
+  return (K + shift + V - 1) / V;
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ bool slot_full(int64_t e0, int64_t K) {
+  return e0 >= 0 && e0 + Slot<scalar_t>::V <= K;
+}
+
+// Slot whose first element is row[e0] (e0 may be negative in the first slot).
+template <typename scalar_t>
+__device__ __forceinline__ void load_slot(const scalar_t* row, int64_t e0, int64_t K, Slot<scalar_t>& s) {
+  constexpr int V = Slot<scalar_t>::V;
+  if (slot_full<scalar_t>(e0, K)) {
+    *reinterpret_cast<uint4*>(&s) = __ldg(reinterpret_cast<const uint4*>(row + e0));
+  } else {
+#pragma unroll
+    for (int t = 0; t < V; ++t) {
+      const int64_t e = e0 + t;
+      s.v[t] = (e >= 0 && e < K) ? row[e] : scalar_t(0);
+    }
+  }
+}
+
+// Store the in-row elements of a slot; one 16-byte store when `vec` (the
+// destination row has the same shift as the source row) and the slot is full.
+template <typename scalar_t>
+__device__ __forceinline__ void store_slot(scalar_t* row, int64_t e0, int64_t K, const Slot<scalar_t>& s, bool vec) {
+  constexpr int V = Slot<scalar_t>::V;
+  if (vec && slot_full<scalar_t>(e0, K)) {
+    *reinterpret_cast<uint4*>(row + e0) = *reinterpret_cast<const uint4*>(&s);
+  } else {
+#pragma unroll
+    for (int t = 0; t < V; ++t) {
+      const int64_t e = e0 + t;
+      if (e >= 0 && e < K) row[e] = s.v[t];
+    }
+  }
+}
+
+// f(t, e, z) for every in-row element of a slot, z in the accumulation type.
+// One predicated copy of the body (no separate full-slot path): smaller code,
+// faster builds, and the compares are cheap next to the exp per element.
+template <typename scalar_t, typename F>
+__device__ __forceinline__ void for_each_in_slot(const Slot<scalar_t>& s, int64_t e0, int64_t K, F&& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Slot<scalar_t>::V;
+  const int lo = e0 < 0 ? int(-e0) : 0;
+  const int hi = K - e0 >= V ? V : int(K - e0);
+#pragma unroll
+  for (int t = 0; t < V; ++t)
+    if (t >= lo && t < hi) f(t, e0 + t, static_cast<acc_t>(s.v[t]));
+}
+
+// The same for a slot known to be full: no per-element bounds (interior slots).
+template <typename scalar_t, typename F>
+__device__ __forceinline__ void for_each_in_full_slot(const Slot<scalar_t>& s, int64_t e0, F&& f) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma unroll
+  for (int t = 0; t < Slot<scalar_t>::V; ++t) f(t, e0 + t, static_cast<acc_t>(s.v[t]));
+}
+
+// Fill a whole row (ignored rows: 0, bad labels: NaN), slots j = first, first + step, ...
+template <typename scalar_t>
+__device__ __forceinline__ void fill_row(scalar_t* row, int64_t K, scalar_t value, int64_t first, int64_t step) {
+  constexpr int V = Slot<scalar_t>::V;
+  const int shift = slot_shift(row);
+  Slot<scalar_t> s;
+#pragma unroll
+  for (int t = 0; t < V; ++t) s.v[t] = value;
+  const int64_t n = slot_count<scalar_t>(K, shift);
+  for (int64_t j = first; j < n; j += step) store_slot(row, j * V - shift, K, s, true);
+}
+
+// ---------------------------------------------------------------- reductions
+__device__ __forceinline__ float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+__device__ __forceinline__ double shfl_xor(double v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+
+// SoftmaxStats / NormalizerSums word by word, so that a field added to them
+// in apl_loss_math.h is carried along without a change here.
+template <typename R>
+__device__ __forceinline__ R shfl_xor_words(const R& v, int o) {
+  static_assert(sizeof(R) % sizeof(uint32_t) == 0, "a struct of float or double fields");
+  constexpr int n = sizeof(R) / sizeof(uint32_t);
+  uint32_t w[n];
+  memcpy(w, &v, sizeof(R));
+#pragma unroll
+  for (int i = 0; i < n; ++i) w[i] = __shfl_xor_sync(0xffffffffu, w[i], o);
+  R r;
+  memcpy(&r, w, sizeof(R));
+  return r;
+}
+template <typename T>
+__device__ __forceinline__ SoftmaxStats<T> shfl_xor(const SoftmaxStats<T>& s, int o) { return shfl_xor_words(s, o); }
+template <typename T>
+__device__ __forceinline__ NormalizerSums<T> shfl_xor(const NormalizerSums<T>& s, int o) {
+  return shfl_xor_words(s, o);
+}
+
+template <typename T>
+__device__ __forceinline__ void combine(SoftmaxStats<T>& a, const SoftmaxStats<T>& b) { a.merge(b); }
+template <typename T>
+__device__ __forceinline__ void combine(NormalizerSums<T>& a, const NormalizerSums<T>& b) { a.merge(b); }
+__device__ __forceinline__ void combine(double& a, double b) { a += b; }
+
+// Butterfly over aligned groups of `width` lanes (a power of two <= 32); every
+// lane of the warp must call it.  merge() is commutative, so all lanes of a
+// group end with bit-identical results.
+template <typename R>
+__device__ __forceinline__ void group_allreduce(R& v, int width) {
+  for (int o = width >> 1; o > 0; o >>= 1) combine(v, shfl_xor(v, o));
+}
+
+// Block-wide; every thread gets the same value.  `scratch` holds 32 R in
+// shared memory.  Warps are merged in a fixed order: deterministic.
+template <typename R>
+__device__ __forceinline__ R block_allreduce(R v, R* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  __syncthreads();  // the previous call's readers are done with scratch
+  group_allreduce(v, 32);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  R r = scratch[0];
+  for (int w = 1; w < nwarps; ++w) combine(r, scratch[w]);
+  return r;
+}
+
+// ---------------------------------------------------------------- rows
+enum RowStatus : int { kRowOk = 0, kRowIgnored = 1, kRowBad = 2 };
+
+template <typename scalar_t>
+__device__ __forceinline__ RowStatus row_status(const Args<scalar_t>& a, int64_t y) {
+  if (y == a.ignore_index) return kRowIgnored;
+  return (y < 0 || y >= a.K) ? kRowBad : kRowOk;
+}
+
+// The reduction's factor of every gradient row.
+template <typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> grad_weight(const Args<scalar_t>& a) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (a.reduction != apl::kReduceMean) return acc_t(1);
+  const unsigned long long count = a.ws->count;
+  return count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
+}
+
+// The loss of a row as the output holds it: 0 when ignored, NaN for a bad label.
+template <typename acc_t>
+__device__ __forceinline__ acc_t row_loss_value(RowStatus st, acc_t loss) {
+  return st == kRowOk ? loss : (st == kRowIgnored ? acc_t(0) : acc_t(NAN));
+}
+
+// Mean/sum: every block sums its rows (`partial`, any thread's share) in a fixed
+// order, the last block to finish sums the per-block partials in index order.
+// No float atomics, so the result does not depend on scheduling.
+template <typename scalar_t>
+__device__ void reduce_loss(const Args<scalar_t>& a, double partial, double* scratch) {
+  if (a.reduction == apl::kReduceNone) return;
+  __shared__ bool is_last;
+  const double block_sum = block_allreduce(partial, scratch);
+  if (threadIdx.x == 0) {
+    partials(a.ws)[blockIdx.x] = block_sum;
+    __threadfence();  // the partial is visible before the ticket says so
+    is_last = atomicAdd(&a.ws->ticket, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  double v = 0;
+  for (int64_t i = threadIdx.x; i < gridDim.x; i += blockDim.x) v += __ldcg(partials(a.ws) + i);
+  double total = block_allreduce(v, scratch);
+  if (threadIdx.x == 0) {
+    if (a.reduction == apl::kReduceMean) {
+      const unsigned long long count = __ldcg(&a.ws->count);
+      total = count > 0 ? total / static_cast<double>(count) : 0.0;
+    }
+    *a.loss = static_cast<at::opmath_type<scalar_t>>(total);
+  }
+}
+
+// ---------------------------------------------------------------- launchers
+// Defined in apl_cuda_small_k.cu and apl_cuda_large_k.cu.  plan_*() picks the
+// launch shape; the op then sizes the workspace (one partial per block) and
+// calls launch_*() with the same plan.
+constexpr int64_t kSmallKMax = 1024;  // K up to this: a group of lanes per row
+
+// Whether the small-K kernel takes rows of K.  fp64 only has the one-slot-per-lane
+// variant (K up to 62): a wide fp64 variant would double the build for a rare type.
+template <typename scalar_t>
+constexpr bool small_k_supports(int64_t K) {
+  constexpr int V = Slot<scalar_t>::V;
+  return K <= kSmallKMax && (sizeof(scalar_t) < 8 || (K + 2 * V - 2) / V <= 32);
+}
+
+struct LaunchPlan {
+  int64_t grid = 1;
+  int threads = 0;
+  int group = 0;      // small K: lanes per row
+  bool wide = false;  // small K: the variant with more register slots per lane
+  int64_t cap = 0;    // large K: slots kept in shared memory
+  size_t smem = 0;    // large K: dynamic shared memory bytes
+};
+
+template <typename scalar_t>
+LaunchPlan plan_small_k(const Args<scalar_t>& a);
+template <typename scalar_t>
+void launch_small_k(const Args<scalar_t>& a, const LaunchPlan& p, cudaStream_t stream);
+template <typename scalar_t>
+LaunchPlan plan_large_k(const Args<scalar_t>& a);
+template <typename scalar_t>
+void launch_large_k(const Args<scalar_t>& a, const LaunchPlan& p, cudaStream_t stream);
+
+}  // namespace apl_cuda

@@ -1,0 +1,193 @@
+// Large K: one block per row (blocks loop over rows).  The first `cap` slots of
+// the row stay in dynamic shared memory (up to the opt-in limit, 227 KB on
+// H100/H200), so a row that fits is read from HBM once and its gradient written
+// once.  Slots beyond `cap` (rows longer than shared memory) are streamed from
+// global memory again in each pass, where L2 usually still holds them.
+//
+// Thread t owns slots t, t + T, t + 2T, ... in every pass, so each thread only
+// reads back what it wrote to shared memory itself: the passes need barriers
+// only inside the block reductions.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "cuda/apl_cuda_common.cuh"
+
+namespace apl_cuda {
+namespace {
+
+constexpr int kLargeBlockMax = 512;
+constexpr int kLoadBatch = 8;  // 16-byte loads in flight per thread while filling shared memory
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scalar_t> a, const int64_t cap) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Slot<scalar_t>::V;
+  extern __shared__ uint4 smem_rows[];
+  Slot<scalar_t>* cache = reinterpret_cast<Slot<scalar_t>*>(smem_rows);
+  // Scratch of the block reductions, for the largest type reduced.
+  __shared__ alignas(16) unsigned char scratch[32 * sizeof(NormalizerSums<acc_t>)];
+
+  const int64_t K = a.K, T = blockDim.x, tid = threadIdx.x;
+  const acc_t weight = grad_weight(a);
+  double partial = 0;
+
+  for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+    const int64_t y = a.target[row];
+    const RowStatus st = row_status(a, y);
+    scalar_t* g = a.grad != nullptr ? a.grad + row * K : nullptr;
+    if (st != kRowOk) {  // uniform over the block
+      if (tid == 0) {
+        const acc_t l = row_loss_value(st, acc_t(0));
+        if (a.reduction == apl::kReduceNone) a.loss[row] = l;
+        else partial += static_cast<double>(l);
+      }
+      if (g != nullptr) fill_row(g, K, static_cast<scalar_t>(st == kRowIgnored ? 0.0f : NAN), tid, T);
+      continue;
+    }
+
+    const scalar_t* z = a.logits + row * a.row_stride;
+    const int shift = slot_shift(z);
+    const int64_t ns = slot_count<scalar_t>(K, shift), nc = ns < cap ? ns : cap;
+    const acc_t z_y = static_cast<acc_t>(z[y]);
+    // f(t, e, z) over slot j: only the first and the last slot can be partial.
+    auto visit = [&](const Slot<scalar_t>& b, int64_t j, auto&& f) {
+      if (j > 0 && j < ns - 1) for_each_in_full_slot(b, j * V - shift, f);
+      else for_each_in_slot(b, j * V - shift, K, f);
+    };
+
+    // Pass 1: the cached slots into shared memory (batches of loads in flight)
+    // and this thread's max; then its sum of exp from shared memory.
+    acc_t m = -INFINITY;
+    for (int64_t j0 = tid; j0 < nc; j0 += kLoadBatch * T) {
+      Slot<scalar_t> buf[kLoadBatch];
+#pragma unroll
+      for (int u = 0; u < kLoadBatch; ++u) {
+        const int64_t j = j0 + u * T;
+        if (j < nc) load_slot(z, j * V - shift, K, buf[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < kLoadBatch; ++u) {
+        const int64_t j = j0 + u * T;
+        if (j < nc) {
+          cache[j] = buf[u];
+          visit(buf[u], j, [&](int, int64_t, acc_t v) { m = apl::nan_max(m, v); });
+        }
+      }
+    }
+    SoftmaxStats<acc_t> s;
+    s.max = m;
+    for (int64_t j = tid; j < nc; j += T) {
+      visit(cache[j], j, [&](int, int64_t, acc_t v) {
+        s.sum_z += v;
+        if (m != -INFINITY) s.sumexp += apl::apl_exp(v - m);
+      });
+    }
+    {  // the streamed tail, online
+      SoftmaxStats<acc_t> tail;
+      for (int64_t j = nc + tid; j < ns; j += T) {
+        Slot<scalar_t> b;
+        load_slot(z, j * V - shift, K, b);
+        visit(b, j, [&](int, int64_t, acc_t v) { tail.add(v); });
+      }
+      s.merge(tail);
+    }
+    s = block_allreduce(s, reinterpret_cast<SoftmaxStats<acc_t>*>(scratch));
+
+    // Pass 2: the normaliser sums, only for the losses that need them.
+    NormalizerSums<acc_t> n;
+    if (a.second_pass) {
+      const acc_t mx = s.max, log_sum = s.log_sum();
+      auto add = [&](int, int64_t e, acc_t v) { n.add(apl::log_prob(v, mx, log_sum), e == y, a.P); };
+      for (int64_t j = tid; j < nc; j += T) visit(cache[j], j, add);
+      for (int64_t j = nc + tid; j < ns; j += T) {
+        Slot<scalar_t> b;
+        load_slot(z, j * V - shift, K, b);
+        visit(b, j, add);
+      }
+      n = block_allreduce(n, reinterpret_cast<NormalizerSums<acc_t>*>(scratch));
+    }
+    const apl::RowResult<acc_t> r = apl::finish_row(s, n, z_y, K, a.P, weight);
+    if (tid == 0) {
+      if (a.reduction == apl::kReduceNone) a.loss[row] = r.loss;
+      else partial += static_cast<double>(r.loss);
+    }
+
+    // Pass 3: the gradient, one write.
+    if (g != nullptr) {
+      const bool vec = slot_shift(g) == shift;
+      for (int64_t j = tid; j < ns; j += T) {
+        Slot<scalar_t> in, o;
+        if (j < nc) in = cache[j];
+        else load_slot(z, j * V - shift, K, in);
+        visit(in, j, [&](int t, int64_t e, acc_t v) {
+          o.v[t] = static_cast<scalar_t>(apl::grad_element(v, e == y, r.grad, a.P));
+        });
+        store_slot(g, j * V - shift, K, o, vec);
+      }
+    }
+  }
+  reduce_loss(a, partial, reinterpret_cast<double*>(scratch));
+}
+
+// Threads per block for a row of `slots` 16-byte slots.
+int block_threads(int64_t slots) {
+  return slots >= 2048 ? 512 : (slots >= 512 ? 256 : 128);
+}
+
+// Dynamic shared memory allowed per block: the opt-in maximum less the static
+// scratch, or APL_CUDA_SMEM_PER_BLOCK (bytes; a tuning knob, 0 = stream everything).
+int64_t smem_budget() {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t hw = int64_t(prop->sharedMemPerBlockOptin) - 2048;
+  if (const char* env = std::getenv("APL_CUDA_SMEM_PER_BLOCK")) {
+    const long long v = std::atoll(env);
+    if (v >= 0) return std::min<int64_t>(hw, v);
+  }
+  return hw;
+}
+
+}  // namespace
+
+template <typename scalar_t>
+LaunchPlan plan_large_k(const Args<scalar_t>& a) {
+  constexpr int V = Slot<scalar_t>::V;
+  const int64_t max_slots = (a.K + 2 * V - 2) / V;
+  LaunchPlan p;
+  p.threads = block_threads(max_slots);
+  p.cap = std::min<int64_t>(max_slots, smem_budget() / 16);
+  p.smem = size_t(p.cap) * 16;
+  auto kernel = large_k_kernel<scalar_t>;
+  // Raised once per device to the largest size asked for so far.
+  static int64_t raised[64] = {};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  if (p.smem > 48 * 1024 && (device >= 64 || raised[device] < int64_t(p.smem))) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(p.smem)));
+    if (device < 64) raised[device] = int64_t(p.smem);
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, p.threads, p.smem));
+  const int64_t resident = int64_t(std::max(per_sm, 1)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  p.grid = std::max<int64_t>(1, std::min(a.N, resident));  // persistent: each block loops over rows
+  return p;
+}
+
+template <typename scalar_t>
+void launch_large_k(const Args<scalar_t>& a, const LaunchPlan& p, cudaStream_t stream) {
+  large_k_kernel<scalar_t><<<unsigned(p.grid), p.threads, p.smem, stream>>>(a, p.cap);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define APL_INSTANTIATE(T)                              \
+  template LaunchPlan plan_large_k<T>(const Args<T>&); \
+  template void launch_large_k<T>(const Args<T>&, const LaunchPlan&, cudaStream_t);
+APL_INSTANTIATE(float)
+APL_INSTANTIATE(double)
+APL_INSTANTIATE(c10::Half)
+APL_INSTANTIATE(c10::BFloat16)
+#undef APL_INSTANTIATE
+
+}  // namespace apl_cuda

@@ -1,0 +1,137 @@
+// The CUDA implementation of apl_kernels::fused_loss (schema in csrc/apl_ops.cpp).
+//
+// Launches on the current stream, never synchronises with the host:
+//   reduction none:  the loss kernel writes the row losses.
+//   reduction sum:   zero the workspace header; the loss kernel's blocks each
+//                    write a partial sum and the last block adds them up.
+//   reduction mean:  as sum, after a count of the kept rows (the gradient's
+//                    weight 1/count is needed before the loss kernel runs).
+// K <= kSmallKMax runs the warp-group kernel (fp64: K <= 62), larger K the
+// block-per-row kernel.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "cuda/apl_cuda_common.cuh"
+
+namespace apl_cuda {
+namespace {
+
+constexpr int64_t kSingleBlockCount = 65536;  // rows counted by one block (no memset needed)
+
+// Counts the rows with target != ignore_index into ws->count and zeroes the
+// ticket.  One block: writes both.  Several: the header was zeroed, atomics add.
+__global__ void __launch_bounds__(1024) count_kept_kernel(const int64_t* target, int64_t N, int64_t ignore_index,
+                                                           Workspace* ws) {
+  unsigned long long c = 0;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x)
+    c += __ldg(target + i) != ignore_index;
+  for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
+  __shared__ unsigned long long warp_sums[32];
+  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = c;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  unsigned long long total = 0;
+  for (int w = 0; w < int(blockDim.x + 31) / 32; ++w) total += warp_sums[w];
+  if (gridDim.x == 1) {
+    ws->count = total;
+    ws->ticket = 0;
+  } else {
+    atomicAdd(&ws->count, total);  // integers: order does not matter
+  }
+}
+
+template <typename scalar_t>
+void run(const at::Tensor& logits, const at::Tensor& target, const apl::LossParams& P, int64_t reduction,
+         int64_t ignore_index, at::Tensor& loss, at::Tensor& grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t N = logits.size(0), K = logits.size(1);
+  Args<scalar_t> a;
+  a.logits = logits.const_data_ptr<scalar_t>();
+  a.row_stride = logits.stride(0);
+  a.N = N;
+  a.K = K;
+  a.target = target.const_data_ptr<int64_t>();
+  a.ignore_index = ignore_index;
+  a.grad = grad.numel() > 0 ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+  a.loss = loss.mutable_data_ptr<acc_t>();
+  a.ws = nullptr;
+  a.P = P;
+  a.reduction = int(reduction);
+  a.second_pass = apl::needs_second_pass(P);
+
+  const bool small = small_k_supports<scalar_t>(K);
+  const LaunchPlan plan = small ? plan_small_k(a) : plan_large_k(a);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+
+  at::Tensor workspace;  // kept alive until the kernels are queued (the allocator is stream-ordered)
+  if (reduction != apl::kReduceNone) {
+    workspace = at::empty({kWorkspaceHeader + 8 * plan.grid}, logits.options().dtype(at::kByte));
+    a.ws = reinterpret_cast<Workspace*>(workspace.mutable_data_ptr());
+    if (reduction == apl::kReduceMean && N <= kSingleBlockCount) {
+      count_kept_kernel<<<1, 1024, 0, stream>>>(a.target, N, ignore_index, a.ws);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      C10_CUDA_CHECK(cudaMemsetAsync(a.ws, 0, kWorkspaceHeader, stream));
+      if (reduction == apl::kReduceMean) {
+        const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        const int64_t blocks = std::min<int64_t>((N + 4095) / 4096, 4 * sms);
+        count_kept_kernel<<<unsigned(std::max<int64_t>(blocks, 2)), 256, 0, stream>>>(a.target, N, ignore_index,
+                                                                                      a.ws);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    }
+  }
+  if (small) launch_small_k(a, plan, stream);
+  else launch_large_k(a, plan, stream);
+}
+
+std::tuple<at::Tensor, at::Tensor> fused_loss_cuda(const at::Tensor& logits, const at::Tensor& target,
+                                                   int64_t active, int64_t passive, double alpha, double beta,
+                                                   double gamma, double q, double A, int64_t grad_mode,
+                                                   int64_t reduction, int64_t ignore_index, bool compute_grad) {
+  TORCH_CHECK(logits.dim() == 2, "fused_loss: logits must be [N, K], got ", logits.sizes());
+  TORCH_CHECK(logits.size(1) >= 2, "fused_loss: need K >= 2 classes, got ", logits.size(1));
+  TORCH_CHECK(logits.size(0) == 0 || logits.stride(1) == 1, "fused_loss: logits need stride(1) == 1, got strides ",
+              logits.strides());
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "fused_loss: target must be [N] = [",
+              logits.size(0), "], got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "fused_loss: target must be int64, got ", target.scalar_type());
+  TORCH_CHECK(logits.is_cuda() && target.device() == logits.device(),
+              "fused_loss: logits and target must be on the same CUDA device, got ", logits.device(), " and ",
+              target.device());
+  TORCH_CHECK(active >= apl::kActiveNone && active <= apl::kNGCE, "fused_loss: bad active term code ", active);
+  TORCH_CHECK(passive >= apl::kPassiveNone && passive <= apl::kNRCE, "fused_loss: bad passive term code ", passive);
+  TORCH_CHECK(active != apl::kActiveNone || passive != apl::kPassiveNone, "fused_loss: both terms are none");
+  TORCH_CHECK(grad_mode == apl::kOfficial || grad_mode == apl::kExact, "fused_loss: bad grad mode ", grad_mode);
+  TORCH_CHECK(reduction >= apl::kReduceNone && reduction <= apl::kReduceSum, "fused_loss: bad reduction ", reduction);
+
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const apl::LossParams P{static_cast<int>(active), static_cast<int>(passive), alpha, beta, gamma, q, A,
+                          static_cast<int>(grad_mode)};
+  const int64_t N = logits.size(0), K = logits.size(1);
+  const at::Tensor t = target.contiguous();
+  const auto loss_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor grad = at::empty(compute_grad ? at::IntArrayRef{N, K} : at::IntArrayRef{0}, logits.options());
+  at::Tensor loss = reduction == apl::kReduceNone ? at::empty({N}, logits.options().dtype(loss_dtype))
+                                                  : at::empty({}, logits.options().dtype(loss_dtype));
+  if (N == 0) {
+    if (reduction != apl::kReduceNone) loss.zero_();  // mean over no rows is 0
+    return {loss, grad};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_fused_loss_cuda", [&] {
+    run<scalar_t>(logits, t, P, reduction, ignore_index, loss, grad);
+  });
+  return {loss, grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(apl_kernels, CUDA, m) { m.impl("fused_loss", &fused_loss_cuda); }
+
+}  // namespace apl_cuda

@@ -1,0 +1,163 @@
+// Small K (<= kSmallKMax): a group of G lanes (a power of two <= 32) per row,
+// 256 / G rows per block.  The row is read once, as 16-byte slots into
+// registers (at most NV slots per lane); the softmax statistics, the normaliser
+// sums and the gradient are all computed from those registers, with butterfly
+// shuffles merging the per-lane SoftmaxStats / NormalizerSums of a row.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <algorithm>
+
+#include "cuda/apl_cuda_common.cuh"
+
+namespace apl_cuda {
+namespace {
+
+constexpr int kSmallBlock = 256;
+
+// Slots of a row of K elements whatever its alignment (shift up to V - 1).
+template <typename scalar_t>
+constexpr int64_t max_slots(int64_t K) {
+  constexpr int V = Slot<scalar_t>::V;
+  return (K + 2 * V - 2) / V;
+}
+
+// Slots per lane of the wide variant: enough for K = kSmallKMax in 32 lanes.
+template <typename scalar_t>
+constexpr int wide_nv() {
+  return int((max_slots<scalar_t>(kSmallKMax) + 31) / 32);
+}
+
+template <typename scalar_t, int NV>
+__global__ void __launch_bounds__(kSmallBlock) small_k_kernel(const Args<scalar_t> a, const int G) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int V = Slot<scalar_t>::V;
+  __shared__ double scratch[32];
+
+  const int gl = threadIdx.x & (G - 1);  // lane within the row's group
+  const int64_t groups = blockDim.x / G, my_group = threadIdx.x / G;
+  const int64_t K = a.K;
+  const acc_t weight = grad_weight(a);
+  double partial = 0;
+
+  // `first` is uniform over the block, so every lane of a warp runs every shuffle.
+  for (int64_t first = blockIdx.x * groups; first < a.N; first += int64_t(gridDim.x) * groups) {
+    const int64_t row = first + my_group;
+    const bool in = row < a.N;
+    const int64_t y = in ? a.target[row] : a.ignore_index;
+    const RowStatus st = in ? row_status(a, y) : kRowIgnored;
+    const bool ok = st == kRowOk;
+    const scalar_t* z = a.logits + (in ? row * a.row_stride : 0);
+    const int shift = slot_shift(z);
+    const int64_t ns = slot_count<scalar_t>(K, shift);
+
+    Slot<scalar_t> cache[NV];
+    acc_t z_y = 0;
+    if (ok) {
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int64_t j = gl + int64_t(i) * G;
+        if (j < ns) load_slot(z, j * V - shift, K, cache[i]);
+      }
+      z_y = static_cast<acc_t>(z[y]);
+    }
+    // f(i, t, e, z) over this lane's elements of the row.
+    auto each = [&](auto&& f) {
+#pragma unroll
+      for (int i = 0; i < NV; ++i) {
+        const int64_t j = gl + int64_t(i) * G;
+        if (ok && j < ns)
+          for_each_in_slot(cache[i], j * V - shift, K, [&](int t, int64_t e, acc_t v) { f(i, t, e, v); });
+      }
+    };
+
+    // Lane max first, then one exp per element; lanes merge with SoftmaxStats::merge.
+    acc_t m = -INFINITY;
+    each([&](int, int, int64_t, acc_t v) { m = apl::nan_max(m, v); });
+    SoftmaxStats<acc_t> s;
+    s.max = m;
+    each([&](int, int, int64_t, acc_t v) {
+      s.sum_z += v;
+      if (m != -INFINITY) s.sumexp += apl::apl_exp(v - m);
+    });
+    group_allreduce(s, G);
+
+    NormalizerSums<acc_t> n;
+    if (a.second_pass) {
+      const acc_t mx = s.max, log_sum = s.log_sum();
+      each([&](int, int, int64_t e, acc_t v) { n.add(apl::log_prob(v, mx, log_sum), e == y, a.P); });
+      group_allreduce(n, G);
+    }
+    const apl::RowResult<acc_t> r = apl::finish_row(s, n, z_y, K, a.P, weight);
+
+    if (in && gl == 0) {
+      const acc_t l = row_loss_value(st, r.loss);
+      if (a.reduction == apl::kReduceNone) a.loss[row] = l;
+      else partial += static_cast<double>(l);
+    }
+    if (a.grad != nullptr && in) {
+      scalar_t* g = a.grad + row * K;
+      if (ok) {
+        const bool vec = slot_shift(g) == shift;
+#pragma unroll
+        for (int i = 0; i < NV; ++i) {
+          const int64_t j = gl + int64_t(i) * G;
+          if (j < ns) {
+            Slot<scalar_t> o;
+            for_each_in_slot(cache[i], j * V - shift, K, [&](int t, int64_t e, acc_t v) {
+              o.v[t] = static_cast<scalar_t>(apl::grad_element(v, e == y, r.grad, a.P));
+            });
+            store_slot(g, j * V - shift, K, o, vec);
+          }
+        }
+      } else {
+        fill_row(g, K, static_cast<scalar_t>(st == kRowIgnored ? 0.0f : NAN), gl, G);
+      }
+    }
+  }
+  reduce_loss(a, partial, scratch);
+}
+
+}  // namespace
+
+template <typename scalar_t>
+LaunchPlan plan_small_k(const Args<scalar_t>& a) {
+  LaunchPlan p;
+  p.threads = kSmallBlock;
+  // G: the smallest power of two of lanes holding a row in one slot each, or
+  // 32 lanes with up to wide_nv() slots each.
+  const int64_t ns = max_slots<scalar_t>(a.K);
+  p.wide = ns > 32;
+  p.group = 32;
+  if (!p.wide)
+    while (p.group / 2 >= ns) p.group /= 2;
+  const int64_t rows_per_block = kSmallBlock / p.group;
+  const int64_t blocks = (a.N + rows_per_block - 1) / rows_per_block;
+  // Enough blocks to fill the GPU a few times over; each loops over its rows.
+  const int64_t cap = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
+  p.grid = std::max<int64_t>(1, std::min(blocks, cap));
+  return p;
+}
+
+template <typename scalar_t>
+void launch_small_k(const Args<scalar_t>& a, const LaunchPlan& p, cudaStream_t stream) {
+  if constexpr (sizeof(scalar_t) == 8) {
+    TORCH_INTERNAL_ASSERT(!p.wide, "fp64 rows this long go to the large-K kernel");
+    small_k_kernel<scalar_t, 1><<<unsigned(p.grid), p.threads, 0, stream>>>(a, p.group);
+  } else if (p.wide)
+    small_k_kernel<scalar_t, wide_nv<scalar_t>()><<<unsigned(p.grid), p.threads, 0, stream>>>(a, p.group);
+  else
+    small_k_kernel<scalar_t, 1><<<unsigned(p.grid), p.threads, 0, stream>>>(a, p.group);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+#define APL_INSTANTIATE(T)                              \
+  template LaunchPlan plan_small_k<T>(const Args<T>&); \
+  template void launch_small_k<T>(const Args<T>&, const LaunchPlan&, cudaStream_t);
+APL_INSTANTIATE(float)
+APL_INSTANTIATE(double)
+APL_INSTANTIATE(c10::Half)
+APL_INSTANTIATE(c10::BFloat16)
+#undef APL_INSTANTIATE
+
+}  // namespace apl_cuda
