@@ -209,7 +209,8 @@ def run(args) -> dict:
                       "CPU memcpy (Tensor.copy_) of the same logits tensor, fastest sample, per shape: copy_gbps_by_shape"),
         "peak_mem_kind": ("torch.cuda.max_memory_allocated delta / logits bytes, gradient included" if gpu else
                           "peak of torch.profiler CPU allocation events / logits bytes, gradient included"),
-        "launches_kind": "torch.profiler device activities per call" if gpu else "not measured on the CPU",
+        "launches_kind": ("torch.profiler device activities (kernels, memsets, memcpys) per fwd+bwd" if gpu
+                          else "not measured on the CPU"),
         "check_targets": False,
         "reduction": "mean",
     })
