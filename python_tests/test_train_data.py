@@ -181,3 +181,13 @@ def test_synthetic_cifar_shapes():
     images, labels = data.synthetic_cifar(25, seed=4)
     assert images.shape == (25, 32, 32, 3) and images.dtype == torch.uint8
     assert labels.shape == (25,) and labels.dtype == torch.int64 and set(labels.tolist()) == set(range(10))
+
+
+@pytest.mark.parametrize("Loader", [data.DeviceLoader, data.ClassicLoader])
+def test_a_lone_last_training_sample_joins_the_previous_batch(Loader):
+    images, labels = data.synthetic_cifar(33, seed=5)
+    extra = {"num_workers": 0} if Loader is data.ClassicLoader else {}
+    loader = Loader(images, labels, batch_size=16, train=True, device="cpu", **extra)
+    assert [len(b[1]) for b in loader] == [16, 17] and len(loader) == 2  # BatchNorm cannot train on one sample
+    evaluation = Loader(images, labels, batch_size=16, train=False, device="cpu", **extra)
+    assert [len(b[1]) for b in evaluation] == [16, 16, 1]

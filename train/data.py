@@ -200,6 +200,16 @@ def _shard(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return padded[rank::world_size]
 
 
+def batch_bounds(count: int, batch_size: int, train: bool) -> list:
+    """Batch boundaries [0, b, 2b, ..., count], the last partial batch kept.  In
+    training a lone last sample joins the previous batch: BatchNorm cannot
+    train on a batch of one."""
+    bounds = list(range(0, count, batch_size)) + [count]
+    if train and len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return bounds
+
+
 LabelArg = Union[torch.Tensor, np.ndarray, Sequence]
 
 
@@ -263,22 +273,14 @@ class DeviceLoader:
         plan = [_shard(t, self.rank, self.world_size).to(self.device) for t in (order, dy, dx, flip)]
         return tuple(plan)
 
-    def _starts(self, count: int) -> list:
-        """Batch boundaries.  A lone last training sample joins the previous batch:
-        BatchNorm cannot train on a batch of one."""
-        bounds = list(range(0, count, self.batch_size)) + [count]
-        if self.train and len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
-            del bounds[-2]
-        return bounds
-
     def __len__(self) -> int:
         per_rank = -(-self.n // self.world_size) if self.world_size > 1 else self.n
-        return len(self._starts(per_rank)) - 1
+        return len(batch_bounds(per_rank, self.batch_size, self.train)) - 1
 
     def __iter__(self):
         order, dy, dx, flip = self._epoch_plan()
         span = torch.arange(32, device=self.device)
-        bounds = self._starts(len(order))
+        bounds = batch_bounds(len(order), self.batch_size, self.train)
         for start, stop in zip(bounds[:-1], bounds[1:]):
             idx = order[start:stop]
             if self.train:
@@ -329,15 +331,17 @@ class ClassicLoader:
 
     def __len__(self) -> int:
         per_rank = -(-len(self.dataset) // self.world_size) if self.world_size > 1 else len(self.dataset)
-        return -(-per_rank // self.batch_size)
+        return len(batch_bounds(per_rank, self.batch_size, self.train)) - 1
 
     def __iter__(self):
         seed = epoch_seed(self.seed, self.epoch)
         g = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.dataset), generator=g) if self.train else torch.arange(len(self.dataset))
         order = _shard(order, self.rank, self.world_size).tolist()
+        bounds = batch_bounds(len(order), self.batch_size, self.train)
+        batches = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=order, num_workers=self.num_workers,
+            self.dataset, batch_sampler=batches, num_workers=self.num_workers,
             generator=g, pin_memory=self.device.type == "cuda", persistent_workers=False)
         # Workers seed their transforms from `g`; in-process transforms use the
         # global RNG, so give them the epoch's seed without disturbing it.
