@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from train_helpers import ROOT, fabricate_cifar
+from apl_kernels import backends
 from train import cli, report, sweep
 from train.models import build_model
 
@@ -71,13 +72,15 @@ def test_models_have_the_specified_structure():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("model, amp, loss", [("cnn8", "bf16", "nfl+rce"), ("resnet18", "off", "gce")])
-def test_two_epoch_run(cifar, small_cifar, tmp_path, capsys, model, amp, loss):
+# cnn8 with the fused backend "auto" picks (the loss then sees bf16 logits), resnet18 with the reference.
+@pytest.mark.parametrize("model, amp, loss, backend", [("cnn8", "bf16", "nfl+rce", "auto"),
+                                                       ("resnet18", "off", "gce", "reference")])
+def test_two_epoch_run(cifar, small_cifar, tmp_path, capsys, model, amp, loss, backend):
     out = str(tmp_path)
     n = 50 if model == "cnn8" else 20
     train(["--model", model, "--amp", amp, "--loss", loss, "--noise", "asym", "--rate", "0.5", "--epochs", "2",
            "--data", cifar if model == "cnn8" else small_cifar, "--out", out, "--seed", "3", "--noise-seed", "11",
-           *BASE])
+           *BASE, "--backend", backend])
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("epoch ")]
     assert len(lines) == 2 and lines[1].startswith("epoch 2/2")  # one line per epoch off a terminal
     (run_dir,) = [os.path.join(out, d) for d in os.listdir(out)]
@@ -97,7 +100,10 @@ def test_two_epoch_run(cifar, small_cifar, tmp_path, capsys, model, amp, loss):
     assert np.array(noise["transition"]).shape == (10, 10)
     assert result["final"]["test_acc"] == rows[-1]["test_acc"] and result["timing"]["epochs_timed"] == 2
     assert result["timing"]["first_epoch_s"] == rows[0]["epoch_time_s"]
-    assert result["backend"] == "reference" and result["model"] == model
+    resolved = backends.resolve(backend, torch.device("cpu"))
+    assert result["backend"] == resolved and result["model"] == model
+    with open(os.path.join(run_dir, "config.json")) as f:
+        assert json.load(f)["loss_in_amp_dtype"] == (resolved != "reference")
     expected = {"nfl+rce": dict(alpha=1.0, beta=1.0, gamma=0.5), "gce": dict(q=0.7)}[loss]
     for key, value in expected.items():
         assert result["loss_spec"][key] == value
