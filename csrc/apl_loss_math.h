@@ -147,11 +147,16 @@ struct FocalTerms {
   T value, deriv;
 };
 
+// From 1 - p and w = (1 - p)^gamma, for kernels with their own vector math.
+template <typename T>
+APL_HD FocalTerms<T> focal_terms_from(T log_p, T p, T one_minus_p, T w, T gamma, int grad_mode) {
+  return {-w * log_p, focal_deriv_from(log_p, p, one_minus_p, w, gamma, grad_mode)};
+}
+
 template <typename T>
 APL_HD FocalTerms<T> focal_terms(T log_p, T p, T gamma, int grad_mode) {
   const T one_minus_p = -apl_expm1(log_p);
-  const T w = apl_pow(one_minus_p, gamma);
-  return {-w * log_p, focal_deriv_from(log_p, p, one_minus_p, w, gamma, grad_mode)};
+  return focal_terms_from(log_p, p, one_minus_p, apl_pow(one_minus_p, gamma), gamma, grad_mode);
 }
 
 // [P_MIN <= p <= 1]: entries that clamp() leaves unchanged, the only ones with a gradient.

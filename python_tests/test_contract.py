@@ -152,6 +152,8 @@ def test_confident_and_extreme_rows(backend, loss, grad, dtype):
     logits[3] = torch.tensor([-1e4, -1e4, -1e4, -1e4, -1e4, 1e4])
     target[2], target[3] = 0, 5
     logits[4, target[4]] -= 60.0          # p_y below P_MIN: clamped
+    logits[5, (target[5] + 1) % 6] += 12.0  # another class with p close to 1
+    logits[6, (target[6] + 2) % 6] += 0.5   # with p around 1/2
     logits = logits.to(dtype)
     loss_value, grad_value = check_against_reference(backend, logits, target, spec, "none",
                                                      grad_output=_grad_output((8,), "none"))

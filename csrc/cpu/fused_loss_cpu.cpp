@@ -21,7 +21,7 @@
 #include <vector>
 
 #include "apl_loss_math.h"
-#include "cpu/exp_nonpos.h"
+#include "cpu/vec_math.h"
 
 namespace apl_cpu {
 namespace {
@@ -53,6 +53,65 @@ void clamped_sums(const acc_t* __restrict e, int64_t begin, int64_t end, acc_t i
   sums.clamp_other += clamp_other;
   sums.live_other += live_other;
   sums.dead_other += dead_other;
+}
+
+// The nfl sums (and with kClamped the rce / nrce sums) of NormalizerSums over
+// classes [begin, end), none of them the label; focal_d[k] = f'(log p_k).
+// 1 - p and (1 - p)^gamma come from the vectorisable exp / log of vec_math.h,
+// valid for p < 1/2; classes with p >= 1/2 (one at most) are left out here and
+// added by the caller with the header's expm1 / pow.
+template <bool kClamped, bool kExact, typename scalar_t, typename acc_t>
+void focal_sums(const scalar_t* __restrict z, const acc_t* __restrict e, int64_t begin, int64_t end,
+                acc_t inv_sumexp, acc_t max, acc_t log_sum, acc_t gamma, acc_t* __restrict focal_d,
+                apl::NormalizerSums<acc_t>& sums) {
+  const apl::LossParams rce_only{apl::kActiveNone, apl::kRCE, 0, 0, 0, 0, 0, apl::kOfficial};
+  const int mode = kExact ? apl::kExact : apl::kOfficial;
+  acc_t focal = 0, focal_deriv = 0, clamp_other = 0, live_other = 0, dead_other = 0;
+#pragma omp simd reduction(+ : focal, focal_deriv, clamp_other, live_other, dead_other)
+  for (int64_t k = begin; k < end; ++k) {
+    const acc_t p = e[k] * inv_sumexp;
+    const bool small = p < acc_t(0.5);
+    const acc_t one_minus_p = small ? acc_t(1) - p : acc_t(1);
+    const acc_t w = exp_nonpos(gamma * log_half_to_one(one_minus_p));
+    const auto f = apl::focal_terms_from(apl::log_prob(static_cast<acc_t>(z[k]), max, log_sum), p, one_minus_p, w,
+                                         gamma, mode);
+    focal += small ? f.value : acc_t(0);
+    focal_deriv += small ? f.deriv : acc_t(0);
+    focal_d[k] = f.deriv;
+    if (kClamped) {
+      apl::NormalizerSums<acc_t> one;
+      one.add_prob(p, false, rce_only);
+      clamp_other += one.clamp_other;
+      live_other += one.live_other;
+      dead_other += one.dead_other;
+    }
+  }
+  sums.focal += focal;
+  sums.focal_deriv += focal_deriv;
+  sums.clamp_other += clamp_other;
+  sums.live_other += live_other;
+  sums.dead_other += dead_other;
+}
+
+template <bool kClamped, bool kExact, typename scalar_t, typename acc_t>
+void focal_sums_row(const scalar_t* z, const acc_t* e, int64_t y, int64_t K, acc_t inv_sumexp, acc_t max,
+                    acc_t log_sum, acc_t* focal_d, const apl::LossParams& P, apl::NormalizerSums<acc_t>& sums) {
+  const acc_t gamma = static_cast<acc_t>(P.gamma);
+  focal_sums<kClamped, kExact>(z, e, 0, y, inv_sumexp, max, log_sum, gamma, focal_d, sums);
+  focal_sums<kClamped, kExact>(z, e, y + 1, K, inv_sumexp, max, log_sum, gamma, focal_d, sums);
+  // The label, and any class with p >= 1/2 (possible only if sum exp(z - max) <= 2).
+  auto exactly = [&](int64_t k) {
+    const acc_t p = e[k] * inv_sumexp;
+    const auto f = apl::focal_terms(apl::log_prob(static_cast<acc_t>(z[k]), max, log_sum), p, gamma, P.grad_mode);
+    sums.add_focal(f);
+    focal_d[k] = f.deriv;
+  };
+  exactly(y);
+  sums.add_prob(e[y] * inv_sumexp, true, P);  // the segments hold the other classes' clamped sums
+  if (inv_sumexp >= acc_t(0.5)) {
+    for (int64_t k = 0; k < K; ++k)
+      if (k != y && e[k] * inv_sumexp >= acc_t(0.5)) exactly(k);
+  }
 }
 
 // Loss of one row with a valid label y; writes its gradient row if grad != nullptr.
@@ -97,16 +156,16 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
   apl::NormalizerSums<acc_t> sums;
   if (ctx.second_pass) {
     const apl::LossParams& P = ctx.P;
-    if (ctx.nfl || ctx.ngce) {  // pow per class: a plain loop
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t p = e[k] * inv_sumexp;
-        if (ctx.nfl) {
-          const auto f = apl::focal_terms(apl::log_prob(static_cast<acc_t>(z[k]), max, log_sum), p, acc_t(P.gamma), P.grad_mode);
-          sums.add_focal(f);
-          if (grad) focal_d[k] = f.deriv;
-        }
-        sums.add_prob(p, k == y, P);
-      }
+    if (ctx.ngce) {  // pow per class: a plain loop
+      for (int64_t k = 0; k < K; ++k) sums.add_prob(e[k] * inv_sumexp, k == y, P);
+    } else if (ctx.nfl) {
+      const bool clamped = P.passive == apl::kRCE || P.passive == apl::kNRCE;
+      const bool exact = P.grad_mode == apl::kExact;
+      auto run = clamped ? (exact ? focal_sums_row<true, true, scalar_t, acc_t>
+                                  : focal_sums_row<true, false, scalar_t, acc_t>)
+                         : (exact ? focal_sums_row<false, true, scalar_t, acc_t>
+                                  : focal_sums_row<false, false, scalar_t, acc_t>);
+      run(z, e, y, K, inv_sumexp, max, log_sum, focal_d, P, sums);
     } else {  // rce / nrce: only the clamped sums, vectorised
       clamped_sums(e, 0, y, inv_sumexp, sums);
       clamped_sums(e, y + 1, K, inv_sumexp, sums);
@@ -124,6 +183,7 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
   if (!ctx.nfl) c.c_focal = 0;
   const apl::LossParams& P = ctx.P;
   if (ctx.nfl) {
+#pragma omp simd
     for (int64_t k = 0; k < K; ++k)
       grad[k] = static_cast<scalar_t>(apl::grad_element_from(e[k] * inv_sumexp, focal_d[k], false, c, P));
   } else if (ctx.ngce) {  // pow per class: a plain loop
@@ -158,7 +218,7 @@ void run(const at::Tensor& logits, const at::Tensor& target, const apl::LossPara
   // About 64k logits per task: enough work to pay for a thread.
   const int64_t grain = std::max<int64_t>(1, 65536 / K);
   at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> e(K), focal_d(ctx.nfl && g ? K : 0);
+    std::vector<acc_t> e(K), focal_d(ctx.nfl ? K : 0);
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* zi = z + i * row_stride;
       scalar_t* gi = g ? g + i * K : nullptr;

@@ -1,4 +1,5 @@
-// exp(x) for x <= 0, written so that the compiler vectorises loops calling it
+// exp(x) for x <= 0 and log(x) for x in [0.5, 1], written so that the compiler
+// vectorises loops calling them
 // (libm's expf is an opaque call that stops vectorisation without -ffast-math).
 //
 // The kernel only takes exp of z - max(z) <= 0; rows holding NaN or +inf are
@@ -36,5 +37,30 @@ inline float exp_nonpos(float x) {
 
 // fp64 is the precise path, not the fast one.
 inline double exp_nonpos(double x) { return std::exp(x); }
+
+// log(x) for x in [0.5, 1] (1 - p of the classes with p <= 0.5), vectorisable:
+// x = 2^e (1 + f) with e in {-1, 0} and f in [sqrt(1/2) - 1, sqrt(2) - 1], and
+// Cephes' logf polynomial for log(1 + f) (about 1 ulp).
+inline float log_half_to_one(float x) {
+  const bool low = x < 0.70710678f;
+  const float f = low ? x + x - 1.0f : x - 1.0f;
+  const float e = low ? -1.0f : 0.0f;
+  const float z = f * f;
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z;
+  y += e * -2.12194440e-4f;
+  y += -0.5f * z;
+  return (f + y) + e * 0.693359375f;
+}
+
+inline double log_half_to_one(double x) { return std::log(x); }
 
 }  // namespace apl_cpu
