@@ -24,6 +24,7 @@ order (deterministic, no atomics, no host sync).
 from __future__ import annotations
 
 import contextlib
+import struct
 
 import torch
 import triton
@@ -159,6 +160,13 @@ def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_ro
 
 # ------------------------------------------------------------------ chunked regime
 @triton.jit
+def _load_chunk(z_row, start, cols0, K, kept):
+    # Raw chunk [start, start + BLOCK) of a row, -inf outside K; an ignored row reads nothing.
+    cols = start + cols0
+    return tl.load(z_row + cols, mask=(cols < K) & kept, other=float("-inf"))
+
+
+@triton.jit
 def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row, grad_stride, ignore_index,
                    a_hi, a_lo, b_hi, b_lo, g_hi, g_lo, q_hi, q_lo, A_hi, A_lo,
                    ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
@@ -181,38 +189,52 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
         y = tl.load(y_ptr + row)
         kept = y != ignore_index
         z_row = z_ptr + tl.cast(row, tl.int64) * stride_row
-        # pass 1: online max / sumexp / sum z (ignored rows: every lane masked, nothing read)
-        m = zero + float("-inf")
-        s = zero
-        sum_z = zero
+        # pass 1: per-lane online max / sumexp / sum z, one cross-thread reduction
+        # per row (ignored rows: every lane masked, nothing read)
+        m_v = tl.full([BLOCK_K], float("-inf"), ACC)
+        s_v = tl.zeros([BLOCK_K], ACC)
+        sz_v = tl.zeros([BLOCK_K], ACC)
+        nxt = _load_chunk(z_row, 0, cols0, K, kept)
         for start in range(0, K, BLOCK_K):
+            z = nxt.to(ACC)
+            nxt = _load_chunk(z_row, start + BLOCK_K, cols0, K, kept)   # two chunks in flight
             cols = start + cols0
             mask = (cols < K) & kept
-            z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(ACC)
-            m2, s2, sz2 = lm.block_stats(z, mask, 0)
-            m, s, sum_z = lm.merge_stats(m, s, sum_z, m2, s2, sz2)
+            m_v, s_v = lm.lane_update(m_v, s_v, z)
+            sz_v += tl.where(mask, z, 0.0)
+        m, s = lm.merge_lanes(m_v, s_v, 0)
+        sum_z = tl.sum(sz_v, axis=0)
         lse = lm.log_sum_exp(m, s)
         log_s = tl.log(s)
-        # pass 2: sums that need the final lse (re-read from L2)
-        focal = zero
-        focal_d = zero
-        clamp_pow = zero
-        live_pow = zero
-        clamp_other = zero
-        live_other = zero
-        if NEEDS_PASS2:
+        # pass 2: sums that need the final lse (re-read from L2), per lane
+        focal_v = tl.zeros([BLOCK_K], ACC)
+        focal_dv = tl.zeros([BLOCK_K], ACC)
+        clamp_pow_v = tl.zeros([BLOCK_K], ACC)
+        live_pow_v = tl.zeros([BLOCK_K], ACC)
+        clamp_other_v = tl.zeros([BLOCK_K], ACC)
+        live_other_v = tl.zeros([BLOCK_K], ACC)
+        if NEEDS_PASS2:   # no prefetch here: the nfl/ngce terms need the registers
             for start in range(0, K, BLOCK_K):
+                z = _load_chunk(z_row, start, cols0, K, kept).to(ACC)
                 cols = start + cols0
                 mask = (cols < K) & kept
-                z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(ACC)
-                f1, f2, f3, f4, f5, f6 = lm.normalizer_sums(lm.log_softmax(z, m, log_s), cols == y, mask, gamma, q, ACTIVE, PASSIVE,
-                                                            GRAD_MODE, 0)
-                focal += f1
-                focal_d += f2
-                clamp_pow += f3
-                live_pow += f4
-                clamp_other += f5
-                live_other += f6
+                t1, t2, t3, t4, t5, t6 = lm.normalizer_terms(lm.log_softmax(z, m, log_s), cols == y, mask, gamma, q,
+                                                             ACTIVE, PASSIVE, GRAD_MODE)
+                if ACTIVE == lm.NFL:
+                    focal_v += t1
+                    focal_dv += t2
+                if ACTIVE == lm.NGCE:
+                    clamp_pow_v += t3
+                    live_pow_v += t4
+                if PASSIVE == lm.RCE or PASSIVE == lm.NRCE:
+                    clamp_other_v += t5
+                    live_other_v += t6
+        focal = tl.sum(focal_v, axis=0)
+        focal_d = tl.sum(focal_dv, axis=0)
+        clamp_pow = tl.sum(clamp_pow_v, axis=0)
+        live_pow = tl.sum(live_pow_v, axis=0)
+        clamp_other = tl.sum(clamp_other_v, axis=0)
+        live_other = tl.sum(live_other_v, axis=0)
         y_ok = kept & (y >= 0) & (y < K)   # an out-of-range label is never read: NaN row
         z_y = tl.load(z_row + tl.where(y_ok, y, 0), mask=y_ok, other=0.0).to(ACC)
         z_y = tl.where(y_ok, z_y, float("nan"))
@@ -224,22 +246,26 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
         if COMPUTE_GRAD:
             # pass 3: the gradient (each chunk is read before it is written: in-place safe)
             g_row = grad_ptr + tl.cast(row, tl.int64) * grad_stride
+            nxt = _load_chunk(z_row, 0, cols0, K, kept)
             for start in range(0, K, BLOCK_K):
+                z = nxt.to(ACC)
+                nxt = _load_chunk(z_row, start + BLOCK_K, cols0, K, kept)
                 cols = start + cols0
-                mask = (cols < K) & kept
-                z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(ACC)
-                g = lm.grad_block(lm.log_softmax(z, m, log_s), cols == y, c_const, c_focal, c_pow, c_prob, c_target, g_sum, gamma, q,
-                                  ACTIVE, PASSIVE, GRAD_MODE)
+                g = lm.grad_block(lm.log_softmax(z, m, log_s), cols == y, c_const, c_focal, c_pow, c_prob,
+                                  c_target, g_sum, gamma, q, ACTIVE, PASSIVE, GRAD_MODE)
                 g = tl.where(kept, g, 0.0)
                 tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < K)
 
 
 # ------------------------------------------------------------------ heuristics
 # Largest padded K kept whole in registers (per element size); beyond, chunked.
-RESIDENT_MAX_K = {1: 16384, 2: 16384, 4: 16384, 8: 8192}
-TILE_ELEMS = 4096          # elements of a row-resident tile
+# (at sm_90: 16 warps x 16 elements per thread, no spills for any term).
+RESIDENT_MAX_K = {1: 8192, 2: 8192, 4: 8192, 8: 4096}
+TILE_ELEMS = 2048          # elements of a row-resident tile (8 per thread with 8 warps)
 SINGLE_MAX_TILES = 4       # reduced losses this small run in one program (one launch)
-CHUNK = {2: 8192, 4: 4096, 8: 2048}
+# Chunk per loop step (16 warps: 16 elements per thread, no spills at sm_90; the
+# next chunk is prefetched, so 32 KB (bf16) to 64 KB (fp32) are in flight per SM).
+CHUNK = {2: 8192, 4: 8192, 8: 2048}
 L2_BUDGET = 32 << 20       # bytes of rows in flight in the chunked regime (H200 L2 is 50 MB)
 
 _forced_chunk = None
@@ -258,7 +284,10 @@ def force_chunked(block_k: int):
 
 
 def _split(x: float):
-    hi = float(torch.tensor(x, dtype=torch.float32))
+    # Plain Python (no tensor): launch() is also traced by torch.compile.
+    if not abs(x) < 3.4e38:
+        raise ValueError(f"the triton backend takes loss parameters within the float32 range, got {x}")
+    hi = struct.unpack("f", struct.pack("f", x))[0]
     return hi, float(x - hi)
 
 
@@ -310,7 +339,7 @@ def launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode,
         block_r = max(1, min(TILE_ELEMS // block_k, triton.next_power_of_2(N)))
         tiles = triton.cdiv(N, block_r)
         single = tiles == 1 or (reduction != REDUCTIONS["none"] and tiles <= SINGLE_MAX_TILES)
-        num_warps = max(1, min(16, block_r * block_k // 512))
+        num_warps = max(1, min(16, block_r * block_k // 256))
         last_plan = ("single" if single else "tiles", 1 if single else tiles, block_r, block_k)
         if single:
             wrap_triton(resident_kernel)[(1,)](
@@ -329,7 +358,7 @@ def launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode,
         wrap_triton(chunked_kernel)[(programs,)](
             logits, target, rows_out, grad_arg, count, N, K, logits.stride(0), grad_stride, ignore_index, *params,
             NEEDS_PASS2=lm.needs_second_pass(active, passive), BLOCK_K=chunk,
-            num_warps=16 if chunk >= 4096 else max(1, chunk // 256), **common)
+            num_warps=16 if chunk >= 8192 else 8, **common)
     if reduction != REDUCTIONS["none"]:
         wrap_triton(_sum_kernel)[(1,)](rows_out, count, loss, N, MEAN=mean, BLOCK=1024, num_warps=4)
     return loss, grad

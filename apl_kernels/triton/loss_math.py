@@ -3,8 +3,8 @@
 Mirrors csrc/apl_loss_math.h step for step (the gradient derivation lives in
 that header's comments): per row,
 
-  1. softmax stats    max, sum exp(z - max), sum z          (``block_stats`` + ``merge_stats``)
-  2. normaliser sums  the sums over k that need log p_k       (``normalizer_sums``)
+  1. softmax stats    max, sum exp(z - max), sum z   (``block_stats``; chunks: ``lane_update``, ``merge_lanes``)
+  2. normaliser sums  the sums over k that need log p_k       (``normalizer_terms``/``_sums``)
   3. ``finish_row``   loss and gradient coefficients; ``grad_block`` d loss / d z.
 
 Every helper is elementwise or reduces along ``AXIS``, so the same code serves
@@ -106,16 +106,25 @@ def block_stats(z, mask, AXIS: tl.constexpr):
 
 
 @triton.jit
-def merge_stats(m, s, sz, m2, s2, sz2):
-    """Online merge of two (max, sumexp, sum z) triples.
+def lane_update(m, s, z):
+    """Per-lane online max / sumexp (no cross-thread reduction in the chunk loop), one exp.
 
-    A -inf max scales its sum (0) by exp(-inf) = 0, never NaN; a NaN logit made
-    its block's sum NaN (exp(NaN)), which survives the merge even if tl.max
-    ignored the NaN.  +inf gives exp(inf - inf) = NaN: a NaN row, as torch.
+    The smaller of (m, z) is exp'd relative to the larger.  A -inf logit (masked
+    lane or class) adds nothing, also while m is -inf; a NaN logit makes the lane's
+    s NaN; +inf becomes the lane max and turns NaN at the final lane merge.
     """
-    new_m = tl.maximum(m, m2)
-    new_safe = tl.where(new_m == float("-inf"), 0.0, new_m)
-    return new_m, s * tl.exp(m - new_safe) + s2 * tl.exp(m2 - new_safe), sz + sz2
+    d = z - m
+    e = tl.exp(-tl.abs(d))
+    s_new = tl.where(d > 0, s * e + 1.0, s + e)
+    return tl.maximum(m, z), tl.where(z == float("-inf"), s, s_new)
+
+
+@triton.jit
+def merge_lanes(m, s, AXIS: tl.constexpr):
+    """Row (max, sumexp) from per-lane (max, sumexp)."""
+    row_m = tl.max(m, axis=AXIS)
+    row_safe = tl.where(row_m == float("-inf"), 0.0, row_m)
+    return row_m, tl.sum(s * tl.exp(m - row_safe), axis=AXIS)
 
 
 @triton.jit
@@ -133,13 +142,14 @@ def log_softmax(z, m, log_s):
 
 # ------------------------------------------------------------------ step 2
 @triton.jit
-def normalizer_sums(log_p, is_target, mask, gamma, q, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
-                    GRAD_MODE: tl.constexpr, AXIS: tl.constexpr):
-    """Sums over the block of (focal, focal', clamp^q, live p^q, clamp others, live others).
+def normalizer_terms(log_p, is_target, mask, gamma, q, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
+                     GRAD_MODE: tl.constexpr):
+    """Per class: (f, f', clamp^q, live p^q, clamp p [k!=y], live p [k!=y]), 0 in masked lanes.
 
-    Terms that the loss does not use come back as 0 (compiled away).
+    Only the terms the loss uses are computed; callers sum only those
+    (``NFL_SUMS``, ``NGCE_SUMS``, ``RCE_SUMS`` below), the rest are zeros.
     """
-    zero = tl.sum(tl.zeros_like(log_p), axis=AXIS)
+    zero = tl.zeros_like(log_p)
     focal = zero
     focal_d = zero
     clamp_pow = zero
@@ -147,19 +157,43 @@ def normalizer_sums(log_p, is_target, mask, gamma, q, ACTIVE: tl.constexpr, PASS
     clamp_other = zero
     live_other = zero
     if ACTIVE == NFL:
-        focal = tl.sum(tl.where(mask, focal_value(log_p, gamma), 0.0), axis=AXIS)
-        focal_d = tl.sum(tl.where(mask, focal_deriv(log_p, gamma, GRAD_MODE), 0.0), axis=AXIS)
+        focal = tl.where(mask, focal_value(log_p, gamma), 0.0)
+        focal_d = tl.where(mask, focal_deriv(log_p, gamma, GRAD_MODE), 0.0)
     if ACTIVE == NGCE or PASSIVE == RCE or PASSIVE == NRCE:
         p = tl.exp(log_p)
         live = mask & unclamped(p)
         if ACTIVE == NGCE:
             pq = pow_nonneg(clamp_prob(p), q)
-            clamp_pow = tl.sum(tl.where(mask, pq, 0.0), axis=AXIS)
-            live_pow = tl.sum(tl.where(live, pq, 0.0), axis=AXIS)
+            clamp_pow = tl.where(mask, pq, 0.0)
+            live_pow = tl.where(live, pq, 0.0)
         if PASSIVE == RCE or PASSIVE == NRCE:
-            clamp_other = tl.sum(tl.where(mask & (~is_target), clamp_prob(p), 0.0), axis=AXIS)
-            live_other = tl.sum(tl.where(live & (~is_target), p, 0.0), axis=AXIS)
+            clamp_other = tl.where(mask & (~is_target), clamp_prob(p), 0.0)
+            live_other = tl.where(live & (~is_target), p, 0.0)
     return focal, focal_d, clamp_pow, live_pow, clamp_other, live_other
+
+
+@triton.jit
+def normalizer_sums(log_p, is_target, mask, gamma, q, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
+                    GRAD_MODE: tl.constexpr, AXIS: tl.constexpr):
+    """The six sums of ``normalizer_terms`` along AXIS (unused ones: 0, no reduction)."""
+    t1, t2, t3, t4, t5, t6 = normalizer_terms(log_p, is_target, mask, gamma, q, ACTIVE, PASSIVE, GRAD_MODE)
+    zero = tl.sum(tl.zeros_like(log_p), axis=AXIS)
+    s1 = zero
+    s2 = zero
+    s3 = zero
+    s4 = zero
+    s5 = zero
+    s6 = zero
+    if ACTIVE == NFL:
+        s1 = tl.sum(t1, axis=AXIS)
+        s2 = tl.sum(t2, axis=AXIS)
+    if ACTIVE == NGCE:
+        s3 = tl.sum(t3, axis=AXIS)
+        s4 = tl.sum(t4, axis=AXIS)
+    if PASSIVE == RCE or PASSIVE == NRCE:
+        s5 = tl.sum(t5, axis=AXIS)
+        s6 = tl.sum(t6, axis=AXIS)
+    return s1, s2, s3, s4, s5, s6
 
 
 # ------------------------------------------------------------------ step 3
