@@ -9,7 +9,9 @@ passive term, gradient mode, reduction and compute_grad:
   counts the kept rows itself and writes the reduced loss: one launch.
 * chunked (large K): one program per row at a time, persistent over rows; pass 1
   is an online max / log-sum-exp over chunks, pass 2 (nfl, ngce, rce, nrce)
-  the sums that need the final lse, pass 3 the gradient.  A 131072-wide bf16
+  the sums that need the final lse, pass 3 the gradient.  Passes 1 and 2 keep
+  per-lane partial sums (one cross-thread reduction per row, not per chunk), and
+  passes 1 and 3 prefetch the next chunk.  A 131072-wide bf16
   row (256 KB) does not fit one program's registers, and splitting a row over
   programs would need a second HBM read (or a grid-wide sync).  Instead the grid
   is sized so that the rows in flight fit in L2 (about #SM rows of 256 KB =
