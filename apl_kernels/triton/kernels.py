@@ -268,7 +268,9 @@ SINGLE_MAX_TILES = 4       # reduced losses this small run in one program (one l
 # Chunk per loop step (16 warps: 16 elements per thread, no spills at sm_90; the
 # next chunk is prefetched, so 32 KB (bf16) to 64 KB (fp32) are in flight per SM).
 CHUNK = {2: 8192, 4: 8192, 8: 2048}
+CHUNK_WARPS = 16           # warps of a chunked program (8 below 8192-element chunks)
 L2_BUDGET = 32 << 20       # bytes of rows in flight in the chunked regime (H200 L2 is 50 MB)
+MAX_PROGRAMS_PER_SM = 4    # chunked grid: at most this many row programs per SM
 
 _forced_chunk = None
 last_plan = None           # (regime, grid, block) of the latest launch, for tests and benchmarks
@@ -299,7 +301,7 @@ def _programs_in_flight(device: torch.device, row_bytes: int, rows: int) -> int:
     props = torch.cuda.get_device_properties(device)
     sms = props.multi_processor_count
     l2 = getattr(props, "L2_cache_size", 0) or 50 << 20
-    per_sm = max(1, min(4, min(L2_BUDGET, l2 * 2 // 3) // max(1, sms * row_bytes)))
+    per_sm = max(1, min(MAX_PROGRAMS_PER_SM, min(L2_BUDGET, l2 * 2 // 3) // max(1, sms * row_bytes)))
     return max(1, min(rows, sms * per_sm))
 
 
@@ -360,7 +362,7 @@ def launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode,
         wrap_triton(chunked_kernel)[(programs,)](
             logits, target, rows_out, grad_arg, count, N, K, logits.stride(0), grad_stride, ignore_index, *params,
             NEEDS_PASS2=lm.needs_second_pass(active, passive), BLOCK_K=chunk,
-            num_warps=16 if chunk >= 8192 else 8, **common)
+            num_warps=CHUNK_WARPS if chunk >= 8192 else 8, **common)
     if reduction != REDUCTIONS["none"]:
         wrap_triton(_sum_kernel)[(1,)](rows_out, count, loss, N, MEAN=mean, BLOCK=1024, num_warps=4)
     return loss, grad

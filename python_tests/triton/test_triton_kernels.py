@@ -116,6 +116,18 @@ def test_exact_grad_mode(loss, gamma, dtype, regime_name, device):
         torch.testing.assert_close(official, exact)   # same loss, different gradient
 
 
+def test_float16_logits(regime_name, device):
+    """fp16 logits (the interpreter has no bf16): fp32 math, fp32 loss, gradient in fp16."""
+    x, y = make_logits(N, K, torch.float16, device, seed=43), make_target(N, K, device)
+    spec = LossSpec.from_name("nfl+rce")
+    with regime(regime_name):
+        loss, grad = run_triton(x, y, spec)
+    ref_loss, ref_grad = run_reference(x, y, spec)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float16
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-3, atol=2e-3 * ref_grad.abs().max().item())
+
+
 # ------------------------------------------------------------------ reductions and ignored rows
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ("none", "mean", "sum"))
