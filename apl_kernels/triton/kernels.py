@@ -270,7 +270,9 @@ SINGLE_MAX_TILES = 4       # reduced losses this small run in one program (one l
 CHUNK = {2: 8192, 4: 8192, 8: 2048}
 CHUNK_WARPS = 16           # warps of a chunked program (8 below 8192-element chunks)
 L2_BUDGET = 32 << 20       # bytes of rows in flight in the chunked regime (H200 L2 is 50 MB)
-MAX_PROGRAMS_PER_SM = 4    # chunked grid: at most this many row programs per SM
+# Chunked grid: programs that can be resident at once (about 128 registers per
+# thread: one 16-warp or two 8-warp programs per SM), fewer if their rows would
+# overflow L2_BUDGET; each program then loops over rows.
 
 _forced_chunk = None
 last_plan = None           # (regime, grid, block) of the latest launch, for tests and benchmarks
@@ -295,13 +297,14 @@ def _split(x: float):
     return hi, float(x - hi)
 
 
-def _programs_in_flight(device: torch.device, row_bytes: int, rows: int) -> int:
+def _programs_in_flight(device: torch.device, row_bytes: int, rows: int, num_warps: int) -> int:
     if device.type != "cuda":
         return max(1, min(rows, 4))   # the interpreter runs programs one after another
     props = torch.cuda.get_device_properties(device)
     sms = props.multi_processor_count
     l2 = getattr(props, "L2_cache_size", 0) or 50 << 20
-    per_sm = max(1, min(MAX_PROGRAMS_PER_SM, min(L2_BUDGET, l2 * 2 // 3) // max(1, sms * row_bytes)))
+    resident = max(1, 16 // num_warps)
+    per_sm = max(1, min(resident, min(L2_BUDGET, l2 * 2 // 3) // max(1, sms * row_bytes)))
     return max(1, min(rows, sms * per_sm))
 
 
@@ -356,13 +359,14 @@ def launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode,
             SINGLE=False, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps, **common)
     else:
         chunk = _forced_chunk or min(CHUNK[max(2, elem)], block_k)
-        programs = _programs_in_flight(device, K * elem, N)
+        num_warps = CHUNK_WARPS if chunk >= 8192 else 8
+        programs = _programs_in_flight(device, K * elem, N, num_warps)
         last_plan = ("chunked", programs, 1, chunk)
         rows_out, count = _reduction_buffers(loss, N, reduction, acc_dtype, target, ignore_index)
         wrap_triton(chunked_kernel)[(programs,)](
             logits, target, rows_out, grad_arg, count, N, K, logits.stride(0), grad_stride, ignore_index, *params,
             NEEDS_PASS2=lm.needs_second_pass(active, passive), BLOCK_K=chunk,
-            num_warps=CHUNK_WARPS if chunk >= 8192 else 8, **common)
+            num_warps=num_warps, **common)
     if reduction != REDUCTIONS["none"]:
         wrap_triton(_sum_kernel)[(1,)](rows_out, count, loss, N, MEAN=mean, BLOCK=1024, num_warps=4)
     return loss, grad
