@@ -186,6 +186,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
+    common.set_cpu_clock(args.clock)
 
     losses = common.parse_list(args.losses, LOSSES + common.ALL_LOSSES, "loss") or \
         (["ce", "nce+rce"] if args.quick else list(LOSSES))
@@ -203,8 +204,10 @@ def run(args) -> dict:
         "kernel_matrix": {"losses": losses, "shapes": [list(s) for s in shapes], "dtypes": dtypes,
                           "backends": backends, "passes": passes, "quick": bool(args.quick)},
         "timing": ("triton.testing.do_bench median (L2 flushed), after warm-up" if gpu else
-                   "time.perf_counter median of batched calls (>= 2 ms per sample), after warm-up; "
-                   "the backends of a configuration sampled in turn"),
+                   f"{'time.perf_counter (wall)' if args.clock == 'wall' else 'time.process_time (CPU time of all threads)'}"
+                   f" median of batched calls (>= 2 ms per sample), after warm-up; "
+                   f"the backends of a configuration sampled in turn; {torch.get_num_threads()} threads"),
+        "cpu_clock": None if gpu else args.clock,
         "copy_kind": ("device-to-device copy (Tensor.copy_) of a 1 GiB buffer" if gpu else
                       "CPU memcpy (Tensor.copy_) of the same logits tensor, fastest sample, per shape: copy_gbps_by_shape"),
         "peak_mem_kind": ("torch.cuda.max_memory_allocated delta / logits bytes, gradient included" if gpu else
@@ -368,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-time", type=float, default=0.3,
                         help="CPU: seconds of samples per timing (default 0.3)")
     parser.add_argument("--threads", type=int, default=0, help="CPU: torch.set_num_threads (default: torch's)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="CPU timing clock: wall (time.perf_counter, default) or cpu (time.process_time, "
+                             "CPU time of all threads; with --threads 1 it is unaffected by other processes' "
+                             "load on a shared machine)")
     parser.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory probe")
     parser.add_argument("--no-launches", action="store_true", help="skip the profiler launch count (GPU)")
