@@ -27,6 +27,10 @@
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define APL_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+// The CPU kernel's vector loops need these inlined; a huge translation unit
+// (torch's headers) can exhaust the inliner's budget for plain `inline`.
+#define APL_HD inline __attribute__((always_inline))
 #else
 #define APL_HD inline
 #endif
@@ -192,20 +196,20 @@ struct NormalizerSums {
   }
 
   // The ngce, rce and nrce sums, from p = exp(log p) of one class.
+  // Selects, then plain sums: the CPU kernel's vectoriser needs this form.
   APL_HD void add_prob(T p, bool is_target, const LossParams& P) {
     const bool live = unclamped(p);
     if (P.active == kNGCE) {
       const T pq = apl_pow(clamp_prob(p), T(P.q));
+      const T live_pq = live ? pq : T(0);
       clamp_pow += pq;
-      if (live) live_pow += pq;
+      live_pow += live_pq;
     }
     if ((P.passive == kRCE || P.passive == kNRCE) && !is_target) {
+      const T live_p = live ? p : T(0), dead_p = live ? T(0) : p;
       clamp_other += clamp_prob(p);
-      if (live) {
-        live_other += p;
-      } else {
-        dead_other += p;
-      }
+      live_other += live_p;
+      dead_other += dead_p;
     }
   }
 

@@ -75,8 +75,10 @@ void focal_sums(const scalar_t* __restrict z, const acc_t* __restrict e, int64_t
     const acc_t w = exp_nonpos(gamma * log_half_to_one(one_minus_p));
     const auto f = apl::focal_terms_from(apl::log_prob(static_cast<acc_t>(z[k]), max, log_sum), p, one_minus_p, w,
                                          gamma, mode);
-    focal += small ? f.value : acc_t(0);
-    focal_deriv += small ? f.deriv : acc_t(0);
+    // Selects first, then plain sums: GCC does not vectorise `s += c ? a : 0`.
+    const acc_t value = small ? f.value : acc_t(0), deriv = small ? f.deriv : acc_t(0);
+    focal += value;
+    focal_deriv += deriv;
     focal_d[k] = f.deriv;
     if (kClamped) {
       apl::NormalizerSums<acc_t> one;

@@ -14,7 +14,7 @@ namespace apl_cpu {
 
 // float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, and the minimax
 // polynomial of Cephes' expf (about 1 ulp); 2^n is built in the exponent bits.
-inline float exp_nonpos(float x) {
+__attribute__((always_inline)) inline float exp_nonpos(float x) {
   // Below this the result is subnormal; 0 is within any tolerance of it and
   // keeps 2^n a normal float.
   const bool underflow = x < -87.0f;
@@ -35,13 +35,14 @@ inline float exp_nonpos(float x) {
   return underflow ? 0.0f : e_r * scale;
 }
 
-// fp64 is the precise path, not the fast one.
+// fp64 is the precise path, not the fast one.  (always_inline above: the kernel's
+// translation unit is large enough that GCC would otherwise call these per element.)
 inline double exp_nonpos(double x) { return std::exp(x); }
 
 // log(x) for x in [0.5, 1] (1 - p of the classes with p <= 0.5), vectorisable:
 // x = 2^e (1 + f) with e in {-1, 0} and f in [sqrt(1/2) - 1, sqrt(2) - 1], and
 // Cephes' logf polynomial for log(1 + f) (about 1 ulp).
-inline float log_half_to_one(float x) {
+__attribute__((always_inline)) inline float log_half_to_one(float x) {
   const bool low = x < 0.70710678f;
   const float f = low ? x + x - 1.0f : x - 1.0f;
   const float e = low ? -1.0f : 0.0f;
