@@ -238,7 +238,17 @@ __device__ void reduce_loss(const Args<scalar_t>& a, double partial, double* scr
   if (!is_last) return;
   __threadfence();
   double v = 0;
-  for (int64_t i = threadIdx.x; i < gridDim.x; i += blockDim.x) v += __ldcg(partials(a.ws) + i);
+  const int64_t n = gridDim.x;
+  for (int64_t i = threadIdx.x; i < n; i += 4 * int64_t(blockDim.x)) {  // 4 loads in flight
+    double w[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int64_t k = i + u * int64_t(blockDim.x);
+      w[u] = k < n ? __ldcg(partials(a.ws) + k) : 0.0;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v += w[u];
+  }
   double total = block_allreduce(v, scratch);
   if (threadIdx.x == 0) {
     if (a.reduction == apl::kReduceMean) {
@@ -267,7 +277,7 @@ struct LaunchPlan {
   int64_t grid = 1;
   int threads = 0;
   int group = 0;      // small K: lanes per row
-  bool wide = false;  // small K: the variant with more register slots per lane
+  int nv = 1;         // small K: register slots per lane (the kernel variant)
   int64_t cap = 0;    // large K: slots kept in shared memory
   size_t smem = 0;    // large K: dynamic shared memory bytes
 };

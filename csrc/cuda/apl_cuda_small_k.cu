@@ -1,5 +1,5 @@
-// Small K (<= kSmallKMax): a group of G lanes (a power of two <= 32) per row,
-// 256 / G rows per block.  The row is read once, as 16-byte slots into
+// Small K (<= kSmallKMax): a group of G lanes (a power of two <= 32; G = 1 for
+// tiny rows) per row, 256 / G rows per block.  The row is read once, as 16-byte slots into
 // registers (at most NV slots per lane); the softmax statistics, the normaliser
 // sums and the gradient are all computed from those registers, with butterfly
 // shuffles merging the per-lane SoftmaxStats / NormalizerSums of a row.
@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "cuda/apl_cuda_common.cuh"
 
@@ -21,6 +22,9 @@ constexpr int64_t max_slots(int64_t K) {
   constexpr int V = Slot<scalar_t>::V;
   return (K + 2 * V - 2) / V;
 }
+
+// Slots per thread of the thread-per-row variant.
+constexpr int kTinyNV = 4;
 
 // Slots per lane of the wide variant: enough for K = kSmallKMax in 32 lanes.
 template <typename scalar_t>
@@ -124,30 +128,45 @@ template <typename scalar_t>
 LaunchPlan plan_small_k(const Args<scalar_t>& a) {
   LaunchPlan p;
   p.threads = kSmallBlock;
-  // G: the smallest power of two of lanes holding a row in one slot each, or
-  // 32 lanes with up to wide_nv() slots each.
   const int64_t ns = max_slots<scalar_t>(a.K);
-  p.wide = ns > 32;
-  p.group = 32;
-  if (!p.wide)
+  const char* tiny_env = std::getenv("APL_CUDA_TINY_ROWS");  // "0": A/B knob for the GPU session
+  if (sizeof(scalar_t) < 8 && ns <= kTinyNV && !(tiny_env && tiny_env[0] == '0')) {
+    // Tiny rows (K up to 10 fp32, 18 fp16/bf16): a thread per row, so that the
+    // per-row work (finish_row) is shared by 32 rows and no shuffles are needed.
+    p.nv = kTinyNV;
+    p.group = 1;
+  } else if (ns <= 32) {
+    // The smallest power of two of lanes holding the row in one slot each.
+    p.nv = 1;
+    p.group = 32;
     while (p.group / 2 >= ns) p.group /= 2;
+  } else {
+    p.nv = wide_nv<scalar_t>();
+    p.group = 32;
+  }
   const int64_t rows_per_block = kSmallBlock / p.group;
   const int64_t blocks = (a.N + rows_per_block - 1) / rows_per_block;
-  // Enough blocks to fill the GPU a few times over; each loops over its rows.
-  const int64_t cap = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
+  // About two waves of blocks; each loops over its rows (and the last block
+  // of a mean/sum adds one partial per block).
+  const int64_t cap = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
   p.grid = std::max<int64_t>(1, std::min(blocks, cap));
   return p;
 }
 
 template <typename scalar_t>
 void launch_small_k(const Args<scalar_t>& a, const LaunchPlan& p, cudaStream_t stream) {
-  if constexpr (sizeof(scalar_t) == 8) {
-    TORCH_INTERNAL_ASSERT(!p.wide, "fp64 rows this long go to the large-K kernel");
-    small_k_kernel<scalar_t, 1><<<unsigned(p.grid), p.threads, 0, stream>>>(a, p.group);
-  } else if (p.wide)
-    small_k_kernel<scalar_t, wide_nv<scalar_t>()><<<unsigned(p.grid), p.threads, 0, stream>>>(a, p.group);
-  else
-    small_k_kernel<scalar_t, 1><<<unsigned(p.grid), p.threads, 0, stream>>>(a, p.group);
+  const unsigned grid = unsigned(p.grid);
+  if constexpr (sizeof(scalar_t) == 8) {  // fp64: one variant (small_k_supports)
+    TORCH_INTERNAL_ASSERT(p.nv == 1, "fp64 rows this long go to the large-K kernel");
+    small_k_kernel<scalar_t, 1><<<grid, p.threads, 0, stream>>>(a, p.group);
+  } else {
+    if (p.nv == 1)
+      small_k_kernel<scalar_t, 1><<<grid, p.threads, 0, stream>>>(a, p.group);
+    else if (p.nv == kTinyNV)
+      small_k_kernel<scalar_t, kTinyNV><<<grid, p.threads, 0, stream>>>(a, p.group);
+    else
+      small_k_kernel<scalar_t, wide_nv<scalar_t>()><<<grid, p.threads, 0, stream>>>(a, p.group);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
