@@ -193,3 +193,12 @@ def test_ddp_gloo_two_processes(cifar, tmp_path):
     # 25 samples per process, summed over both by the all-reduce.
     assert [r["train_samples"] for r in rows] == [50, 50]
     assert proc.stdout.count("epoch 2/2") == 1  # only rank 0 reports
+
+
+def test_synthetic_run_needs_no_data(tmp_path):
+    train(["--noise", "sym", "--rate", "0.2", "--epochs", "1", "--synthetic", "40", "--data", str(tmp_path / "none"),
+           "--out", str(tmp_path), *BASE])
+    (run_dir,) = os.listdir(tmp_path)
+    assert "synthetic40" in run_dir  # never mistaken for a CIFAR-10 run
+    with open(os.path.join(tmp_path, run_dir, "result.json")) as f:
+        assert json.load(f)["data"] == {"folder": "synthetic", "differing_from_release": [], "train": 40, "test": 8}

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="./data", help="folder holding (or to receive) cifar-10-batches-py")
     g.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
+    g.add_argument("--synthetic", type=int, nargs="?", const=50000, default=None, metavar="N",
+                   help="random CIFAR-shaped data instead of CIFAR-10, N training images (50,000 if N is omitted) and "
+                        "N/5 test images: times the full pipeline on a machine without the data; accuracies mean nothing")
     g.add_argument("--loader", default="device", choices=("device", "classic"),
                    help="device: whole uint8 set on the device, augmentation there; classic: DataLoader + "
                         "torchvision transforms")
@@ -112,6 +115,8 @@ def run_name(args) -> str:
         parts.append(args.backend)
     if args.amp != "bf16":
         parts.append(args.amp)
+    if args.synthetic:
+        parts.append(f"synthetic{args.synthetic}")
     return "_".join(parts)
 
 
@@ -192,7 +197,8 @@ def _run(args, rank, world, device, main_process, say) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            cifar = data_mod.load_cifar10(args.data, download=not args.no_download)
+            cifar = (_synthetic(args.synthetic) if args.synthetic else
+                     data_mod.load_cifar10(args.data, download=not args.no_download))
         except data_mod.DataError as error:
             raise UsageError(str(error)) from None
     for w in caught:
@@ -295,7 +301,7 @@ def _run(args, rank, world, device, main_process, say) -> int:
     if main_process:
         last = history[-1]
         result = {"status": "finished", **{k: config[k] for k in ("run_dir", "backend", "device", "device_name",
-                                                                   "world_size", "loss_spec", "noise")},
+                                                                   "world_size", "loss_spec", "noise", "data")},
                   "loss": args.loss.strip().lower(), "model": args.model, "seed": args.seed, "amp": args.amp,
                   "epochs": args.epochs, "final": {k: last[k] for k in ("test_acc", "noisy_acc", "clean_acc",
                                                                         "train_loss")},
@@ -308,6 +314,13 @@ def _run(args, rank, world, device, main_process, say) -> int:
             f"first epoch {result['timing']['first_epoch_s']:.2f}s, median of the rest "
             + (f"{result['timing']['median_epoch_s']:.2f}s" if result["timing"]["median_epoch_s"] else "n/a"))
     return 0
+
+
+def _synthetic(n: int) -> data_mod.Cifar10:
+    train_x, train_y = data_mod.synthetic_cifar(n, seed=0)
+    test_x, test_y = data_mod.synthetic_cifar(max(n // 5, 1), seed=1)
+    return data_mod.Cifar10(train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy(),
+                            [f"class{i}" for i in range(10)], "synthetic", [])
 
 
 def _rewrite_metrics(path: str, rows: list) -> None:
