@@ -95,7 +95,8 @@ def device_name(device: torch.device) -> str:
     """The `gpu` meta field: the GPU's name, or the CPU's name and thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{cpu_name()} (CPU, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads()
+    return f"{cpu_name()} (CPU, {n} thread{'' if n == 1 else 's'})"
 
 
 def slug(text: str) -> str:
@@ -467,8 +468,10 @@ def _merged(old: Optional[dict], meta: dict, records: list, replace_meta: bool) 
             if keep_copy:
                 data["meta"]["copy_gbps"] = copy_old
         else:
+            # The file's meta describes the kernel run; this run adds its own keys
+            # (epoch_*) and fills gaps, and is summarised in meta["runs"].
             for key, value in meta.items():
-                if key not in META_KEYS or data["meta"].get(key) is None:
+                if key.startswith("epoch_") or data["meta"].get(key) is None:
                     data["meta"][key] = value
         data["meta"]["commands"] = [c for c in commands if c] + [meta["command"]]
         data["meta"]["runs"] = runs + [run]

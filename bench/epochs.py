@@ -105,7 +105,7 @@ def run(args) -> dict:
     meta = common.base_meta(device, MODULE)
     settings = {"losses": losses, "models": model_names, "amp": amps, "batch_size": batch, "epochs": epochs,
                 "steps_per_epoch": steps_per_epoch, "data": data_kind, "data_note": data_note,
-                "auto_resolves_to": auto_is, "backends": ["reference", "auto"], "noise_type_settings": "sym",
+                "auto_resolves_to": auto_is, "threads": torch.get_num_threads(), "backends": ["reference", "auto"], "noise_type_settings": "sym",
                 "timing": "train.engine.Stopwatch around train_one_epoch (CUDA events on GPU, perf_counter on CPU)",
                 "statistic": "median over the epochs after the first; backends alternate epoch by epoch"}
     meta["epoch_settings"] = settings
