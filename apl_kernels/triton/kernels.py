@@ -98,18 +98,19 @@ def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, 
     log_s = tl.log(s)
     log_p = lm.log_softmax(z, m[:, None], log_s[:, None])
     is_t = cols[None, :] == y[:, None]
-    focal, focal_d, clamp_pow, live_pow, clamp_other, live_other = lm.normalizer_sums(
+    focal, focal_d, clamp_pow, live_pow, clamp_other, dead_mass = lm.normalizer_sums(
         log_p, is_t, mask, gamma, q, ACTIVE, PASSIVE, GRAD_MODE, 1)
     # The label's logit without an indexed load; an out-of-range label gives NaN.
     z_y = tl.sum(tl.where(is_t & mask, z, 0.0), axis=1)
     z_y = tl.where((y >= 0) & (y < K), z_y, float("nan"))
-    loss, c_const, c_focal, c_pow, c_prob, c_target, g_sum = lm.finish_row(
-        lse, lm.log_softmax(z_y, m, log_s), sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, live_other,
+    loss, c_const, c_focal, c_pow, c_prob, c_prob_dead, c_target, g_sum = lm.finish_row(
+        lse, lm.log_softmax(z_y, m, log_s), sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, dead_mass,
         K.to(alpha.dtype), weight,
         alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE)
     if COMPUTE_GRAD:
         g = lm.grad_block(log_p, is_t, c_const[:, None], c_focal[:, None], c_pow[:, None], c_prob[:, None],
-                          c_target[:, None], g_sum[:, None], gamma, q, ACTIVE, PASSIVE, GRAD_MODE)
+                          c_prob_dead[:, None], c_target[:, None], g_sum[:, None], gamma, q, ACTIVE, PASSIVE,
+                          GRAD_MODE)
         g = tl.where(kept[:, None], g, 0.0)
         tl.store(grad_ptr + rows64[:, None] * grad_stride + cols[None, :], g.to(grad_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok)
@@ -214,7 +215,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
         clamp_pow_v = tl.zeros([BLOCK_K], ACC)
         live_pow_v = tl.zeros([BLOCK_K], ACC)
         clamp_other_v = tl.zeros([BLOCK_K], ACC)
-        live_other_v = tl.zeros([BLOCK_K], ACC)
+        dead_mass_v = tl.zeros([BLOCK_K], ACC)
         if NEEDS_PASS2:   # no prefetch here: the nfl/ngce terms need the registers
             for start in range(0, K, BLOCK_K):
                 z = _load_chunk(z_row, start, cols0, K, kept).to(ACC)
@@ -230,19 +231,19 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
                     live_pow_v += t4
                 if PASSIVE == lm.RCE or PASSIVE == lm.NRCE:
                     clamp_other_v += t5
-                    live_other_v += t6
+                    dead_mass_v += t6
         focal = tl.sum(focal_v, axis=0)
         focal_d = tl.sum(focal_dv, axis=0)
         clamp_pow = tl.sum(clamp_pow_v, axis=0)
         live_pow = tl.sum(live_pow_v, axis=0)
         clamp_other = tl.sum(clamp_other_v, axis=0)
-        live_other = tl.sum(live_other_v, axis=0)
+        dead_mass = tl.sum(dead_mass_v, axis=0)
         y_ok = kept & (y >= 0) & (y < K)   # an out-of-range label is never read: NaN row
         z_y = tl.load(z_row + tl.where(y_ok, y, 0), mask=y_ok, other=0.0).to(ACC)
         z_y = tl.where(y_ok, z_y, float("nan"))
-        loss, c_const, c_focal, c_pow, c_prob, c_target, g_sum = lm.finish_row(
+        loss, c_const, c_focal, c_pow, c_prob, c_prob_dead, c_target, g_sum = lm.finish_row(
             lse, lm.log_softmax(z_y, m, log_s), sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other,
-            live_other, Kf, weight,
+            dead_mass, Kf, weight,
             alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE)
         tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
         if COMPUTE_GRAD:
@@ -254,7 +255,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
                 nxt = _load_chunk(z_row, start + BLOCK_K, cols0, K, kept)
                 cols = start + cols0
                 g = lm.grad_block(lm.log_softmax(z, m, log_s), cols == y, c_const, c_focal, c_pow, c_prob,
-                                  c_target, g_sum, gamma, q, ACTIVE, PASSIVE, GRAD_MODE)
+                                  c_prob_dead, c_target, g_sum, gamma, q, ACTIVE, PASSIVE, GRAD_MODE)
                 g = tl.where(kept, g, 0.0)
                 tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < K)
 

@@ -144,7 +144,10 @@ def log_softmax(z, m, log_s):
 @triton.jit
 def normalizer_terms(log_p, is_target, mask, gamma, q, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
                      GRAD_MODE: tl.constexpr):
-    """Per class: (f, f', clamp^q, live p^q, clamp p [k!=y], live p [k!=y]), 0 in masked lanes.
+    """Per class: (f, f', clamp^q, live p^q, clamp p [k!=y], p [k=y or clamped]), 0 in masked lanes.
+
+    The last is the softmax mass outside the rce sum's live entries, 1 - sum_{k!=y} m_k p_k,
+    summed directly: the rce gradient c p_j (1 - that sum) then has no cancellation.
 
     Only the terms the loss uses are computed; callers sum only those
     (``NFL_SUMS``, ``NGCE_SUMS``, ``RCE_SUMS`` below), the rest are zeros.
@@ -155,7 +158,7 @@ def normalizer_terms(log_p, is_target, mask, gamma, q, ACTIVE: tl.constexpr, PAS
     clamp_pow = zero
     live_pow = zero
     clamp_other = zero
-    live_other = zero
+    dead_mass = zero
     if ACTIVE == NFL:
         focal = tl.where(mask, focal_value(log_p, gamma), 0.0)
         focal_d = tl.where(mask, focal_deriv(log_p, gamma, GRAD_MODE), 0.0)
@@ -168,8 +171,8 @@ def normalizer_terms(log_p, is_target, mask, gamma, q, ACTIVE: tl.constexpr, PAS
             live_pow = tl.where(live, pq, 0.0)
         if PASSIVE == RCE or PASSIVE == NRCE:
             clamp_other = tl.where(mask & (~is_target), clamp_prob(p), 0.0)
-            live_other = tl.where(live & (~is_target), p, 0.0)
-    return focal, focal_d, clamp_pow, live_pow, clamp_other, live_other
+            dead_mass = tl.where(mask & (is_target | (~live)), p, 0.0)
+    return focal, focal_d, clamp_pow, live_pow, clamp_other, dead_mass
 
 
 @triton.jit
@@ -198,11 +201,11 @@ def normalizer_sums(log_p, is_target, mask, gamma, q, ACTIVE: tl.constexpr, PASS
 
 # ------------------------------------------------------------------ step 3
 @triton.jit
-def finish_row(lse, l_y, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, live_other, Kf, weight,
+def finish_row(lse, l_y, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, dead_mass, Kf, weight,
                alpha, beta, gamma, q, A, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr):
     """Loss of a row (or a vector of rows) and its gradient coefficients.
 
-    Returns (loss, c_const, c_focal, c_pow, c_prob, c_target, g_sum); the
+    Returns (loss, c_const, c_focal, c_pow, c_prob, c_prob_dead, c_target, g_sum); the
     coefficients already carry the row's reduction weight (1, or 1/count).
     Each case is the one of finish_row in csrc/apl_loss_math.h.  l_y = log p_y
     comes from the caller as (z_y - max) - log(sumexp), accurate for large logits.
@@ -216,6 +219,7 @@ def finish_row(lse, l_y, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other
     c_focal = zero
     c_pow = zero
     c_prob = zero
+    c_prob_dead = zero
     c_target = zero
     g_sum = zero
     loss = zero
@@ -271,14 +275,15 @@ def finish_row(lse, l_y, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other
         else:
             scale = 1.0 / (Kf - 1.0)
         loss += beta * scale * clamp_other
-        c_prob = zero + bw * scale
-        c_target += tl.where(live_y, -bw * scale * p_y, 0.0)  # the sum excludes y
-        g_sum += bw * scale * live_other
-    return loss, c_const, c_focal, c_pow, c_prob, c_target, g_sum
+        # g_j - p_j (its share of sum g) = c p_j ([j live, j != y] - sum_{k!=y} m_k p_k)
+        #   = c p_j dead_mass (live j != y),  c p_j (dead_mass - 1) (otherwise; p_j tiny or j = y)
+        c_prob = bw * scale * dead_mass
+        c_prob_dead = bw * scale * (dead_mass - 1.0)
+    return loss, c_const, c_focal, c_pow, c_prob, c_prob_dead, c_target, g_sum
 
 
 @triton.jit
-def grad_block(log_p, is_target, c_const, c_focal, c_pow, c_prob, c_target, g_sum, gamma, q,
+def grad_block(log_p, is_target, c_const, c_focal, c_pow, c_prob, c_prob_dead, c_target, g_sum, gamma, q,
                ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr):
     """d loss / d z_j = g_j - p_j sum_k g_k (coefficients broadcast by the caller)."""
     p = tl.exp(log_p)
@@ -288,5 +293,5 @@ def grad_block(log_p, is_target, c_const, c_focal, c_pow, c_prob, c_target, g_su
     if ACTIVE == NGCE:
         g += tl.where(unclamped(p), c_pow * pow_nonneg(p, q), 0.0)
     if PASSIVE == RCE or PASSIVE == NRCE:
-        g += tl.where(unclamped(p), c_prob * p, 0.0)
+        g += p * tl.where(unclamped(p) & (~is_target), c_prob, c_prob_dead)
     return g - p * g_sum
