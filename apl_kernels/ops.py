@@ -63,7 +63,9 @@ def _backward(ctx, grad_loss, _unused_grad_of_grad):
         # Never while tracing: a branch on the value would be baked into the graph.
         if grad.device.type == "cpu" and not _tracing(grad, scale) and scale.item() == 1.0:
             return (grad,) + (None,) * 12
-    return (torch.mul(grad, scale.to(grad.dtype)),) + (None,) * 12
+    # Multiply in the scale's precision, writing the gradient's dtype: a GradScaler
+    # scale (65536) cast to fp16 first would be inf.
+    return (torch.mul(grad, scale, out=torch.empty_like(grad)),) + (None,) * 12
 
 
 def register_fused_autograd(op) -> None:
