@@ -413,6 +413,7 @@ def write_json_atomic(path: str, data: dict) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is for everyone
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
