@@ -197,6 +197,32 @@ __device__ __forceinline__ R block_allreduce(R v, R* scratch) {
   return r;
 }
 
+// ---------------------------------------------------------------- variants
+// Each kernel has a general variant (kPow) and one for losses without nfl/ngce
+// terms (nce+rce, ce, sce, ...).  There, constants let the compiler drop the
+// pow and focal code from the per-element loops: less code, fewer branches.
+inline __host__ __device__ bool has_pow_terms(const LossParams& P) {
+  return P.active == apl::kNFL || P.active == apl::kNGCE;
+}
+
+// Params of the normaliser pass: without nfl/ngce the active term adds nothing
+// to the sums (only rce/nrce do), so its code can be a constant.
+template <bool kPow>
+__device__ __forceinline__ LossParams sums_params(LossParams P) {
+  if constexpr (!kPow) P.active = apl::kActiveNone;
+  return P;
+}
+
+// Gradient coefficients: c_focal and c_pow are exactly 0 without nfl/ngce.
+template <bool kPow, typename T>
+__device__ __forceinline__ GradCoefs<T> grad_coefs(GradCoefs<T> c) {
+  if constexpr (!kPow) {
+    c.c_focal = 0;
+    c.c_pow = 0;
+  }
+  return c;
+}
+
 // ---------------------------------------------------------------- rows
 enum RowStatus : int { kRowOk = 0, kRowIgnored = 1, kRowBad = 2 };
 

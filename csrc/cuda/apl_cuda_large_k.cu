@@ -21,7 +21,7 @@ namespace {
 constexpr int kLargeBlockMax = 512;
 constexpr int kLoadBatch = 8;  // 16-byte loads in flight per thread while filling shared memory
 
-template <typename scalar_t>
+template <typename scalar_t, bool kPow>
 __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scalar_t> a, const int64_t cap) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Slot<scalar_t>::V;
@@ -100,7 +100,8 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scal
     NormalizerSums<acc_t> n;
     if (a.second_pass) {
       const acc_t mx = s.max, log_sum = s.log_sum();
-      auto add = [&](int, int64_t e, acc_t v) { n.add(apl::log_prob(v, mx, log_sum), e == y, a.P); };
+      const LossParams P2 = sums_params<kPow>(a.P);
+      auto add = [&](int, int64_t e, acc_t v) { n.add(apl::log_prob(v, mx, log_sum), e == y, P2); };
       for (int64_t j = tid; j < nc; j += T) visit(cache[j], j, add);
       for (int64_t j = nc + tid; j < ns; j += T) {
         Slot<scalar_t> b;
@@ -110,6 +111,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scal
       n = block_allreduce(n, reinterpret_cast<NormalizerSums<acc_t>*>(scratch));
     }
     const apl::RowResult<acc_t> r = apl::finish_row(s, n, z_y, K, a.P, weight);
+    const GradCoefs<acc_t> c = grad_coefs<kPow>(r.grad);
     if (tid == 0) {
       if (a.reduction == apl::kReduceNone) a.loss[row] = r.loss;
       else partial += static_cast<double>(r.loss);
@@ -123,7 +125,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scal
         if (j < nc) in = cache[j];
         else load_slot(z, j * V - shift, K, in);
         visit(in, j, [&](int t, int64_t e, acc_t v) {
-          o.v[t] = static_cast<scalar_t>(apl::grad_element(v, e == y, r.grad, a.P));
+          o.v[t] = static_cast<scalar_t>(apl::grad_element(v, e == y, c, a.P));
         });
         store_slot(g, j * V - shift, K, o, vec);
       }
@@ -151,6 +153,13 @@ int64_t smem_budget() {
 
 }  // namespace
 
+// The kernel variant a loss runs: fp64 keeps only the general one (build time).
+template <typename scalar_t>
+auto large_k_variant(const LossParams& P) {
+  if constexpr (sizeof(scalar_t) == 8) return large_k_kernel<scalar_t, true>;
+  else return has_pow_terms(P) ? large_k_kernel<scalar_t, true> : large_k_kernel<scalar_t, false>;
+}
+
 template <typename scalar_t>
 LaunchPlan plan_large_k(const Args<scalar_t>& a) {
   constexpr int V = Slot<scalar_t>::V;
@@ -159,14 +168,15 @@ LaunchPlan plan_large_k(const Args<scalar_t>& a) {
   p.threads = block_threads(max_slots);
   p.cap = std::min<int64_t>(max_slots, smem_budget() / 16);
   p.smem = size_t(p.cap) * 16;
-  auto kernel = large_k_kernel<scalar_t>;
-  // Raised once per device to the largest size asked for so far.
-  static int64_t raised[64] = {};
+  const auto kernel = large_k_variant<scalar_t>(a.P);
+  // Raised once per device and variant to the largest size asked for so far.
+  static int64_t raised[2][64] = {};
+  int64_t* done = raised[kernel == large_k_kernel<scalar_t, true> ? 1 : 0];
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (p.smem > 48 * 1024 && (device >= 64 || raised[device] < int64_t(p.smem))) {
+  if (p.smem > 48 * 1024 && (device >= 64 || done[device] < int64_t(p.smem))) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(p.smem)));
-    if (device < 64) raised[device] = int64_t(p.smem);
+    if (device < 64) done[device] = int64_t(p.smem);
   }
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, p.threads, p.smem));
@@ -177,7 +187,7 @@ LaunchPlan plan_large_k(const Args<scalar_t>& a) {
 
 template <typename scalar_t>
 void launch_large_k(const Args<scalar_t>& a, const LaunchPlan& p, cudaStream_t stream) {
-  large_k_kernel<scalar_t><<<unsigned(p.grid), p.threads, p.smem, stream>>>(a, p.cap);
+  large_k_variant<scalar_t>(a.P)<<<unsigned(p.grid), p.threads, p.smem, stream>>>(a, p.cap);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

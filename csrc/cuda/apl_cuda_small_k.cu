@@ -32,7 +32,7 @@ constexpr int wide_nv() {
   return int((max_slots<scalar_t>(kSmallKMax) + 31) / 32);
 }
 
-template <typename scalar_t, int NV>
+template <typename scalar_t, int NV, bool kPow>
 __global__ void __launch_bounds__(kSmallBlock) small_k_kernel(const Args<scalar_t> a, const int G) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Slot<scalar_t>::V;
@@ -89,10 +89,12 @@ __global__ void __launch_bounds__(kSmallBlock) small_k_kernel(const Args<scalar_
     NormalizerSums<acc_t> n;
     if (a.second_pass) {
       const acc_t mx = s.max, log_sum = s.log_sum();
-      each([&](int, int, int64_t e, acc_t v) { n.add(apl::log_prob(v, mx, log_sum), e == y, a.P); });
+      const LossParams P2 = sums_params<kPow>(a.P);
+      each([&](int, int, int64_t e, acc_t v) { n.add(apl::log_prob(v, mx, log_sum), e == y, P2); });
       group_allreduce(n, G);
     }
     const apl::RowResult<acc_t> r = apl::finish_row(s, n, z_y, K, a.P, weight);
+    const GradCoefs<acc_t> c = grad_coefs<kPow>(r.grad);
 
     if (in && gl == 0) {
       const acc_t l = row_loss_value(st, r.loss);
@@ -109,7 +111,7 @@ __global__ void __launch_bounds__(kSmallBlock) small_k_kernel(const Args<scalar_
           if (j < ns) {
             Slot<scalar_t> o;
             for_each_in_slot(cache[i], j * V - shift, K, [&](int t, int64_t e, acc_t v) {
-              o.v[t] = static_cast<scalar_t>(apl::grad_element(v, e == y, r.grad, a.P));
+              o.v[t] = static_cast<scalar_t>(apl::grad_element(v, e == y, c, a.P));
             });
             store_slot(g, j * V - shift, K, o, vec);
           }
@@ -153,21 +155,29 @@ LaunchPlan plan_small_k(const Args<scalar_t>& a) {
   return p;
 }
 
-template <typename scalar_t>
-void launch_small_k(const Args<scalar_t>& a, const LaunchPlan& p, cudaStream_t stream) {
+template <typename scalar_t, bool kPow>
+void launch_small_k_variant(const Args<scalar_t>& a, const LaunchPlan& p, cudaStream_t stream) {
   const unsigned grid = unsigned(p.grid);
   if constexpr (sizeof(scalar_t) == 8) {  // fp64: one variant (small_k_supports)
     TORCH_INTERNAL_ASSERT(p.nv == 1, "fp64 rows this long go to the large-K kernel");
-    small_k_kernel<scalar_t, 1><<<grid, p.threads, 0, stream>>>(a, p.group);
+    small_k_kernel<scalar_t, 1, kPow><<<grid, p.threads, 0, stream>>>(a, p.group);
   } else {
     if (p.nv == 1)
-      small_k_kernel<scalar_t, 1><<<grid, p.threads, 0, stream>>>(a, p.group);
+      small_k_kernel<scalar_t, 1, kPow><<<grid, p.threads, 0, stream>>>(a, p.group);
     else if (p.nv == kTinyNV)
-      small_k_kernel<scalar_t, kTinyNV><<<grid, p.threads, 0, stream>>>(a, p.group);
+      small_k_kernel<scalar_t, kTinyNV, kPow><<<grid, p.threads, 0, stream>>>(a, p.group);
     else
-      small_k_kernel<scalar_t, wide_nv<scalar_t>()><<<grid, p.threads, 0, stream>>>(a, p.group);
+      small_k_kernel<scalar_t, wide_nv<scalar_t>(), kPow><<<grid, p.threads, 0, stream>>>(a, p.group);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t>
+void launch_small_k(const Args<scalar_t>& a, const LaunchPlan& p, cudaStream_t stream) {
+  // fp64 keeps only the general variant (build time; a rare type).
+  if constexpr (sizeof(scalar_t) == 8) launch_small_k_variant<scalar_t, true>(a, p, stream);
+  else if (has_pow_terms(a.P)) launch_small_k_variant<scalar_t, true>(a, p, stream);
+  else launch_small_k_variant<scalar_t, false>(a, p, stream);
 }
 
 #define APL_INSTANTIATE(T)                              \
