@@ -50,10 +50,17 @@ def _tracing(*tensors) -> bool:
 def _setup_context(ctx, inputs, output):
     ctx.reduction = inputs[10]
     ctx.save_for_backward(output[1])
+    # The gradient output is not differentiable; without this autograd would
+    # hand backward a materialised [N, K] tensor of zeros for it: an extra
+    # allocation and a full pass.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, _unused_grad_of_grad):
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:  # no gradient flows into the loss (grads are not materialised)
+        return (None,) * 13
     if ctx.reduction == _REDUCTION_NONE:
         scale = grad_loss.unsqueeze(1)
     else:
