@@ -19,8 +19,14 @@ __attribute__((always_inline)) inline float exp_nonpos(float x) {
   // keeps 2^n a normal float.
   const bool underflow = x < -87.0f;
   const float xs = underflow ? 0.0f : x;
-  const int n = static_cast<int>(xs * 1.44269504088896341f - 0.5f);  // round to nearest, xs <= 0
-  const float nf = static_cast<float>(n);
+  // n = round(xs / ln2) by the 1.5 * 2^23 shifter: no float -> int -> float
+  // round trip, which GCC turns into a .TRUNC call under AVX (roundps) that
+  // stops if-conversion, so that the loops did not vectorise for AVX2.
+  const float shifted = xs * 1.44269504088896341f + 12582912.0f;
+  const float nf = shifted - 12582912.0f;
+  int32_t shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
+  const int n = shifted_bits - 0x4B400000;
   const float r = (xs - nf * 0.693359375f) - nf * -2.12194440e-4f;
   float poly = 1.9875691500e-4f;
   poly = poly * r + 1.3981999507e-3f;

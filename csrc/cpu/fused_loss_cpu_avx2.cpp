@@ -1,0 +1,18 @@
+// The fused CPU kernel's row loops (fused_rows_impl.h) compiled for AVX2
+// (avx2,fma); fused_loss_cpu.cpp calls them when cpuid reports these features.
+// Every header comes before the target pragma (fused_rows.h), so that their
+// inline functions keep the baseline ISA; see fused_rows_impl.h.
+#include "cpu/fused_rows.h"
+
+#if APL_CPU_X86_VARIANTS
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+namespace apl_cpu {
+namespace avx2 {
+#include "cpu/fused_rows_impl.h"
+}  // namespace avx2
+}  // namespace apl_cpu
+
+#pragma GCC pop_options
+#endif  // APL_CPU_X86_VARIANTS

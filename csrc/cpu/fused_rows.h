@@ -1,0 +1,56 @@
+// Shared declarations of the fused CPU kernel's per-ISA row loops
+// (fused_rows_impl.h, compiled for the baseline, AVX2+FMA and AVX-512 ISAs).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "apl_loss_math.h"
+#include "cpu/vec_math.h"
+
+namespace apl_cpu {
+
+template <typename acc_t>
+struct RowContext {
+  apl::LossParams P;
+  int64_t K;
+  acc_t weight;  // the reduction's factor of every row's gradient
+  bool second_pass, nfl, ngce;
+};
+
+template <typename scalar_t, typename acc_t>
+struct RowsArgs {
+  const scalar_t* z;
+  int64_t row_stride;
+  const int64_t* t;
+  int64_t ignore_index;
+  const RowContext<acc_t>* ctx;
+  acc_t* out;
+  scalar_t* g;          // nullptr: no gradient
+  acc_t* e;             // per-thread scratch row of K values
+  acc_t* focal_d;       // per-thread scratch row of K values (nfl only)
+};
+
+// The AVX2 / AVX-512 variants exist on x86 with GCC or clang only.
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define APL_CPU_X86_VARIANTS 1
+#else
+#define APL_CPU_X86_VARIANTS 0
+#endif
+
+#define APL_CPU_DECLARE_ROWS(isa)                                                 \
+  namespace isa {                                                                 \
+  template <typename scalar_t, typename acc_t>                                    \
+  void rows(const RowsArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end);     \
+  }
+
+APL_CPU_DECLARE_ROWS(avx2)
+APL_CPU_DECLARE_ROWS(avx512)
+
+}  // namespace apl_cpu
