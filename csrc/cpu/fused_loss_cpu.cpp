@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "apl_loss_math.h"
+#include "apl_op_args.h"
 #include "cpu/fused_rows.h"
 
 namespace apl_cpu {
@@ -91,22 +92,8 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, cons
                                                   int64_t active, int64_t passive, double alpha, double beta,
                                                   double gamma, double q, double A, int64_t grad_mode,
                                                   int64_t reduction, int64_t ignore_index, bool compute_grad) {
-  TORCH_CHECK(logits.dim() == 2, "fused_loss: logits must be [N, K], got ", logits.sizes());
-  TORCH_CHECK(logits.size(1) >= 2, "fused_loss: need K >= 2 classes, got ", logits.size(1));
-  TORCH_CHECK(logits.size(0) == 0 || logits.stride(1) == 1, "fused_loss: logits need stride(1) == 1, got strides ",
-              logits.strides());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "fused_loss: target must be [N] = [",
-              logits.size(0), "], got ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong, "fused_loss: target must be int64, got ", target.scalar_type());
-  TORCH_CHECK(target.device() == logits.device(), "fused_loss: logits and target on different devices");
-  TORCH_CHECK(active >= apl::kActiveNone && active <= apl::kNGCE, "fused_loss: bad active term code ", active);
-  TORCH_CHECK(passive >= apl::kPassiveNone && passive <= apl::kNRCE, "fused_loss: bad passive term code ", passive);
-  TORCH_CHECK(active != apl::kActiveNone || passive != apl::kPassiveNone, "fused_loss: both terms are none");
-  TORCH_CHECK(grad_mode == apl::kOfficial || grad_mode == apl::kExact, "fused_loss: bad grad mode ", grad_mode);
-  TORCH_CHECK(reduction >= apl::kReduceNone && reduction <= apl::kReduceSum, "fused_loss: bad reduction ", reduction);
-
-  const apl::LossParams P{static_cast<int>(active), static_cast<int>(passive), alpha, beta, gamma, q, A,
-                          static_cast<int>(grad_mode)};
+  const apl::LossParams P = apl::checked_loss_params(logits, target, active, passive, alpha, beta, gamma, q, A,
+                                                   grad_mode, reduction);
   const int64_t N = logits.size(0), K = logits.size(1);
   const at::Tensor t = target.contiguous();
   const auto loss_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
