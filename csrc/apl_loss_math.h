@@ -174,6 +174,13 @@ APL_HD T clamp_prob(T p) {
   return p < T(kPMin) ? T(kPMin) : (p > T(1) ? T(1) : p);
 }
 
+// unclamped(p_k) for p_k = e_k / S with e_k = exp(z_k - max) <= 1 and S = sum_k e_k:
+// e_k >= live_threshold(S).  Lets a kernel that kept e_k classify it without forming p_k.
+template <typename T>
+APL_HD T live_threshold(T sumexp) {
+  return T(kPMin) * sumexp;
+}
+
 // ---------------------------------------------------------------- step 2
 APL_HD bool needs_second_pass(const LossParams& P) {
   return P.active == kNFL || P.active == kNGCE || P.passive == kRCE || P.passive == kNRCE;
@@ -211,6 +218,15 @@ struct NormalizerSums {
       live_other += live_p;
       dead_other += dead_p;
     }
+  }
+
+  // The rce / nrce sums of many classes k != y at once, from their e_k = p_k S
+  // split at live_threshold(S): the sum of the live e_k, of the dead e_k, and
+  // how many are dead (each of those counts P_MIN in clamp_other).
+  APL_HD void add_other_unnormalised(T live_e, T dead_e, T n_dead, T inv_sumexp) {
+    live_other += live_e * inv_sumexp;
+    dead_other += dead_e * inv_sumexp;
+    clamp_other += live_e * inv_sumexp + T(kPMin) * n_dead;
   }
 
   // One class, from its log p alone.
@@ -350,18 +366,31 @@ APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>
   return r;
 }
 
-// d loss / d z_j = g_j - p_j sum_k g_k, from p_j and (read only when the loss
-// has an nfl term, c_focal != 0) focal_d = f'(log p_j): for kernels that kept them.
+// c_const + c_focal f'(l_j) + c_pow m_j p_j^q: the part of g_j every class j has.
+// live = m_j = unclamped(p_j) (a kernel may have classified it otherwise, see
+// live_threshold); focal_d = f'(log p_j) is read only when c_focal != 0.
 template <typename T>
-APL_HD T grad_element_from(T p, T focal_d, bool is_target, const GradCoefs<T>& c, const LossParams& P) {
+APL_HD T grad_common(T p, bool live, T focal_d, const GradCoefs<T>& c, const LossParams& P) {
   T g = c.c_const;
   if (c.c_focal != T(0)) g += c.c_focal * focal_d;
-  if (c.c_pow != T(0) && unclamped(p)) g += c.c_pow * apl_pow(p, T(P.q));
-  if (is_target) {  // here c_prob p_y and c_target cancel exactly: keep them apart
-    if (unclamped(p)) g += c.c_prob * p;
-    return g + c.c_target - p * c.g_sum;
-  }
-  return g + p * (unclamped(p) ? c.p_coef : -c.g_sum);
+  if (c.c_pow != T(0) && live) g += c.c_pow * apl_pow(p, T(P.q));
+  return g;
+}
+
+// d loss / d z_j = g_j - p_j sum_k g_k for a class j != y.
+template <typename T>
+APL_HD T grad_other_from(T p, bool live, T focal_d, const GradCoefs<T>& c, const LossParams& P) {
+  return grad_common(p, live, focal_d, c, P) + p * (live ? c.p_coef : -c.g_sum);
+}
+
+// The same for any class j, y included: for kernels that kept p_j and focal_d.
+template <typename T>
+APL_HD T grad_element_from(T p, T focal_d, bool is_target, const GradCoefs<T>& c, const LossParams& P) {
+  const bool live = unclamped(p);
+  if (!is_target) return grad_other_from(p, live, focal_d, c, P);
+  // Here c_prob p_y and c_target cancel exactly: keep them apart.
+  const T g = grad_common(p, live, focal_d, c, P) + (live ? c.c_prob * p : T(0));
+  return g + c.c_target - p * c.g_sum;
 }
 
 // The same for logit z of class j.

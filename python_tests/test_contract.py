@@ -72,6 +72,19 @@ def test_parameters(backend, loss):
     check_against_reference(backend, logits, target, spec, "sum")
 
 
+@pytest.mark.parametrize("grad", GRADS)
+@pytest.mark.parametrize("gamma", (0.25, 1.0, 2.0))
+@pytest.mark.parametrize("loss", ("nfl+rce", "nfl+mae", "fl"))
+def test_focal_gamma_fp32(backend, loss, gamma, grad):
+    """A gamma other than the default 1/2, in fp32: the CPU kernel computes (1-p)^(1/2)
+    with sqrt and any other power with its own vector exp / log.  Wide rows, and
+    narrow confident ones (p_k >= 1/2 takes the scalar path)."""
+    spec = LossSpec.from_name(loss, gamma=gamma, grad=grad)
+    for n, k, scale in [(64, 1000, 3.0), (64, 10, 8.0)]:
+        logits, target = make_inputs(n, k, torch.float32, scale=scale, ignore_every=7)
+        check_against_reference(backend, logits, target, spec, "mean")
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_ignored_rows(backend, reduction):
     spec = LossSpec.from_name("nfl+rce")

@@ -12,73 +12,86 @@
 
 namespace {  // internal linkage: no PLT calls, and inlinable
 
-// The rce / nrce sums of NormalizerSums over classes [begin, end), none of
-// them the label.  add_prob() sums the same for rce and nrce; a LossParams of
-// known constants lets the compiler drop its other branches and vectorise.
+// One class's part of NormalizerSums::add_other_unnormalised: e_k split at
+// the live threshold.  Selects, then plain sums: GCC does not vectorise
+// `s += c ? a : 0`.
 template <typename acc_t>
-void clamped_sums(const acc_t* __restrict e, int64_t begin, int64_t end, acc_t inv_sumexp,
-                  apl::NormalizerSums<acc_t>& sums) {
-  const apl::LossParams rce_only{apl::kActiveNone, apl::kRCE, 0, 0, 0, 0, 0, apl::kOfficial};
-  acc_t clamp_other = 0, live_other = 0, dead_other = 0;
-#pragma omp simd reduction(+ : clamp_other, live_other, dead_other)
-  for (int64_t k = begin; k < end; ++k) {
-    apl::NormalizerSums<acc_t> one;
-    one.add_prob(e[k] * inv_sumexp, false, rce_only);
-    clamp_other += one.clamp_other;
-    live_other += one.live_other;
-    dead_other += one.dead_other;
+struct OtherTerms {
+  acc_t live, dead, n_dead;
+};
+
+template <typename acc_t>
+__attribute__((always_inline)) inline OtherTerms<acc_t> other_terms(acc_t e, acc_t live_from) {
+  const bool live = e >= live_from;
+  return {live ? e : acc_t(0), live ? acc_t(0) : e, live ? acc_t(0) : acc_t(1)};
+}
+
+// The rce / nrce sums of NormalizerSums over every class but the label, in
+// one loop over the row: e[y] is 0 while it runs, so the label adds 0 to both
+// sums and exactly 1 to the dead count, which is taken back.
+template <typename acc_t>
+void other_sums_row(acc_t* __restrict e, int64_t y, int64_t K, acc_t live_from, acc_t inv_sumexp,
+                    apl::NormalizerSums<acc_t>& sums) {
+  const acc_t e_y = e[y];
+  e[y] = 0;
+  acc_t live = 0, dead = 0, n_dead = 0;
+#pragma omp simd reduction(+ : live, dead, n_dead)
+  for (int64_t k = 0; k < K; ++k) {
+    const OtherTerms<acc_t> one = other_terms(e[k], live_from);
+    live += one.live;
+    dead += one.dead;
+    n_dead += one.n_dead;
   }
-  sums.clamp_other += clamp_other;
-  sums.live_other += live_other;
-  sums.dead_other += dead_other;
+  e[y] = e_y;
+  sums.add_other_unnormalised(live, dead, n_dead - acc_t(1), inv_sumexp);
 }
 
 // The nfl sums (and with kClamped the rce / nrce sums) of NormalizerSums over
 // classes [begin, end), none of them the label; focal_d[k] = f'(log p_k).
-// 1 - p and (1 - p)^gamma come from the vectorisable exp / log of vec_math.h,
-// valid for p < 1/2; classes with p >= 1/2 (one at most) are left out here and
+// 1 - p and w = (1 - p)^gamma come from vectorisable math: sqrt for
+// gamma = 1/2 (kSqrt, the paper's value), else exp / log of vec_math.h, valid
+// for p < 1/2; classes with p >= 1/2 (one at most) are left out here and
 // added by the caller with the header's expm1 / pow.
-template <bool kClamped, bool kExact, typename scalar_t, typename acc_t>
+template <bool kClamped, bool kExact, bool kSqrt, typename scalar_t, typename acc_t>
 void focal_sums(const scalar_t* __restrict z, const acc_t* __restrict e, int64_t begin, int64_t end,
-                acc_t inv_sumexp, acc_t max, acc_t log_sum, acc_t gamma, acc_t* __restrict focal_d,
-                apl::NormalizerSums<acc_t>& sums) {
-  const apl::LossParams rce_only{apl::kActiveNone, apl::kRCE, 0, 0, 0, 0, 0, apl::kOfficial};
+                acc_t inv_sumexp, acc_t live_from, acc_t max, acc_t log_sum, acc_t gamma,
+                acc_t* __restrict focal_d, apl::NormalizerSums<acc_t>& sums) {
   const int mode = kExact ? apl::kExact : apl::kOfficial;
-  acc_t focal = 0, focal_deriv = 0, clamp_other = 0, live_other = 0, dead_other = 0;
-#pragma omp simd reduction(+ : focal, focal_deriv, clamp_other, live_other, dead_other)
+  acc_t focal = 0, focal_deriv = 0, live = 0, dead = 0, n_dead = 0;
+#pragma omp simd reduction(+ : focal, focal_deriv, live, dead, n_dead)
   for (int64_t k = begin; k < end; ++k) {
     const acc_t p = e[k] * inv_sumexp;
     const bool small = p < acc_t(0.5);
     const acc_t one_minus_p = small ? acc_t(1) - p : acc_t(1);
-    const acc_t w = exp_nonpos(gamma * log_half_to_one(one_minus_p));
+    const acc_t w = kSqrt ? std::sqrt(one_minus_p) : exp_nonpos(gamma * log_half_to_one(one_minus_p));
     const auto f = apl::focal_terms_from(apl::log_prob(static_cast<acc_t>(z[k]), max, log_sum), p, one_minus_p, w,
                                          gamma, mode);
-    // Selects first, then plain sums: GCC does not vectorise `s += c ? a : 0`.
     const acc_t value = small ? f.value : acc_t(0), deriv = small ? f.deriv : acc_t(0);
     focal += value;
     focal_deriv += deriv;
     focal_d[k] = f.deriv;
     if (kClamped) {
-      apl::NormalizerSums<acc_t> one;
-      one.add_prob(p, false, rce_only);
-      clamp_other += one.clamp_other;
-      live_other += one.live_other;
-      dead_other += one.dead_other;
+      const OtherTerms<acc_t> one = other_terms(e[k], live_from);
+      live += one.live;
+      dead += one.dead;
+      n_dead += one.n_dead;
     }
   }
   sums.focal += focal;
   sums.focal_deriv += focal_deriv;
-  sums.clamp_other += clamp_other;
-  sums.live_other += live_other;
-  sums.dead_other += dead_other;
+  if (kClamped) sums.add_other_unnormalised(live, dead, n_dead, inv_sumexp);
 }
 
-template <bool kClamped, bool kExact, typename scalar_t, typename acc_t>
-void focal_sums_row(const scalar_t* z, const acc_t* e, int64_t y, int64_t K, acc_t inv_sumexp, acc_t max,
-                    acc_t log_sum, acc_t* focal_d, const apl::LossParams& P, apl::NormalizerSums<acc_t>& sums) {
+template <bool kClamped, bool kExact, bool kSqrt, typename scalar_t, typename acc_t>
+void focal_sums_row(const scalar_t* z, const acc_t* e, int64_t y, int64_t K, acc_t inv_sumexp, acc_t live_from,
+                    acc_t max, acc_t log_sum, acc_t* focal_d, const apl::LossParams& P,
+                    apl::NormalizerSums<acc_t>& sums) {
   const acc_t gamma = static_cast<acc_t>(P.gamma);
-  focal_sums<kClamped, kExact>(z, e, 0, y, inv_sumexp, max, log_sum, gamma, focal_d, sums);
-  focal_sums<kClamped, kExact>(z, e, y + 1, K, inv_sumexp, max, log_sum, gamma, focal_d, sums);
+  auto segment = [&](int64_t begin, int64_t end) {
+    focal_sums<kClamped, kExact, kSqrt>(z, e, begin, end, inv_sumexp, live_from, max, log_sum, gamma, focal_d, sums);
+  };
+  segment(0, y);
+  segment(y + 1, K);
   // The label, and any class with p >= 1/2 (possible only if sum exp(z - max) <= 2).
   auto exactly = [&](int64_t k) {
     const acc_t p = e[k] * inv_sumexp;
@@ -87,11 +100,28 @@ void focal_sums_row(const scalar_t* z, const acc_t* e, int64_t y, int64_t K, acc
     focal_d[k] = f.deriv;
   };
   exactly(y);
-  sums.add_prob(e[y] * inv_sumexp, true, P);  // the segments hold the other classes' clamped sums
   if (inv_sumexp >= acc_t(0.5)) {
     for (int64_t k = 0; k < K; ++k)
       if (k != y && e[k] * inv_sumexp >= acc_t(0.5)) exactly(k);
   }
+}
+
+// The nfl sums of a row: the variant of focal_sums_row for these options.
+template <typename scalar_t, typename acc_t>
+using FocalSumsRow = void (*)(const scalar_t*, const acc_t*, int64_t, int64_t, acc_t, acc_t, acc_t, acc_t, acc_t*,
+                              const apl::LossParams&, apl::NormalizerSums<acc_t>&);
+
+template <typename scalar_t, typename acc_t>
+FocalSumsRow<scalar_t, acc_t> pick_focal_sums_row(const apl::LossParams& P) {
+  const bool clamped = P.passive == apl::kRCE || P.passive == apl::kNRCE;
+  const bool exact = P.grad_mode == apl::kExact;
+  const bool sqrt = P.gamma == 0.5;
+  static const FocalSumsRow<scalar_t, acc_t> variants[2][2][2] = {
+      {{&focal_sums_row<false, false, false, scalar_t, acc_t>, &focal_sums_row<false, false, true, scalar_t, acc_t>},
+       {&focal_sums_row<false, true, false, scalar_t, acc_t>, &focal_sums_row<false, true, true, scalar_t, acc_t>}},
+      {{&focal_sums_row<true, false, false, scalar_t, acc_t>, &focal_sums_row<true, false, true, scalar_t, acc_t>},
+       {&focal_sums_row<true, true, false, scalar_t, acc_t>, &focal_sums_row<true, true, true, scalar_t, acc_t>}}};
+  return variants[clamped][exact][sqrt];
 }
 
 // Loss of one row with a valid label y; writes its gradient row if grad != nullptr.
@@ -132,25 +162,19 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
   const acc_t log_sum = stats.log_sum();
   const acc_t inv_sumexp = acc_t(1) / sumexp;
 
-  // Pass 3.  Classes k != y in two segments and y alone, so that `is_target`
-  // is a constant in the loops.
+  // Pass 3.  The label is kept out of the vector loops, so that `is_target`
+  // is a constant in them.  Classes with p_k < P_MIN are told apart by e_k
+  // (apl::live_threshold), here and in pass 4 alike.
+  const acc_t live_from = apl::live_threshold(sumexp);
   apl::NormalizerSums<acc_t> sums;
   if (ctx.second_pass) {
     const apl::LossParams& P = ctx.P;
     if (ctx.ngce) {  // pow per class: a plain loop
       for (int64_t k = 0; k < K; ++k) sums.add_prob(e[k] * inv_sumexp, k == y, P);
     } else if (ctx.nfl) {
-      const bool clamped = P.passive == apl::kRCE || P.passive == apl::kNRCE;
-      const bool exact = P.grad_mode == apl::kExact;
-      auto run = clamped ? (exact ? focal_sums_row<true, true, scalar_t, acc_t>
-                                  : focal_sums_row<true, false, scalar_t, acc_t>)
-                         : (exact ? focal_sums_row<false, true, scalar_t, acc_t>
-                                  : focal_sums_row<false, false, scalar_t, acc_t>);
-      run(z, e, y, K, inv_sumexp, max, log_sum, focal_d, P, sums);
-    } else {  // rce / nrce: only the clamped sums, vectorised
-      clamped_sums(e, 0, y, inv_sumexp, sums);
-      clamped_sums(e, y + 1, K, inv_sumexp, sums);
-      sums.add_prob(e[y] * inv_sumexp, true, P);
+      pick_focal_sums_row<scalar_t, acc_t>(P)(z, e, y, K, inv_sumexp, live_from, max, log_sum, focal_d, P, sums);
+    } else {  // rce / nrce: only the clamped sums
+      other_sums_row(e, y, K, live_from, inv_sumexp, sums);
     }
   }
 
@@ -158,7 +182,7 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
   if (!grad) return row.loss;
 
   // Pass 4.  Zeroing the coefficients a loss does not use makes the pow and
-  // focal branches of grad_element_from constant-false, so the loop vectorises.
+  // focal branches of grad_other_from constant-false, so the loop vectorises.
   apl::GradCoefs<acc_t> c = row.grad;
   if (!ctx.ngce) c.c_pow = 0;
   if (!ctx.nfl) c.c_focal = 0;
@@ -166,7 +190,7 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
   if (ctx.nfl) {
 #pragma omp simd
     for (int64_t k = 0; k < K; ++k)
-      grad[k] = static_cast<scalar_t>(apl::grad_element_from(e[k] * inv_sumexp, focal_d[k], false, c, P));
+      grad[k] = static_cast<scalar_t>(apl::grad_other_from(e[k] * inv_sumexp, e[k] >= live_from, focal_d[k], c, P));
   } else if (ctx.ngce) {  // pow per class: a plain loop
     for (int64_t k = 0; k < K; ++k)
       grad[k] = static_cast<scalar_t>(apl::grad_element_from(e[k] * inv_sumexp, acc_t(0), false, c, P));
@@ -174,7 +198,7 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
     const acc_t zero = 0;
 #pragma omp simd
     for (int64_t k = 0; k < K; ++k)
-      grad[k] = static_cast<scalar_t>(apl::grad_element_from(e[k] * inv_sumexp, zero, false, c, P));
+      grad[k] = static_cast<scalar_t>(apl::grad_other_from(e[k] * inv_sumexp, e[k] >= live_from, zero, c, P));
   }
   // The label's p as finish_row computes it, so that its rce terms cancel exactly.
   grad[y] = static_cast<scalar_t>(apl::grad_element(static_cast<acc_t>(z[y]), true, c, P));
