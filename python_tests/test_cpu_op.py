@@ -59,6 +59,25 @@ def test_unit_grad_output_needs_no_pass():
     assert_close(g2, 0.5 * grad, torch.float32, "scaled")
 
 
+def test_large_gradient_is_an_ordinary_tensor():
+    """A gradient of 4 MiB or more comes from the allocator that advises huge pages
+    (csrc/cpu/huge_pages.cpp): still right, resizable, and seen by torch.profiler."""
+    x, y = make_inputs(1024, 1100, torch.float32)  # 4.3 MiB
+    spec = LossSpec.from_name("nce+rce")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss, grad = _call(x, y, spec)
+    allocated = sum(e.cpu_memory_usage for e in prof.key_averages() if e.key == "apl_kernels::fused_loss")
+    assert allocated >= grad.numel() * grad.element_size()
+    ref_loss, ref_grad = reference_loss_and_grad(x.double(), y, spec, "mean")
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(grad, ref_grad, torch.float32, "grad")
+    before = grad.clone()
+    grad.resize_(2048, 1100)  # reallocates through the same allocator, keeping the contents
+    assert torch.equal(grad[:1024], before)
+    grad[1024:] = 1.0
+    assert grad.sum().isfinite()
+
+
 def test_deterministic_across_thread_counts():
     x, y = make_inputs(3000, 50, torch.float32, ignore_every=7)
     spec = LossSpec.from_name("nce+rce")

@@ -34,6 +34,7 @@
 #include "apl_loss_math.h"
 #include "apl_op_args.h"
 #include "cpu/fused_rows.h"
+#include "cpu/huge_pages.h"
 
 namespace apl_cpu {
 namespace base {
@@ -98,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, cons
   const at::Tensor t = target.contiguous();
   const auto loss_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor row_loss = at::empty({N}, logits.options().dtype(loss_dtype));
-  at::Tensor grad = at::empty(compute_grad ? at::IntArrayRef{N, K} : at::IntArrayRef{0}, logits.options());
+  at::Tensor grad = compute_grad ? empty_on_huge_pages({N, K}, logits.options()) : at::empty({0}, logits.options());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_fused_loss_cpu", [&] {
     run<scalar_t>(logits, t, P, reduction, ignore_index, row_loss, grad);
