@@ -7,8 +7,8 @@
 //   3. the normaliser sums, only if apl::needs_second_pass (reads z and e)
 //   4. the gradient, weight of the reduction included (reads e, writes grad)
 // Accumulation is in at::opmath_type: float for half/bfloat16/float, double
-// for double.  Row losses go to a buffer and are summed in row order, so the
-// result does not depend on the number of threads.
+// for double.  A reduced loss is summed in fixed blocks of rows (run()), so
+// the result does not depend on the number of threads.
 //
 // Speed: the loops are written for GCC's vectoriser: `omp simd` reductions,
 // selects before sums, known-constant LossParams, the shared math
@@ -45,7 +45,7 @@ namespace {
 
 // The row loops of the widest ISA this CPU has, chosen once.
 template <typename scalar_t, typename acc_t>
-using RowsFn = void (*)(const RowsArgs<scalar_t, acc_t>&, int64_t, int64_t);
+using RowsFn = void (*)(const RowsArgs<scalar_t, acc_t>&, int64_t, int64_t, acc_t*);
 
 template <typename scalar_t, typename acc_t>
 RowsFn<scalar_t, acc_t> pick_rows() {
@@ -64,29 +64,54 @@ RowsFn<scalar_t, acc_t> pick_rows() {
   return &base::rows<scalar_t, acc_t>;
 }
 
+// Rows per partial sum of a reduced loss: the partials are summed in order,
+// so the total does not depend on the thread count, and no [N] buffer of row
+// losses is allocated.
+constexpr int64_t kRowsPerPartial = 64;
+
+// Runs every row; returns the sum of the row losses (reduction mean / sum) or
+// writes them to row_loss (reduction none).
 template <typename scalar_t>
-void run(const at::Tensor& logits, const at::Tensor& target, const apl::LossParams& P, int64_t reduction,
-         int64_t ignore_index, at::Tensor& row_loss, at::Tensor& grad) {
+double run(const at::Tensor& logits, const at::Tensor& target, const apl::LossParams& P, int64_t reduction,
+           int64_t ignore_index, int64_t kept, at::Tensor& row_loss, at::Tensor& grad) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = logits.size(0), K = logits.size(1), row_stride = logits.stride(0);
   const scalar_t* z = logits.const_data_ptr<scalar_t>();
   const int64_t* t = target.const_data_ptr<int64_t>();
-  acc_t* out = row_loss.data_ptr<acc_t>();
   scalar_t* g = grad.numel() ? grad.data_ptr<scalar_t>() : nullptr;
 
-  int64_t kept = 0;
-  for (int64_t i = 0; i < N; ++i) kept += t[i] != ignore_index;
   RowContext<acc_t> ctx{P, K, acc_t(1), apl::needs_second_pass(P), P.active == apl::kNFL, P.active == apl::kNGCE};
   if (reduction == apl::kReduceMean && kept > 0) ctx.weight = acc_t(1) / static_cast<acc_t>(kept);
-
+  static const RowsFn<scalar_t, acc_t> rows_fn = pick_rows<scalar_t, acc_t>();
   // About 64k logits per task: enough work to pay for a thread.
   const int64_t grain = std::max<int64_t>(1, 65536 / K);
-  static const RowsFn<scalar_t, acc_t> rows_fn = pick_rows<scalar_t, acc_t>();
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+
+  if (reduction == apl::kReduceNone) {
+    acc_t* out = row_loss.data_ptr<acc_t>();
+    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> e(K), focal_d(ctx.nfl ? K : 0);  // per-thread scratch rows
+      const RowsArgs<scalar_t, acc_t> args{z, row_stride, t, ignore_index, &ctx, g, e.data(), focal_d.data()};
+      rows_fn(args, begin, end, out + begin);
+    });
+    return 0.0;
+  }
+  const int64_t blocks = (N + kRowsPerPartial - 1) / kRowsPerPartial;
+  std::vector<double> partial(blocks);
+  at::parallel_for(0, blocks, std::max<int64_t>(1, grain / kRowsPerPartial), [&](int64_t first, int64_t last) {
     std::vector<acc_t> e(K), focal_d(ctx.nfl ? K : 0);
-    const RowsArgs<scalar_t, acc_t> args{z, row_stride, t, ignore_index, &ctx, out, g, e.data(), focal_d.data()};
-    rows_fn(args, begin, end);
+    const RowsArgs<scalar_t, acc_t> args{z, row_stride, t, ignore_index, &ctx, g, e.data(), focal_d.data()};
+    acc_t losses[kRowsPerPartial];
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t begin = b * kRowsPerPartial, end = std::min(N, begin + kRowsPerPartial);
+      rows_fn(args, begin, end, losses);
+      double sum = 0;  // in double: as exact as the row losses
+      for (int64_t i = 0; i < end - begin; ++i) sum += static_cast<double>(losses[i]);
+      partial[b] = sum;
+    }
   });
+  double total = 0;
+  for (const double p : partial) total += p;
+  return total;
 }
 
 std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
@@ -97,26 +122,19 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, cons
                                                    grad_mode, reduction);
   const int64_t N = logits.size(0), K = logits.size(1);
   const at::Tensor t = target.contiguous();
-  const auto loss_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor row_loss = at::empty({N}, logits.options().dtype(loss_dtype));
-  at::Tensor grad = compute_grad ? empty_on_huge_pages({N, K}, logits.options()) : at::empty({0}, logits.options());
+  int64_t kept = 0;
+  const int64_t* ti = t.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < N; ++i) kept += ti[i] != ignore_index;
 
+  const auto loss_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor row_loss = at::empty(reduction == apl::kReduceNone ? N : 0, logits.options().dtype(loss_dtype));
+  at::Tensor grad = compute_grad ? empty_on_huge_pages({N, K}, logits.options()) : at::empty({0}, logits.options());
+  double total = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_fused_loss_cpu", [&] {
-    run<scalar_t>(logits, t, P, reduction, ignore_index, row_loss, grad);
+    total = run<scalar_t>(logits, t, P, reduction, ignore_index, kept, row_loss, grad);
   });
 
   if (reduction == apl::kReduceNone) return {row_loss, grad};
-  // Row order, in double: deterministic and as exact as the row losses.
-  double total = 0;
-  int64_t kept = 0;
-  const int64_t* ti = t.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(loss_dtype, "apl_fused_loss_cpu_sum", [&] {
-    const scalar_t* r = row_loss.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < N; ++i) {
-      total += static_cast<double>(r[i]);
-      kept += ti[i] != ignore_index;
-    }
-  });
   if (reduction == apl::kReduceMean) total = kept > 0 ? total / static_cast<double>(kept) : 0.0;
   return {at::scalar_tensor(total, logits.options().dtype(loss_dtype)), grad};
 }

@@ -31,7 +31,6 @@ struct RowsArgs {
   const int64_t* t;
   int64_t ignore_index;
   const RowContext<acc_t>* ctx;
-  acc_t* out;
   scalar_t* g;          // nullptr: no gradient
   acc_t* e;             // per-thread scratch row of K values
   acc_t* focal_d;       // per-thread scratch row of K values (nfl only)
@@ -47,7 +46,7 @@ struct RowsArgs {
 #define APL_CPU_DECLARE_ROWS(isa)                                                 \
   namespace isa {                                                                 \
   template <typename scalar_t, typename acc_t>                                    \
-  void rows(const RowsArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end);     \
+  void rows(const RowsArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end, acc_t* loss); \
   }
 
 APL_CPU_DECLARE_ROWS(avx2)

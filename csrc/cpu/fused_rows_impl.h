@@ -208,30 +208,32 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
 
 }  // namespace
 
-// Rows [begin, end) of the batch: the body of run()'s parallel_for.
+// Rows [begin, end) of the batch: the body of run()'s parallel_for.  Row i's
+// loss goes to loss[i - begin].
 template <typename scalar_t, typename acc_t>
-void rows(const RowsArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end) {
+void rows(const RowsArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end, acc_t* loss) {
   const int64_t K = a.ctx->K;
   const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
   for (int64_t i = begin; i < end; ++i) {
     const scalar_t* zi = a.z + i * a.row_stride;
     scalar_t* gi = a.g ? a.g + i * K : nullptr;
     const int64_t y = a.t[i];
+    acc_t& out = loss[i - begin];
     if (y == a.ignore_index) {
-      a.out[i] = 0;
+      out = 0;
       if (gi)
         for (int64_t k = 0; k < K; ++k) gi[k] = scalar_t(0);
     } else if (y < 0 || y >= K) {  // never read; the row is NaN
-      a.out[i] = nan;
+      out = nan;
       if (gi)
         for (int64_t k = 0; k < K; ++k) gi[k] = static_cast<scalar_t>(nan);
     } else {
-      a.out[i] = fused_row<scalar_t, acc_t>(zi, y, *a.ctx, gi, a.e, a.focal_d);
+      out = fused_row<scalar_t, acc_t>(zi, y, *a.ctx, gi, a.e, a.focal_d);
     }
   }
 }
 
-template void rows<float, float>(const RowsArgs<float, float>&, int64_t, int64_t);
-template void rows<double, double>(const RowsArgs<double, double>&, int64_t, int64_t);
-template void rows<c10::Half, float>(const RowsArgs<c10::Half, float>&, int64_t, int64_t);
-template void rows<c10::BFloat16, float>(const RowsArgs<c10::BFloat16, float>&, int64_t, int64_t);
+template void rows<float, float>(const RowsArgs<float, float>&, int64_t, int64_t, float*);
+template void rows<double, double>(const RowsArgs<double, double>&, int64_t, int64_t, double*);
+template void rows<c10::Half, float>(const RowsArgs<c10::Half, float>&, int64_t, int64_t, float*);
+template void rows<c10::BFloat16, float>(const RowsArgs<c10::BFloat16, float>&, int64_t, int64_t, float*);
