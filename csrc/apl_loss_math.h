@@ -71,6 +71,15 @@ APL_HD double apl_expm1(double x) { return expm1(x); }
 APL_HD float apl_pow(float x, float y) { return powf(x, y); }
 APL_HD double apl_pow(double x, double y) { return pow(x, y); }
 
+// The x^y of the ngce terms (x a probability, y = q).  Kernels with their own
+// vector math pass another functor in its place.
+struct LibmPow {
+  template <typename T>
+  APL_HD T operator()(T x, T y) const {
+    return apl_pow(x, y);
+  }
+};
+
 // max that propagates NaN, so that a NaN logit poisons its row.
 template <typename T>
 APL_HD T nan_max(T a, T b) {
@@ -204,10 +213,11 @@ struct NormalizerSums {
 
   // The ngce, rce and nrce sums, from p = exp(log p) of one class.
   // Selects, then plain sums: the CPU kernel's vectoriser needs this form.
-  APL_HD void add_prob(T p, bool is_target, const LossParams& P) {
+  template <typename Pow = LibmPow>
+  APL_HD void add_prob(T p, bool is_target, const LossParams& P, Pow pow = Pow()) {
     const bool live = unclamped(p);
     if (P.active == kNGCE) {
-      const T pq = apl_pow(clamp_prob(p), T(P.q));
+      const T pq = pow(clamp_prob(p), T(P.q));
       const T live_pq = live ? pq : T(0);
       clamp_pow += pq;
       live_pow += live_pq;
@@ -369,18 +379,18 @@ APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>
 // c_const + c_focal f'(l_j) + c_pow m_j p_j^q: the part of g_j every class j has.
 // live = m_j = unclamped(p_j) (a kernel may have classified it otherwise, see
 // live_threshold); focal_d = f'(log p_j) is read only when c_focal != 0.
-template <typename T>
-APL_HD T grad_common(T p, bool live, T focal_d, const GradCoefs<T>& c, const LossParams& P) {
+template <typename T, typename Pow = LibmPow>
+APL_HD T grad_common(T p, bool live, T focal_d, const GradCoefs<T>& c, const LossParams& P, Pow pow = Pow()) {
   T g = c.c_const;
   if (c.c_focal != T(0)) g += c.c_focal * focal_d;
-  if (c.c_pow != T(0) && live) g += c.c_pow * apl_pow(p, T(P.q));
+  if (c.c_pow != T(0) && live) g += c.c_pow * pow(p, T(P.q));
   return g;
 }
 
 // d loss / d z_j = g_j - p_j sum_k g_k for a class j != y.
-template <typename T>
-APL_HD T grad_other_from(T p, bool live, T focal_d, const GradCoefs<T>& c, const LossParams& P) {
-  return grad_common(p, live, focal_d, c, P) + p * (live ? c.p_coef : -c.g_sum);
+template <typename T, typename Pow = LibmPow>
+APL_HD T grad_other_from(T p, bool live, T focal_d, const GradCoefs<T>& c, const LossParams& P, Pow pow = Pow()) {
+  return grad_common(p, live, focal_d, c, P, pow) + p * (live ? c.p_coef : -c.g_sum);
 }
 
 // The same for any class j, y included: for kernels that kept p_j and focal_d.

@@ -85,6 +85,17 @@ def test_focal_gamma_fp32(backend, loss, gamma, grad):
         check_against_reference(backend, logits, target, spec, "mean")
 
 
+@pytest.mark.parametrize("q", (0.1, 1.0))
+@pytest.mark.parametrize("loss", ("ngce+rce", "ngce+mae", "gce"))
+def test_gce_q_fp32(backend, loss, q):
+    """q of the official ngce configs (0.1) and the edge 1, in fp32, where the CPU
+    kernel takes p^q from its own vector exp / log."""
+    spec = LossSpec.from_name(loss, q=q)
+    for n, k, scale in [(64, 1000, 3.0), (64, 10, 8.0)]:
+        logits, target = make_inputs(n, k, torch.float32, scale=scale, ignore_every=7)
+        check_against_reference(backend, logits, target, spec, "mean")
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_ignored_rows(backend, reduction):
     spec = LossSpec.from_name("nfl+rce")

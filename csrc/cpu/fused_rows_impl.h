@@ -49,8 +49,8 @@ void other_sums_row(acc_t* __restrict e, int64_t y, int64_t K, acc_t live_from, 
 // The nfl sums (and with kClamped the rce / nrce sums) of NormalizerSums over
 // classes [begin, end), none of them the label; focal_d[k] = f'(log p_k).
 // 1 - p and w = (1 - p)^gamma come from vectorisable math: sqrt for
-// gamma = 1/2 (kSqrt, the paper's value), else exp / log of vec_math.h, valid
-// for p < 1/2; classes with p >= 1/2 (one at most) are left out here and
+// gamma = 1/2 (kSqrt, the paper's value), else pow_unit of vec_math.h; 1 - p
+// is accurate for p < 1/2; classes with p >= 1/2 (one at most) are left out here and
 // added by the caller with the header's expm1 / pow.
 template <bool kClamped, bool kExact, bool kSqrt, typename scalar_t, typename acc_t>
 void focal_sums(const scalar_t* __restrict z, const acc_t* __restrict e, int64_t begin, int64_t end,
@@ -63,7 +63,7 @@ void focal_sums(const scalar_t* __restrict z, const acc_t* __restrict e, int64_t
     const acc_t p = e[k] * inv_sumexp;
     const bool small = p < acc_t(0.5);
     const acc_t one_minus_p = small ? acc_t(1) - p : acc_t(1);
-    const acc_t w = kSqrt ? std::sqrt(one_minus_p) : exp_nonpos(gamma * log_half_to_one(one_minus_p));
+    const acc_t w = kSqrt ? std::sqrt(one_minus_p) : pow_unit(one_minus_p, gamma);
     const auto f = apl::focal_terms_from(apl::log_prob(static_cast<acc_t>(z[k]), max, log_sum), p, one_minus_p, w,
                                          gamma, mode);
     const acc_t value = small ? f.value : acc_t(0), deriv = small ? f.deriv : acc_t(0);
@@ -80,6 +80,39 @@ void focal_sums(const scalar_t* __restrict z, const acc_t* __restrict e, int64_t
   sums.focal += focal;
   sums.focal_deriv += focal_deriv;
   if (kClamped) sums.add_other_unnormalised(live, dead, n_dead, inv_sumexp);
+}
+
+// The ngce sums (and with kClamped the rce / nrce ones) of NormalizerSums over
+// classes [begin, end), none of them the label: add_prob() with p^q from
+// pow_unit, and a LossParams of known terms, so that the loop vectorises.
+template <bool kClamped, typename acc_t>
+void ngce_sums(const acc_t* __restrict e, int64_t begin, int64_t end, acc_t inv_sumexp, double q,
+               apl::NormalizerSums<acc_t>& sums) {
+  const apl::LossParams ngce{apl::kNGCE, kClamped ? apl::kRCE : apl::kPassiveNone, 0, 0, 0, q, 0, apl::kOfficial};
+  acc_t clamp_pow = 0, live_pow = 0, clamp_other = 0, live_other = 0, dead_other = 0;
+#pragma omp simd reduction(+ : clamp_pow, live_pow, clamp_other, live_other, dead_other)
+  for (int64_t k = begin; k < end; ++k) {
+    apl::NormalizerSums<acc_t> one;
+    one.add_prob(e[k] * inv_sumexp, false, ngce, UnitPow());
+    clamp_pow += one.clamp_pow;
+    live_pow += one.live_pow;
+    clamp_other += one.clamp_other;
+    live_other += one.live_other;
+    dead_other += one.dead_other;
+  }
+  sums.clamp_pow += clamp_pow;
+  sums.live_pow += live_pow;
+  sums.clamp_other += clamp_other;
+  sums.live_other += live_other;
+  sums.dead_other += dead_other;
+}
+
+template <bool kClamped, typename acc_t>
+void ngce_sums_row(const acc_t* e, int64_t y, int64_t K, acc_t inv_sumexp, const apl::LossParams& P,
+                   apl::NormalizerSums<acc_t>& sums) {
+  ngce_sums<kClamped>(e, 0, y, inv_sumexp, P.q, sums);
+  ngce_sums<kClamped>(e, y + 1, K, inv_sumexp, P.q, sums);
+  sums.add_prob(e[y] * inv_sumexp, true, P);
 }
 
 template <bool kClamped, bool kExact, bool kSqrt, typename scalar_t, typename acc_t>
@@ -169,8 +202,9 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
   apl::NormalizerSums<acc_t> sums;
   if (ctx.second_pass) {
     const apl::LossParams& P = ctx.P;
-    if (ctx.ngce) {  // pow per class: a plain loop
-      for (int64_t k = 0; k < K; ++k) sums.add_prob(e[k] * inv_sumexp, k == y, P);
+    if (ctx.ngce) {
+      const bool clamped = P.passive == apl::kRCE || P.passive == apl::kNRCE;
+      (clamped ? ngce_sums_row<true, acc_t> : ngce_sums_row<false, acc_t>)(e, y, K, inv_sumexp, P, sums);
     } else if (ctx.nfl) {
       pick_focal_sums_row<scalar_t, acc_t>(P)(z, e, y, K, inv_sumexp, live_from, max, log_sum, focal_d, P, sums);
     } else {  // rce / nrce: only the clamped sums
@@ -191,9 +225,13 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
 #pragma omp simd
     for (int64_t k = 0; k < K; ++k)
       grad[k] = static_cast<scalar_t>(apl::grad_other_from(e[k] * inv_sumexp, e[k] >= live_from, focal_d[k], c, P));
-  } else if (ctx.ngce) {  // pow per class: a plain loop
-    for (int64_t k = 0; k < K; ++k)
-      grad[k] = static_cast<scalar_t>(apl::grad_element_from(e[k] * inv_sumexp, acc_t(0), false, c, P));
+  } else if (ctx.ngce) {  // live as add_prob() has it
+    const acc_t zero = 0;
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t p = e[k] * inv_sumexp;
+      grad[k] = static_cast<scalar_t>(apl::grad_other_from(p, apl::unclamped(p), zero, c, P, UnitPow()));
+    }
   } else {
     const acc_t zero = 0;
 #pragma omp simd

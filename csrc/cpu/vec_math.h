@@ -1,5 +1,5 @@
-// exp(x) for x <= 0 and log(x) for x in [0.5, 1], written so that the compiler
-// vectorises loops calling them
+// exp(x) for x <= 0, log(x) for normal x > 0 and the power of a probability,
+// written so that the compiler vectorises loops calling them
 // (libm's expf is an opaque call that stops vectorisation without -ffast-math).
 //
 // The kernel only takes exp of z - max(z) <= 0; rows holding NaN or +inf are
@@ -45,13 +45,19 @@ __attribute__((always_inline)) inline float exp_nonpos(float x) {
 // translation unit is large enough that GCC would otherwise call these per element.)
 inline double exp_nonpos(double x) { return std::exp(x); }
 
-// log(x) for x in [0.5, 1] (1 - p of the classes with p <= 0.5), vectorisable:
-// x = 2^e (1 + f) with e in {-1, 0} and f in [sqrt(1/2) - 1, sqrt(2) - 1], and
-// Cephes' logf polynomial for log(1 + f) (about 1 ulp).
-__attribute__((always_inline)) inline float log_half_to_one(float x) {
-  const bool low = x < 0.70710678f;
-  const float f = low ? x + x - 1.0f : x - 1.0f;
-  const float e = low ? -1.0f : 0.0f;
+// log(x) for normal x > 0: x = 2^n m with m in [sqrt(1/2), sqrt(2)), and
+// Cephes' logf polynomial for log(m) = log(1 + f) (about 1 ulp).  Subtracting
+// the bits of sqrt(1/2) leaves n in the exponent field; no float -> int
+// conversion, so the loops stay vectorisable (see exp_nonpos).
+__attribute__((always_inline)) inline float log_normal(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const int32_t n = (bits - 0x3F3504F3) >> 23;
+  const int32_t m_bits = bits - n * (1 << 23);
+  float m;
+  std::memcpy(&m, &m_bits, sizeof(m));
+  const float f = m - 1.0f;
+  const float e = static_cast<float>(n);
   const float z = f * f;
   float y = 7.0376836292e-2f;
   y = y * f - 1.1514610310e-1f;
@@ -68,6 +74,19 @@ __attribute__((always_inline)) inline float log_half_to_one(float x) {
   return (f + y) + e * 0.693359375f;
 }
 
-inline double log_half_to_one(double x) { return std::log(x); }
+inline double log_normal(double x) { return std::log(x); }
+
+// x^y for x in (0, 1] and y >= 0: the (1 - p)^gamma of the focal terms and the
+// p^q of the ngce terms.  A zero or subnormal x gives a finite wrong value,
+// which the callers mask (clamped classes carry no p^q).
+__attribute__((always_inline)) inline float pow_unit(float x, float y) { return exp_nonpos(y * log_normal(x)); }
+
+inline double pow_unit(double x, double y) { return std::pow(x, y); }
+
+// pow_unit as the functor the shared math takes for its ngce terms.
+struct UnitPow {
+  __attribute__((always_inline)) float operator()(float x, float y) const { return pow_unit(x, y); }
+  double operator()(double x, double y) const { return pow_unit(x, y); }
+};
 
 }  // namespace apl_cpu
