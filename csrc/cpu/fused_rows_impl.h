@@ -195,8 +195,9 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
   const acc_t log_sum = stats.log_sum();
   const acc_t inv_sumexp = acc_t(1) / sumexp;
 
-  // Pass 3.  The label is kept out of the vector loops, so that `is_target`
-  // is a constant in them.  Classes with p_k < P_MIN are told apart by e_k
+  // Pass 3.  The label is kept out of the vector loops (they run on the
+  // segments around it, or with e[y] zeroed), so that `is_target` is a
+  // constant in them.  Classes with p_k < P_MIN are told apart by e_k
   // (apl::live_threshold), here and in pass 4 alike.
   const acc_t live_from = apl::live_threshold(sumexp);
   apl::NormalizerSums<acc_t> sums;
