@@ -47,6 +47,13 @@ def _param(hi, lo, zero):
 
 
 @triton.jit
+def _spec_params(a_hi, a_lo, b_hi, b_lo, g_hi, g_lo, q_hi, q_lo, A_hi, A_lo, zero):
+    """alpha, beta, gamma, q, A of the LossSpec, in the accumulation type of `zero`."""
+    return (_param(a_hi, a_lo, zero), _param(b_hi, b_lo, zero), _param(g_hi, g_lo, zero),
+            _param(q_hi, q_lo, zero), _param(A_hi, A_lo, zero))
+
+
+@triton.jit
 def _count_kept(y_ptr, N, ignore_index, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Number of rows whose label is not ignore_index (one program, fixed order)."""
     acc = tl.zeros([BLOCK], dtype=tl.int64)
@@ -127,11 +134,7 @@ def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_ro
     per program, per-row losses in loss_ptr (the output, or a buffer for _sum_kernel)."""
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
     zero = tl.zeros([], dtype=ACC)
-    alpha = _param(a_hi, a_lo, zero)
-    beta = _param(b_hi, b_lo, zero)
-    gamma = _param(g_hi, g_lo, zero)
-    q = _param(q_hi, q_lo, zero)
-    A = _param(A_hi, A_lo, zero)
+    alpha, beta, gamma, q, A = _spec_params(a_hi, a_lo, b_hi, b_lo, g_hi, g_lo, q_hi, q_lo, A_hi, A_lo, zero)
     weight = zero + 1.0
     if REDUCTION == R_MEAN:
         if SINGLE:
@@ -178,11 +181,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
     """Persistent over rows; per row: online lse, normaliser sums, gradient.  Per-row losses to loss_ptr."""
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
     zero = tl.zeros([], dtype=ACC)
-    alpha = _param(a_hi, a_lo, zero)
-    beta = _param(b_hi, b_lo, zero)
-    gamma = _param(g_hi, g_lo, zero)
-    q = _param(q_hi, q_lo, zero)
-    A = _param(A_hi, A_lo, zero)
+    alpha, beta, gamma, q, A = _spec_params(a_hi, a_lo, b_hi, b_lo, g_hi, g_lo, q_hi, q_lo, A_hi, A_lo, zero)
     weight = zero + 1.0
     if REDUCTION == R_MEAN:
         weight = 1.0 / tl.maximum(tl.load(count_ptr), 1.0)
