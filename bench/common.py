@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-LOSSES = ("ce", "nce+rce", "nce+mae", "nfl+rce", "nfl+mae", "ngce+mae")
+LOSSES = ("ce", "nce+rce", "nce+mae", "nfl+rce", "nfl+mae", "ngce+mae", "nce+agce", "nce+nnce", "nce+amse")
 # Every loss of the package, for the epoch benchmark.
 ALL_LOSSES = ("ce", "fl", "gce", "nce", "nfl", "ngce", "mae", "rce", "sce",
               "nce+rce", "nce+mae", "nfl+rce", "nfl+mae", "ngce+rce", "ngce+mae")

@@ -4,17 +4,22 @@
 // (float for fp16/bf16/fp32 logits, double for fp64).  A kernel streams each
 // row through three steps:
 //
-//   1. SoftmaxStats   max, sum exp(z - max) and sum z            (needs nothing)
+//   1. SoftmaxStats   max, sum exp(z - max) and sum (z - max)    (needs nothing)
 //   2. NormalizerSums sums over k that need log p_k = log_prob(z_k, ...)  (only if needs_second_pass)
 //   3. finish_row     the row's loss and the coefficients of its gradient;
 //      grad_element   d loss / d z_j for every j.
 //
 // Gradient.  With l = log p, each term's derivative with respect to l_k has
-// the form  g_k = c_const + c_focal f'(l_k) + c_pow m_k p_k^q + c_prob m_k p_k
-//                 + [k == y] c_target,
-// where m_k = [P_MIN <= p_k <= 1] (clamped entries get zero gradient) and f'
-// is the derivative of f(l) = -(1-p)^gamma l (a constant focal factor in the
-// official mode).  Through the log-softmax, d loss / d z_j = g_j - p_j sum_k g_k.
+// the form  g_k = c_const + c_focal f'(l_k) + c_pow m_k p_k^q + [k != y] c_prob m_k p_k + c_sq p_k^2
+//                 + n_k (c_neg + c_neg_focal f'(l_k)) + [k == y] c_target,
+// where m_k = [P_MIN <= p_k <= 1] and n_k = [p_k >= min_prob] (clamped entries
+// get zero gradient) and f' is the derivative of f(l) = -(1-p)^gamma l (a
+// constant focal factor in the official mode).  Terms of p_y alone (ce, fl,
+// gce, mae, ece, taylor, agce, aul, ael) only have c_target.  Through the
+// log-softmax, d loss / d z_j = g_j - p_j sum_k g_k.
+//
+// Adding a term: its code in APL_*_TERMS, the sums it needs in NormalizerSums
+// (if any) and needs_second_pass, its loss and coefficients in finish_row.
 // The per-term coefficients (derived in the comments of finish_row) are summed,
 // weighted by alpha and beta, into one GradCoefs.  Kernels that merge partial
 // NormalizerSums must merge every field (merge() does).
@@ -24,6 +29,8 @@
 
 #include <math.h>
 #include <stdint.h>
+
+#include "apl_terms.h"
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define APL_HD __host__ __device__ __forceinline__
@@ -37,23 +44,6 @@
 
 namespace apl {
 
-// The term codes, once (X-macros: the enums here, the code tables that
-// apl_ops.cpp exports for the test against apl_kernels/spec.py, the range checks).
-#define APL_ACTIVE_TERMS(X) \
-  X(kActiveNone, "none", 0) X(kCE, "ce", 1) X(kFL, "fl", 2) X(kNCE, "nce", 3) X(kNFL, "nfl", 4) X(kGCE, "gce", 5) \
-  X(kNGCE, "ngce", 6) X(kECE, "ece", 7) X(kTaylor, "taylor", 8)
-#define APL_PASSIVE_TERMS(X) \
-  X(kPassiveNone, "none", 0) X(kMAE, "mae", 1) X(kRCE, "rce", 2) X(kNMAE, "nmae", 3) X(kNRCE, "nrce", 4) \
-  X(kAGCE, "agce", 5) X(kAUL, "aul", 6) X(kAEL, "ael", 7) X(kNNCE, "nnce", 8) X(kNNFL, "nnfl", 9) X(kAMSE, "amse", 10)
-#define APL_TERM_ENUM(id, name, code) id = code,
-enum ActiveTerm : int { APL_ACTIVE_TERMS(APL_TERM_ENUM) kActiveEnd };
-enum PassiveTerm : int { APL_PASSIVE_TERMS(APL_TERM_ENUM) kPassiveEnd };
-#undef APL_TERM_ENUM
-enum GradMode : int { kOfficial = 0, kExact = 1 };
-enum Reduction : int { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
-
-constexpr double kPMin = 1e-7;
-
 // The LossSpec of apl_kernels/spec.py, as the op passes it.
 struct LossParams {
   int active;
@@ -64,6 +54,7 @@ struct LossParams {
   double m;         // ece
   int t;            // taylor order
   double min_prob;  // nnce, nnfl clamp
+  double neg_A;     // derived (negative_constant): the A of nnce or nnfl
 };
 
 constexpr int kMaxTaylorOrder = 1000;  // spec.py's MAX_TAYLOR_ORDER
@@ -84,6 +75,8 @@ APL_HD float apl_log(float x) { return logf(x); }
 APL_HD double apl_log(double x) { return log(x); }
 APL_HD float apl_expm1(float x) { return expm1f(x); }
 APL_HD double apl_expm1(double x) { return expm1(x); }
+APL_HD float apl_log1p(float x) { return log1pf(x); }
+APL_HD double apl_log1p(double x) { return log1p(x); }
 APL_HD float apl_pow(float x, float y) { return powf(x, y); }
 APL_HD double apl_pow(double x, double y) { return pow(x, y); }
 
@@ -103,25 +96,42 @@ APL_HD T nan_max(T a, T b) {
 }
 
 // ---------------------------------------------------------------- step 1
-// Online max / sum-exp (and the plain sum of logits for the NCE normaliser).
+// Online max / sum-exp, and sum (z - max) for the NCE normaliser: from logits
+// shifted by their max, so that an offset common to the row cancels exactly
+// (sum z - K lse lost its digits to it).
 template <typename T>
 struct SoftmaxStats {
   T max = -INFINITY;
   T sumexp = 0;
-  T sum_z = 0;
+  T sum_shifted = 0;  // sum_k (z_k - max); -inf if a z_k is -inf
+  T count = 0;        // logits added
+
+  // sum_shifted relative to new_max >= max.
+  APL_HD T shifted_to(T new_max) const {
+    return (max == -INFINITY || new_max == max) ? sum_shifted : sum_shifted - count * (new_max - max);
+  }
 
   APL_HD void add(T z) {
-    sum_z += z;
     const T new_max = nan_max(max, z);
+    sum_shifted = shifted_to(new_max) + (z == -INFINITY ? T(-INFINITY) : z - new_max);
+    count += T(1);
     // Guard -inf - -inf: while every logit so far is -inf the sum stays 0.
     if (new_max == -INFINITY) return;
     sumexp = sumexp * apl_exp(max - new_max) + apl_exp(z - new_max);
     max = new_max;
   }
 
+  // One logit of a row whose max is already known (max set before): no rescaling.
+  APL_HD void add_known_max(T z) {
+    sum_shifted += z == -INFINITY ? T(-INFINITY) : z - max;
+    count += T(1);
+    if (max != -INFINITY) sumexp += apl_exp(z - max);
+  }
+
   APL_HD void merge(const SoftmaxStats& o) {
-    sum_z += o.sum_z;
     const T new_max = nan_max(max, o.max);
+    sum_shifted = shifted_to(new_max) + o.shifted_to(new_max);
+    count += o.count;
     if (new_max == -INFINITY) return;
     sumexp = sumexp * apl_exp(max - new_max) + o.sumexp * apl_exp(o.max - new_max);
     max = new_max;
@@ -194,6 +204,12 @@ APL_HD bool unclamped(T p) {
   return p >= T(kPMin) && p <= T(1);
 }
 
+// [p >= min_prob]: the classes that the clamps of nnce and nnfl leave unchanged.
+template <typename T>
+APL_HD bool above_min_prob(T p, const LossParams& P) {
+  return p >= T(P.min_prob);
+}
+
 template <typename T>
 APL_HD T clamp_prob(T p) {
   return p < T(kPMin) ? T(kPMin) : (p > T(1) ? T(1) : p);
@@ -208,7 +224,24 @@ APL_HD T live_threshold(T sumexp) {
 
 // ---------------------------------------------------------------- step 2
 APL_HD bool needs_second_pass(const LossParams& P) {
-  return P.active == kNFL || P.active == kNGCE || P.passive == kRCE || P.passive == kNRCE;
+  return P.active == kNFL || P.active == kNGCE || P.active == kECE || P.passive == kRCE || P.passive == kNRCE ||
+         P.passive == kNNCE || P.passive == kNNFL || P.passive == kAMSE;
+}
+
+// The A of the negative terms: nnce's -log min_prob, nnfl's -(1 - min_prob)^gamma
+// log min_prob, the value of a clamped class (so clamped classes add exactly 0
+// to their sums A - ...).  Computed once on the host into LossParams::neg_A.
+inline double negative_constant(int passive, double gamma, double min_prob) {
+  if (passive == kNNCE) return -log(min_prob);
+  if (passive == kNNFL) return -pow(1.0 - min_prob, gamma) * log(min_prob);
+  return 0.0;
+}
+
+// ece's label is the argmax (the first index of the largest p, as torch.argmax)
+// iff z_y = max z and no class before it reaches the max.
+template <typename T>
+APL_HD bool ties_before_label(T z, int64_t k, int64_t y, T max) {
+  return k < y && z == max;
 }
 
 template <typename T>
@@ -220,6 +253,11 @@ struct NormalizerSums {
   T clamp_other = 0;   // sum_{k != y} clamp(p_k)            rce, nrce
   T live_other = 0;    // sum_{k != y} m_k p_k               rce, nrce gradient
   T dead_other = 0;    // sum_{k != y} (1 - m_k) p_k         rce, nrce gradient: 1 - live_other = p_y + dead_other
+  T sq_other = 0;      // sum_{k != y} p_k^2                 amse
+  T neg_other = 0;     // sum_{k != y} n_k h_k               nnce (h = A + l), nnfl (h = A - f(l)) normaliser
+  T neg_live = 0;      // sum_{k != y} n_k                   nnce gradient
+  T neg_deriv = 0;     // sum_{k != y} n_k f'(l_k)           nnfl gradient
+  T ties = 0;          // #{k < y : z_k = max}               ece (ties_before_label)
 
   // The nfl sums, from focal_terms() of one class.
   APL_HD void add_focal(const FocalTerms<T>& f) {
@@ -255,11 +293,32 @@ struct NormalizerSums {
     clamp_other += live_e * inv_sumexp + T(kPMin) * n_dead;
   }
 
-  // One class, from its log p alone.
-  APL_HD void add(T log_p, bool is_target, const LossParams& P) {
+  // The amse, nnce and nnfl sums of one class k != y; `live` = above_min_prob(p).
+  // f: focal_terms() of the class (read by nnfl only).
+  APL_HD void add_other(T log_p, T p, bool live, const FocalTerms<T>& f, const LossParams& P) {
+    if (P.passive == kAMSE) sq_other += p * p;
+    if (P.passive == kNNCE) {
+      neg_other += live ? T(P.neg_A) + log_p : T(0);
+      neg_live += live ? T(1) : T(0);
+    }
+    if (P.passive == kNNFL) {
+      neg_other += live ? T(P.neg_A) - f.value : T(0);
+      neg_deriv += live ? f.deriv : T(0);
+    }
+  }
+
+  // One class k of a row with label y, from its logit, the row's max and
+  // log sum exp(z - max).
+  APL_HD void add(T z, int64_t k, int64_t y, T max, T log_sum, const LossParams& P) {
+    const T log_p = log_prob(z, max, log_sum);
     const T p = apl_exp(log_p);
-    if (P.active == kNFL) add_focal(focal_terms(log_p, p, T(P.gamma), P.grad_mode));
+    const bool is_target = k == y;
+    FocalTerms<T> f{T(0), T(0)};
+    if (P.active == kNFL || P.passive == kNNFL) f = focal_terms(log_p, p, T(P.gamma), P.grad_mode);
+    if (P.active == kNFL) add_focal(f);
     if (P.active == kNGCE || P.passive == kRCE || P.passive == kNRCE) add_prob(p, is_target, P);
+    if (!is_target) add_other(log_p, p, above_min_prob(p, P), f, P);
+    if (P.active == kECE && ties_before_label(z, k, y, max)) ties += T(1);
   }
 
   APL_HD void merge(const NormalizerSums& o) {
@@ -270,6 +329,11 @@ struct NormalizerSums {
     clamp_other += o.clamp_other;
     live_other += o.live_other;
     dead_other += o.dead_other;
+    sq_other += o.sq_other;
+    neg_other += o.neg_other;
+    neg_live += o.neg_live;
+    neg_deriv += o.neg_deriv;
+    ties += o.ties;
   }
 };
 
@@ -279,6 +343,9 @@ struct GradCoefs {
   T lse;
   T max, log_sum;  // the row's max and log sum exp(z - max): log p = log_prob(z, max, log_sum)
   T c_const = 0, c_focal = 0, c_pow = 0, c_prob = 0, c_target = 0;
+  T c_sq = 0;         // of p_k^2 (amse)
+  T c_neg = 0;        // of n_k (nnce)
+  T c_neg_focal = 0;  // of n_k f'(l_k) (nnfl)
   T g_sum = 0;  // sum_k g_k
   // c_prob - g_sum, the factor of p_k for every unclamped k != y.  rce makes the
   // two nearly equal when p_y is small (1 - live_other); p_coef is computed
@@ -292,8 +359,14 @@ struct RowResult {
   GradCoefs<T> grad;  // already multiplied by the row's reduction weight
 };
 
+// ece's clamp of p'_y (spec.py ECE_EPS).
+constexpr double kEceEps = 1e-8;
+
 // The loss of a row with label y and its gradient coefficients.  `weight` is
 // the reduction's factor of this row's gradient (1, or 1/count for mean).
+// Each term adds its value and its g_k coefficients (weighted by alpha or
+// beta) and its share of g_sum = sum_k g_k.  u = 1 - p_y is taken from expm1,
+// so that terms of 1 - p_y keep their accuracy as p_y -> 1.
 template <typename T>
 APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>& n, T z_target, int64_t K,
                                const LossParams& P, T weight) {
@@ -305,26 +378,28 @@ APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>
   const T l_y = log_prob(z_target, c.max, c.log_sum);
   const T p_y = apl_exp(l_y);
   const T one_minus_p_y = -apl_expm1(l_y);
-  const T gamma = T(P.gamma), q = T(P.q), Kf = T(K);
+  const T u = one_minus_p_y;
+  const T gamma = T(P.gamma), q = T(P.q), a = T(P.a), Kf = T(K);
   const T alpha = T(P.alpha) * weight, beta = T(P.beta) * weight;
   const bool live_y = unclamped(p_y);
   T active = 0, passive = 0;
+  // A term of p_y alone: g_k = [k=y] d, d = dL/dl_y.
+  auto label_only = [&](T w, T d) {
+    c.c_target += w * d;
+    c.g_sum += w * d;
+  };
 
   switch (P.active) {
     case kCE:  // -l_y;  g_k = -[k=y]
       active = -l_y;
-      c.c_target += -alpha;
-      c.g_sum += -alpha;
+      label_only(alpha, T(-1));
       break;
-    case kFL: {  // f(l_y);  g_k = [k=y] f'(l_y)
+    case kFL:  // f(l_y);  g_k = [k=y] f'(l_y)
       active = focal_value(l_y, gamma);
-      const T d = focal_deriv(l_y, gamma, P.grad_mode);
-      c.c_target += alpha * d;
-      c.g_sum += alpha * d;
+      label_only(alpha, focal_deriv(l_y, gamma, P.grad_mode));
       break;
-    }
-    case kNCE: {  // L = l_y / S, S = sum_k l_k = sum z - K lse;  g_k = (L - [k=y]) / D, D = -S
-      const T D = -(s.sum_z - Kf * c.lse);
+    case kNCE: {  // L = l_y / S, S = sum_k l_k = sum (z - max) - K log_sum;  g_k = (L - [k=y]) / D, D = -S
+      const T D = Kf * c.log_sum - s.sum_shifted;
       active = -l_y / D;
       c.c_const += alpha * active / D;
       c.c_target += -alpha / D;
@@ -343,9 +418,7 @@ APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>
     case kGCE: {  // (1 - clamp(p_y)^q) / q;  g_k = -[k=y] m_y p_y^q
       const T pq = apl_pow(clamp_prob(p_y), q);
       active = (T(1) - pq) / q;
-      const T d = live_y ? -pq : T(0);
-      c.c_target += alpha * d;
-      c.g_sum += alpha * d;
+      label_only(alpha, live_y ? -pq : T(0));
       break;
     }
     case kNGCE: {  // L = (1 - c_y^q) / D, D = K - sum_k c_k^q;  g_k = (-q m_y p_y^q [k=y] + L q m_k p_k^q) / D
@@ -358,6 +431,25 @@ APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>
       c.g_sum += alpha * (d_y + active * q * n.live_pow) / D;
       break;
     }
+    case kECE: {  // -log max(p'_y, eps), p'_y = (p_y + m [y = argmax]) / (m + 1);  d = -p_y / (p_y + m [y = argmax])
+      const T m = T(P.m);
+      const bool is_argmax = z_target == s.max && n.ties == T(0);
+      // p'_y = 1 - u / (m + 1) at the argmax, else p_y / (m + 1): logs without cancellation.
+      const T eps_p = is_argmax ? T(1) - u / (m + T(1)) : p_y / (m + T(1));
+      const bool live = eps_p >= T(kEceEps);
+      active = !live ? -apl_log(T(kEceEps)) : (is_argmax ? -apl_log1p(-u / (m + T(1))) : apl_log1p(m) - l_y);
+      label_only(alpha, !live ? T(0) : (is_argmax ? -p_y / (p_y + m) : T(-1)));
+      break;
+    }
+    case kTaylor: {  // sum_{j=1..t} u^j / j;  d = -p_y sum_{j<t} u^j = -(1 - u^t)
+      T power = T(1);
+      for (int j = 1; j <= P.t; ++j) {
+        power *= u;
+        active += power / T(j);
+      }
+      label_only(alpha, apl_expm1(T(P.t) * apl_log1p(-p_y)));
+      break;
+    }
     default:
       break;
   }
@@ -367,8 +459,7 @@ APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>
     case kNMAE: {
       const T scale = P.passive == kMAE ? T(1) : T(1) / (Kf - T(1));
       passive = scale * one_minus_p_y;
-      c.c_target += -beta * scale * p_y;
-      c.g_sum += -beta * scale * p_y;
+      label_only(beta, -scale * p_y);
       break;
     }
     case kRCE:   // -A sum_{k!=y} clamp(p_k);  g_k = -A m_k p_k [k!=y]
@@ -377,9 +468,56 @@ APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>
       passive = scale * n.clamp_other;
       // c_prob - g_sum = beta scale (1 - live_other) - (the active term's g_sum)
       c.p_coef = beta * scale * (p_y + n.dead_other) - c.g_sum;
-      c.c_prob += beta * scale;
-      c.c_target += live_y ? -beta * scale * p_y : T(0);  // the sum excludes y
+      c.c_prob += beta * scale;  // of m_k p_k for k != y only: the sum excludes y
       c.g_sum += beta * scale * n.live_other;
+      break;
+    }
+    case kAGCE: {  // ((a+1)^q - (a+p_y)^q) / q = (a+1)^q (1 - (1 - u/(a+1))^q) / q;  d = -p_y (a+p_y)^(q-1)
+      const T w = a + T(1);
+      passive = apl_pow(w, q) * -apl_expm1(q * apl_log1p(-u / w)) / q;
+      label_only(beta, -p_y * apl_pow(w - u, q - T(1)));
+      break;
+    }
+    case kAUL: {  // ((a-p_y)^q - (a-1)^q) / q = (a-1)^q ((1 + u/(a-1))^q - 1) / q;  d = -p_y (a-p_y)^(q-1)
+      const T w = a - T(1);
+      passive = apl_pow(w, q) * apl_expm1(q * apl_log1p(u / w)) / q;
+      label_only(beta, -p_y * apl_pow(w + u, q - T(1)));
+      break;
+    }
+    case kAEL: {  // exp(-p_y / a);  d = -p_y exp(-p_y / a) / a
+      passive = apl_exp(-p_y / a);
+      label_only(beta, -p_y * passive / a);
+      break;
+    }
+    case kAMSE: {  // (1/K) sum_k (p_k - a [k=y])^2;  g_k = (2/K) (p_k^2 - a p_y [k=y])
+      const T diff_y = (T(1) - a) - u;  // p_y - a
+      passive = (diff_y * diff_y + n.sq_other) / Kf;
+      c.c_sq += T(2) * beta / Kf;
+      c.c_target += -T(2) * beta * a * p_y / Kf;
+      c.g_sum += T(2) * beta * (n.sq_other + p_y * diff_y) / Kf;
+      break;
+    }
+    case kNNCE:    // 1 - N / D, N = n_y (A + l_y), D = N + sum_{k!=y} n_k (A + l_k);  g_k = n_k N / D^2 - [k=y] n_y / D
+    case kNNFL: {  // 1 - N / D, N = n_y (A - f_y), D = N + sum_{k!=y} n_k (A - f_k);  g_k = f'_k (g of nnce) with -f for l
+      const bool live_neg_y = above_min_prob(p_y, P);
+      const T live_y_f = live_neg_y ? T(1) : T(0);
+      if (P.passive == kNNCE) {
+        const T N = live_neg_y ? T(P.neg_A) + l_y : T(0);
+        const T D = n.neg_other + N;
+        passive = n.neg_other / D;
+        c.c_neg += beta * N / (D * D);
+        c.c_target += -beta * live_y_f / D;
+        c.g_sum += beta * (N * (n.neg_live + live_y_f) / (D * D) - live_y_f / D);
+      } else {
+        const FocalTerms<T> f = focal_terms(l_y, p_y, gamma, P.grad_mode);
+        const T N = live_neg_y ? T(P.neg_A) - f.value : T(0);
+        const T D = n.neg_other + N;
+        const T d_y = live_neg_y ? f.deriv : T(0);
+        passive = n.neg_other / D;
+        c.c_neg_focal += -beta * N / (D * D);
+        c.c_target += beta * d_y / D;
+        c.g_sum += beta * (d_y / D - N * (n.neg_deriv + d_y) / (D * D));
+      }
       break;
     }
     default:
@@ -392,39 +530,52 @@ APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>
   return r;
 }
 
-// c_const + c_focal f'(l_j) + c_pow m_j p_j^q: the part of g_j every class j has.
-// live = m_j = unclamped(p_j) (a kernel may have classified it otherwise, see
-// live_threshold); focal_d = f'(log p_j) is read only when c_focal != 0.
+// The part of g_j every class j has: c_const + c_focal f'(l_j) + c_pow m_j p_j^q
+// + c_sq p_j^2 + n_j (c_neg + c_neg_focal f'(l_j)).  live = m_j = unclamped(p_j),
+// live_neg = n_j = above_min_prob(p_j) (a kernel may have classified them
+// otherwise, see live_threshold); focal_d = f'(log p_j) is read only when
+// c_focal or c_neg_focal != 0.  Selects on coefficients that a kernel zeroed
+// fold away, so the per-element loops vectorise.
 template <typename T, typename Pow = LibmPow>
-APL_HD T grad_common(T p, bool live, T focal_d, const GradCoefs<T>& c, const LossParams& P, Pow pow = Pow()) {
+APL_HD T grad_common(T p, bool live, bool live_neg, T focal_d, const GradCoefs<T>& c, const LossParams& P,
+                     Pow pow = Pow()) {
   T g = c.c_const;
   if (c.c_focal != T(0)) g += c.c_focal * focal_d;
   if (c.c_pow != T(0) && live) g += c.c_pow * pow(p, T(P.q));
+  if (c.c_sq != T(0)) g += c.c_sq * p * p;
+  if (c.c_neg != T(0)) g += live_neg ? c.c_neg : T(0);
+  if (c.c_neg_focal != T(0)) g += live_neg ? c.c_neg_focal * focal_d : T(0);
   return g;
 }
 
 // d loss / d z_j = g_j - p_j sum_k g_k for a class j != y.
 template <typename T, typename Pow = LibmPow>
-APL_HD T grad_other_from(T p, bool live, T focal_d, const GradCoefs<T>& c, const LossParams& P, Pow pow = Pow()) {
-  return grad_common(p, live, focal_d, c, P, pow) + p * (live ? c.p_coef : -c.g_sum);
+APL_HD T grad_other_from(T p, bool live, bool live_neg, T focal_d, const GradCoefs<T>& c, const LossParams& P,
+                         Pow pow = Pow()) {
+  return grad_common(p, live, live_neg, focal_d, c, P, pow) + p * (live ? c.p_coef : -c.g_sum);
 }
 
 // The same for any class j, y included: for kernels that kept p_j and focal_d.
 template <typename T>
 APL_HD T grad_element_from(T p, T focal_d, bool is_target, const GradCoefs<T>& c, const LossParams& P) {
-  const bool live = unclamped(p);
-  if (!is_target) return grad_other_from(p, live, focal_d, c, P);
-  // Here c_prob p_y and c_target cancel exactly: keep them apart.
-  const T g = grad_common(p, live, focal_d, c, P) + (live ? c.c_prob * p : T(0));
-  return g + c.c_target - p * c.g_sum;
+  const bool live = unclamped(p), live_neg = above_min_prob(p, P);
+  if (!is_target) return grad_other_from(p, live, live_neg, focal_d, c, P);
+  // c_prob (rce, nrce) has no label term: adding c_prob p_y and taking it back
+  // in c_target lost the other terms' c_target to rounding (5e-7 in fp32).
+  return grad_common(p, live, live_neg, focal_d, c, P) + c.c_target - p * c.g_sum;
+}
+
+// f'(log p_j) where the coefficients read it, else 0.
+template <typename T>
+APL_HD T focal_deriv_if_needed(T log_p, const GradCoefs<T>& c, const LossParams& P) {
+  return (c.c_focal != T(0) || c.c_neg_focal != T(0)) ? focal_deriv(log_p, T(P.gamma), P.grad_mode) : T(0);
 }
 
 // The same for logit z of class j.
 template <typename T>
 APL_HD T grad_element(T z, bool is_target, const GradCoefs<T>& c, const LossParams& P) {
   const T log_p = log_prob(z, c.max, c.log_sum);
-  const T focal_d = c.c_focal != T(0) ? focal_deriv(log_p, T(P.gamma), P.grad_mode) : T(0);
-  return grad_element_from(apl_exp(log_p), focal_d, is_target, c, P);
+  return grad_element_from(apl_exp(log_p), focal_deriv_if_needed(log_p, c, P), is_target, c, P);
 }
 
 }  // namespace apl

@@ -25,15 +25,14 @@ inline LossParams checked_loss_params(const at::Tensor& logits, const at::Tensor
               logits.device(), " and ", target.device());
   TORCH_CHECK(active >= kActiveNone && active < kActiveEnd, "fused_loss: bad active term code ", active);
   TORCH_CHECK(passive >= kPassiveNone && passive < kPassiveEnd, "fused_loss: bad passive term code ", passive);
-  TORCH_CHECK(active <= kNGCE && passive <= kNRCE, "fused_loss: the C++ kernels do not implement term codes ", active,
-              "+", passive, " yet (this build predates them); use backend='reference'");
   TORCH_CHECK(t >= 1 && t <= kMaxTaylorOrder, "fused_loss: the Taylor order t must lie in [1, ", kMaxTaylorOrder,
               "], got ", t);
   TORCH_CHECK(active != kActiveNone || passive != kPassiveNone, "fused_loss: both terms are none");
   TORCH_CHECK(grad_mode == kOfficial || grad_mode == kExact, "fused_loss: bad grad mode ", grad_mode);
   TORCH_CHECK(reduction >= kReduceNone && reduction <= kReduceSum, "fused_loss: bad reduction ", reduction);
   return LossParams{static_cast<int>(active), static_cast<int>(passive), alpha, beta, gamma, q, A,
-                    static_cast<int>(grad_mode), a, m, static_cast<int>(t), min_prob};
+                    static_cast<int>(grad_mode), a, m, static_cast<int>(t), min_prob,
+                    negative_constant(static_cast<int>(passive), gamma, min_prob)};
 }
 
 }  // namespace apl

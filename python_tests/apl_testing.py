@@ -10,11 +10,35 @@ import torch
 
 from apl_kernels import LossSpec, apl_loss
 from apl_kernels.reference import reference_loss
+from apl_kernels.spec import TERMS
 
-# Every term, and every pair of an active and a passive term.
-ACTIVES = ("ce", "fl", "nce", "nfl", "gce", "ngce")
-PASSIVES = ("mae", "rce", "nmae", "nrce")
-ALL_LOSSES = ACTIVES + PASSIVES + tuple(f"{a}+{p}" for a in ACTIVES for p in PASSIVES)
+# Every term of spec.TERMS, and every pair of an active and a passive term:
+# a term added there is tested on every backend without new test code.
+ACTIVES = tuple(name for name, term in TERMS.items() if term.side == "active")
+PASSIVES = tuple(name for name, term in TERMS.items() if term.side == "passive")
+_PAIRS = tuple(f"{a}+{p}" for a in ACTIVES for p in PASSIVES)
+# Pairs whose two terms both read q (gce/ngce with agce/aul): their official
+# defaults differ, so LossSpec needs q given (make_spec gives 0.5).
+SHARED_Q_PAIRS = tuple(pair for pair in _PAIRS if all("q" in TERMS[t].params for t in pair.split("+")))
+# The losses that parse by name alone (all the others).
+ALL_LOSSES = ACTIVES + PASSIVES + tuple(pair for pair in _PAIRS if pair not in SHARED_Q_PAIRS)
+# The pairs of the papers (Ma et al.; ALFs; ANL; JAL; eps-softmax).
+PAPER_PAIRS = ("nce+rce", "nfl+rce", "nce+mae", "nfl+mae", "ngce+mae", "nce+agce", "nce+aul", "nce+ael", "nce+nnce",
+               "nfl+nnfl", "nce+amse", "nfl+amse", "ece+mae")
+
+
+def uses_gamma(loss: str) -> bool:
+    """Whether a loss reads gamma: only there do grad="official" and "exact" differ."""
+    return any("gamma" in TERMS[t].params for t in loss.split("+"))
+
+
+def make_spec(loss: str, **params) -> LossSpec:
+    """``LossSpec.from_name``, with q = 0.5 where both terms read q and none is given
+    (gce/ngce with agce/aul: their official defaults differ, so q must be explicit)."""
+    terms = loss.split("+")
+    if "q" not in params and sum("q" in TERMS[t].params for t in terms if t in TERMS) > 1:
+        params["q"] = 0.5
+    return LossSpec.from_name(loss, **params)
 
 # |actual - expected| <= rtol |expected| + atol max|expected|, per logits dtype.
 # fp16/bf16: the math is fp32 in both, the gradient is rounded to the dtype.

@@ -1,8 +1,10 @@
 """The loss contract, checked on every fused backend against the eager reference.
 
 Each test takes the ``backend`` fixture (conftest.py): "cpu" always, "cuda" and
-"triton" on a GPU.  Shapes are chosen so the CPU run stays fast on two cores:
-all term pairs on a small shape, the shape and dtype sweeps on a few losses.
+"triton" on a GPU.  The losses come from the term tables of apl_kernels/spec.py
+(apl_testing.ALL_LOSSES): a new term is tested here without new test code.
+Shapes are chosen so the CPU run stays fast on two cores: all term pairs on a
+small shape, the shape and dtype sweeps on a few losses.
 """
 import math
 
@@ -11,11 +13,24 @@ import torch
 
 from apl_kernels import LossSpec, apl_loss
 
-from apl_testing import ALL_LOSSES, assert_close, check_against_reference, loss_and_grad, make_inputs
+from apl_testing import (ALL_LOSSES, PAPER_PAIRS, SHARED_Q_PAIRS, assert_close, check_against_reference, loss_and_grad,
+                         make_inputs, make_spec, uses_gamma)
 
 REDUCTIONS = ("mean", "sum", "none")
 GRADS = ("official", "exact")
-SOME_LOSSES = ("nce+rce", "nfl+rce", "ngce+nrce", "gce+mae", "fl+nmae", "ce")
+SOME_LOSSES = ("nce+rce", "nfl+rce", "ngce+nrce", "gce+mae", "fl+nmae", "ce", "nce+agce", "nce+nnce", "nce+amse",
+               "nfl+nnfl", "ece+mae", "taylor+aul")
+# The terms of the later papers (issue 14), alone and in their papers' pairs.
+NEW_TERMS = ("ece", "taylor", "agce", "aul", "ael", "nnce", "nnfl", "amse")
+NEW_LOSSES = NEW_TERMS + PAPER_PAIRS[5:]
+# Their parameters away from the defaults (ece's default m = 1e5 clamps most rows).
+NEW_PARAMS = dict(m=3.0, t=5, min_prob=1e-3, gamma=1.5)
+
+
+def _loss_and_grad_modes():
+    """Every loss; the two gradient modes only where they differ (terms reading gamma)."""
+    return [pytest.param(loss, grad, id=f"{loss}-{grad}") for loss in ALL_LOSSES + SHARED_Q_PAIRS
+            for grad in (GRADS if uses_gamma(loss) else GRADS[:1])]
 
 
 def _grad_output(loss_shape, reduction, seed=3):
@@ -24,11 +39,10 @@ def _grad_output(loss_shape, reduction, seed=3):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("grad", GRADS)
-@pytest.mark.parametrize("loss", ALL_LOSSES)
+@pytest.mark.parametrize("loss,grad", _loss_and_grad_modes())
 def test_every_loss(backend, loss, grad, reduction):
     """Every term alone and every active+passive pair; ignored rows; random grad_output."""
-    spec = LossSpec.from_name(loss, grad=grad)
+    spec = make_spec(loss, grad=grad)
     logits, target = make_inputs(9, 10, torch.float64, ignore_every=4, seed=len(loss))
     go = _grad_output((9,), reduction)
     check_against_reference(backend, logits, target, spec, reduction, grad_output=go)
@@ -38,6 +52,8 @@ def test_every_loss(backend, loss, grad, reduction):
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16, torch.float16), ids=str)
 @pytest.mark.parametrize("loss", SOME_LOSSES)
 def test_dtypes(backend, loss, dtype, grad):
+    if grad == "exact" and not uses_gamma(loss):
+        pytest.skip("the same as grad='official' for this loss")
     spec = LossSpec.from_name(loss, grad=grad)
     logits, target = make_inputs(33, 20, dtype, ignore_every=5)
     check_against_reference(backend, logits, target, spec, "mean", grad_output=_grad_output((), "mean"))
@@ -246,3 +262,86 @@ def test_module_matches_functional(backend):
     criterion(x, target.to(backend.device)).backward()
     expected = check_against_reference(backend, logits, target, LossSpec.from_name("nfl+rce", alpha=2.0, beta=0.5))
     assert_close(x.grad, expected[1], torch.float32, "module grad")
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+@pytest.mark.parametrize("loss", NEW_LOSSES)
+def test_new_terms_parameters(backend, loss, dtype):
+    """The new terms with parameters away from their defaults reach the kernel: a, q, m, t, min_prob, gamma."""
+    a = {"agce": 0.6, "aul": 5.5, "ael": 2.5, "amse": 1.5}
+    passive = loss.split("+")[-1]
+    spec = LossSpec.from_name(loss, alpha=0.7, beta=1.3, grad="exact", a=a.get(passive), q=1.5 if passive in ("agce", "aul")
+                              else None, **NEW_PARAMS)
+    logits, target = make_inputs(40, 12, dtype, ignore_every=6)
+    check_against_reference(backend, logits, target, spec, "none", grad_output=_grad_output((40,), "none"))
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (128, 2), (7, 100), (128, 1000), (7, 50257)], ids=str)
+@pytest.mark.parametrize("loss", ("nce+agce", "nce+nnce", "nce+amse", "nfl+nnfl", "ece+mae", "ngce+amse", "fl+nnce"))
+def test_new_terms_shapes(backend, loss, shape):
+    """Vector paths, their segments around the label and the generic path, at every K."""
+    spec = LossSpec.from_name(loss, m=3.0 if "ece" in loss else None)
+    logits, target = make_inputs(*shape, torch.float32, ignore_every=3 if shape[0] > 1 else 0)
+    check_against_reference(backend, logits, target, spec, "mean")
+
+
+def _edge_rows(dtype):
+    """p_y -> 1 (exactly 1), p_y -> 0, classes below every clamp, tied maxima, one-hot rows."""
+    logits, target = make_inputs(10, 6, torch.float64, seed=5)
+    logits[0, target[0]] += 40.0          # p_y = 1 in fp32 and fp64
+    logits[1, target[1]] += 15.0          # p_y close to 1
+    logits[2, target[2]] -= 60.0          # p_y below every clamp
+    logits[3] = torch.tensor([2.0, 7.0, 7.0, 0.0, 7.0, -1.0])   # ties: the first is the argmax
+    target[3] = 1
+    logits[4] = logits[3]
+    target[4] = 2                          # tied with the argmax, not it
+    logits[5, :3] = -30.0                  # three classes below min_prob
+    logits[6] = torch.tensor([1e4, 0.0, 0.0, 0.0, 0.0, 0.0])  # one-hot, gap 1e4
+    target[6] = 0
+    logits[7] = logits[6]
+    target[7] = 3
+    return logits.to(dtype), target
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+@pytest.mark.parametrize("loss,params", [
+    ("ece", dict(m=3.0)), ("ece+mae", dict(m=1e5)), ("ece", dict(m=1e8)), ("taylor", dict(t=1)),
+    ("taylor", dict(t=40)), ("agce", dict(a=1e3, q=3.0)), ("agce", dict(a=1e-5, q=0.5)), ("aul", dict(a=1e3, q=3.0)),
+    ("aul", dict(a=1.01, q=0.2)), ("ael", dict(a=1e3)), ("amse", dict(a=1e3)), ("nce+amse", dict(a=30.0)),
+    ("nce+nnce", dict(min_prob=1e-7)), ("nnce", dict(min_prob=0.05)), ("nfl+nnfl", dict(min_prob=1e-7)),
+    ("nnfl", dict(min_prob=0.05, gamma=2.0)),
+], ids=str)
+def test_new_terms_edge_rows(backend, loss, params, dtype):
+    """The issue's edge cases: p_y -> 0 and 1, the clamps, argmax ties for ece, large a and q."""
+    spec = LossSpec.from_name(loss, grad="exact", **params)
+    logits, target = _edge_rows(dtype)
+    loss_value, grad_value = check_against_reference(backend, logits, target, spec, "none",
+                                                     grad_output=_grad_output((10,), "none"))
+    assert torch.isfinite(loss_value).all() and torch.isfinite(grad_value).all()
+
+
+@pytest.mark.parametrize("offset", (1e2, 1e4, 1e5))
+def test_nce_loss_with_a_common_offset(backend, offset):
+    """NCE's normaliser from z - max (issue 12, item 5): rows sharing a large offset
+    keep the loss to ~1e-7 relative, as the reference (sum z - K lse gave 2e-4 at 1e4)."""
+    logits, target = make_inputs(64, 1000, torch.float64, seed=2)
+    logits = (logits + offset).float()
+    spec = LossSpec.from_name("nce")
+    loss, _ = loss_and_grad(backend.name, logits.to(backend.device), target.to(backend.device), spec, "none")
+    truth, _ = loss_and_grad("reference", logits.double(), target, spec, "none")
+    rel = ((loss.cpu().double() - truth) / truth).abs().max().item()
+    assert rel < 1e-6, f"offset {offset}: relative loss error {rel:.2e}"
+
+
+@pytest.mark.parametrize("loss", ("nce+rce", "nce+nrce"))
+def test_one_hot_logits_gradient(backend, loss):
+    """One-hot logits with a gap of 1e4 (issue 12, item 5): no gradient where the truth is 0.
+    rce's label coefficient once absorbed nce's, 1e-7 in fp32 at the label."""
+    logits = torch.zeros(2, 10)
+    logits[:, 4] = 1e4
+    target = torch.tensor([4, 7])
+    spec = LossSpec.from_name(loss)
+    _, grad = loss_and_grad(backend.name, logits.to(backend.device), target.to(backend.device), spec, "none")
+    _, truth = loss_and_grad("reference", logits.double(), target, spec, "none")
+    assert truth[0].abs().max() == 0
+    assert (grad.cpu().double() - truth).abs().max().item() < 1e-11

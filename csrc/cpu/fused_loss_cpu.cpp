@@ -3,9 +3,10 @@
 // Rows run in parallel (at::parallel_for); each row makes these passes over
 // its K logits, with all loss math from csrc/apl_loss_math.h:
 //   1. max and sum z                                  (reads z)
-//   2. e_k = exp(z_k - max) into a per-thread buffer, sum e_k
+//   2. e_k = exp(z_k - max) into a per-thread buffer, sum e_k, sum (z_k - max)
 //   3. the normaliser sums, only if apl::needs_second_pass (reads z and e)
-//   4. the gradient, weight of the reduction included (reads e, writes grad)
+//   4. the gradient, weight of the reduction included (reads e, writes grad):
+//      a vectorised loop per family of losses (GradPass), a generic one else.
 // Accumulation is in at::opmath_type: float for half/bfloat16/float, double
 // for double.  A reduced loss is summed in fixed blocks of rows (run()), so
 // the result does not depend on the number of threads.
@@ -80,7 +81,9 @@ double run(const at::Tensor& logits, const at::Tensor& target, const apl::LossPa
   const int64_t* t = target.const_data_ptr<int64_t>();
   scalar_t* g = grad.numel() ? grad.data_ptr<scalar_t>() : nullptr;
 
-  RowContext<acc_t> ctx{P, K, acc_t(1), apl::needs_second_pass(P), P.active == apl::kNFL, P.active == apl::kNGCE};
+  const bool nfl = P.active == apl::kNFL, focal_scratch = nfl || P.passive == apl::kNNFL;
+  RowContext<acc_t> ctx{P, K, acc_t(1), apl::needs_second_pass(P), nfl, P.active == apl::kNGCE, focal_scratch,
+                        grad_pass_of(P)};
   if (reduction == apl::kReduceMean && kept > 0) ctx.weight = acc_t(1) / static_cast<acc_t>(kept);
   static const RowsFn<scalar_t, acc_t> rows_fn = pick_rows<scalar_t, acc_t>();
   // About 64k logits per task: enough work to pay for a thread.
@@ -89,7 +92,7 @@ double run(const at::Tensor& logits, const at::Tensor& target, const apl::LossPa
   if (reduction == apl::kReduceNone) {
     acc_t* out = row_loss.data_ptr<acc_t>();
     at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> e(K), focal_d(ctx.nfl ? K : 0);  // per-thread scratch rows
+      std::vector<acc_t> e(K), focal_d(ctx.focal_scratch ? K : 0);  // per-thread scratch rows
       const RowsArgs<scalar_t, acc_t> args{z, row_stride, t, ignore_index, &ctx, g, e.data(), focal_d.data()};
       rows_fn(args, begin, end, out + begin);
     });
@@ -98,7 +101,7 @@ double run(const at::Tensor& logits, const at::Tensor& target, const apl::LossPa
   const int64_t blocks = (N + kRowsPerPartial - 1) / kRowsPerPartial;
   std::vector<double> partial(blocks);
   at::parallel_for(0, blocks, std::max<int64_t>(1, grain / kRowsPerPartial), [&](int64_t first, int64_t last) {
-    std::vector<acc_t> e(K), focal_d(ctx.nfl ? K : 0);
+    std::vector<acc_t> e(K), focal_d(ctx.focal_scratch ? K : 0);
     const RowsArgs<scalar_t, acc_t> args{z, row_stride, t, ignore_index, &ctx, g, e.data(), focal_d.data()};
     acc_t losses[kRowsPerPartial];
     for (int64_t b = first; b < last; ++b) {

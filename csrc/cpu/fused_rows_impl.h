@@ -157,6 +157,82 @@ FocalSumsRow<scalar_t, acc_t> pick_focal_sums_row(const apl::LossParams& P) {
   return variants[clamped][exact][sqrt];
 }
 
+// The amse (kPassive = kAMSE) or nnce (kNNCE) sums of NormalizerSums over
+// classes [begin, end), none of them the label: the header's add_other() with
+// a LossParams of known terms, so that the loop vectorises.  n_k by e_k, as
+// live_from = min_prob * S says.
+template <int kPassive, typename scalar_t, typename acc_t>
+void passive_sums(const scalar_t* __restrict z, const acc_t* __restrict e, int64_t begin, int64_t end,
+                  acc_t inv_sumexp, acc_t live_from, acc_t max, acc_t log_sum, double neg_A,
+                  apl::NormalizerSums<acc_t>& sums) {
+  apl::LossParams P{};
+  P.passive = kPassive;
+  P.neg_A = neg_A;
+  const apl::FocalTerms<acc_t> no_focal{acc_t(0), acc_t(0)};
+  acc_t sq_other = 0, neg_other = 0, neg_live = 0;
+#pragma omp simd reduction(+ : sq_other, neg_other, neg_live)
+  for (int64_t k = begin; k < end; ++k) {
+    apl::NormalizerSums<acc_t> one;
+    one.add_other(apl::log_prob(static_cast<acc_t>(z[k]), max, log_sum), e[k] * inv_sumexp, e[k] >= live_from,
+                  no_focal, P);
+    sq_other += one.sq_other;
+    neg_other += one.neg_other;
+    neg_live += one.neg_live;
+  }
+  sums.sq_other += sq_other;
+  sums.neg_other += neg_other;
+  sums.neg_live += neg_live;
+}
+
+// The passive term's sums over the classes k != y (amse, nnce: vector loops;
+// nnfl: libm per class, which also fills focal_d[k] = f'(log p_k)).
+template <typename scalar_t, typename acc_t>
+void passive_sums_row(const scalar_t* z, const acc_t* e, int64_t y, int64_t K, acc_t inv_sumexp, acc_t live_from,
+                      acc_t max, acc_t log_sum, acc_t* focal_d, const apl::LossParams& P,
+                      apl::NormalizerSums<acc_t>& sums) {
+  if (P.passive == apl::kAMSE || P.passive == apl::kNNCE) {
+    auto segment = P.passive == apl::kAMSE ? passive_sums<apl::kAMSE, scalar_t, acc_t>
+                                           : passive_sums<apl::kNNCE, scalar_t, acc_t>;
+    segment(z, e, 0, y, inv_sumexp, live_from, max, log_sum, P.neg_A, sums);
+    segment(z, e, y + 1, K, inv_sumexp, live_from, max, log_sum, P.neg_A, sums);
+  } else if (P.passive == apl::kNNFL) {
+    for (int64_t k = 0; k < K; ++k) {
+      if (k == y) continue;
+      const acc_t log_p = apl::log_prob(static_cast<acc_t>(z[k]), max, log_sum), p = e[k] * inv_sumexp;
+      const auto f = apl::focal_terms(log_p, p, static_cast<acc_t>(P.gamma), P.grad_mode);
+      focal_d[k] = f.deriv;
+      sums.add_other(log_p, p, e[k] >= live_from, f, P);
+    }
+  }
+}
+
+// ece: whether a class before the label reaches the row's max (then the label
+// is not torch.argmax's first index).
+template <typename scalar_t, typename acc_t>
+acc_t ece_ties(const scalar_t* z, int64_t y, acc_t max) {
+  for (int64_t k = 0; k < y; ++k)
+    if (apl::ties_before_label(static_cast<acc_t>(z[k]), k, y, max)) return acc_t(1);
+  return acc_t(0);
+}
+
+// Pass 4 of the losses without nfl / ngce terms: c_const, p_k times a factor,
+// and with kSq amse's c_sq p_k^2, with kNeg nnce's n_k c_neg.  The other
+// coefficients are zeroed here, so their branches fold and the loop vectorises.
+template <bool kSq, bool kNeg, typename scalar_t, typename acc_t>
+void plain_grad_row(const acc_t* __restrict e, int64_t K, acc_t inv_sumexp, acc_t live_from, acc_t live_neg_from,
+                    apl::GradCoefs<acc_t> c, const apl::LossParams& P, scalar_t* __restrict grad) {
+  c.c_focal = 0;
+  c.c_pow = 0;
+  c.c_neg_focal = 0;
+  if (!kSq) c.c_sq = 0;
+  if (!kNeg) c.c_neg = 0;
+  const acc_t zero = 0;
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k)
+    grad[k] = static_cast<scalar_t>(
+        apl::grad_other_from(e[k] * inv_sumexp, e[k] >= live_from, e[k] >= live_neg_from, zero, c, P));
+}
+
 // Loss of one row with a valid label y; writes its gradient row if grad != nullptr.
 // `e` and `focal_d` are per-thread scratch rows of K values.
 template <typename scalar_t, typename acc_t>
@@ -180,18 +256,29 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
     return nan;
   }
 
-  // Pass 2.
+  // Pass 2, with sum (z - max) for nce: in blocks whose partial sums add up in
+  // double, so that its error does not grow with K (an SSE2 loop has 4 lanes
+  // of K / 4 terms each).
   acc_t sumexp = 0;
-#pragma omp simd reduction(+ : sumexp)
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t ek = exp_nonpos(static_cast<acc_t>(z[k]) - max);
-    e[k] = ek;
-    sumexp += ek;
+  double sum_shifted = 0;
+  for (int64_t b = 0; b < K; b += kShiftedBlock) {
+    const int64_t b_end = K - b > kShiftedBlock ? b + kShiftedBlock : K;
+    acc_t part = 0;
+#pragma omp simd reduction(+ : sumexp, part)
+    for (int64_t k = b; k < b_end; ++k) {
+      const acc_t shifted = static_cast<acc_t>(z[k]) - max;
+      const acc_t ek = exp_nonpos(shifted);
+      e[k] = ek;
+      sumexp += ek;
+      part += shifted;
+    }
+    sum_shifted += static_cast<double>(part);
   }
   apl::SoftmaxStats<acc_t> stats;
   stats.max = max;
   stats.sumexp = sumexp;
-  stats.sum_z = sum_z;
+  stats.sum_shifted = static_cast<acc_t>(sum_shifted);
+  stats.count = static_cast<acc_t>(K);
   const acc_t log_sum = stats.log_sum();
   const acc_t inv_sumexp = acc_t(1) / sumexp;
 
@@ -200,17 +287,20 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
   // constant in them.  Classes with p_k < P_MIN are told apart by e_k
   // (apl::live_threshold), here and in pass 4 alike.
   const acc_t live_from = apl::live_threshold(sumexp);
+  const acc_t live_neg_from = static_cast<acc_t>(ctx.P.min_prob) * sumexp;  // n_k = [p_k >= min_prob]
   apl::NormalizerSums<acc_t> sums;
   if (ctx.second_pass) {
     const apl::LossParams& P = ctx.P;
+    const bool clamped = P.passive == apl::kRCE || P.passive == apl::kNRCE;
     if (ctx.ngce) {
-      const bool clamped = P.passive == apl::kRCE || P.passive == apl::kNRCE;
       (clamped ? ngce_sums_row<true, acc_t> : ngce_sums_row<false, acc_t>)(e, y, K, inv_sumexp, P, sums);
     } else if (ctx.nfl) {
       pick_focal_sums_row<scalar_t, acc_t>(P)(z, e, y, K, inv_sumexp, live_from, max, log_sum, focal_d, P, sums);
-    } else {  // rce / nrce: only the clamped sums
+    } else if (clamped) {  // rce / nrce: only the clamped sums
       other_sums_row(e, y, K, live_from, inv_sumexp, sums);
     }
+    passive_sums_row(z, e, y, K, inv_sumexp, live_neg_from, max, log_sum, focal_d, P, sums);
+    if (P.active == apl::kECE) sums.ties = ece_ties(z, y, max);
   }
 
   const apl::RowResult<acc_t> row = apl::finish_row(stats, sums, static_cast<acc_t>(z[y]), K, ctx.P, ctx.weight);
@@ -219,25 +309,44 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
   // Pass 4.  Zeroing the coefficients a loss does not use makes the pow and
   // focal branches of grad_other_from constant-false, so the loop vectorises.
   apl::GradCoefs<acc_t> c = row.grad;
-  if (!ctx.ngce) c.c_pow = 0;
-  if (!ctx.nfl) c.c_focal = 0;
   const apl::LossParams& P = ctx.P;
-  if (ctx.nfl) {
+  switch (ctx.grad_pass) {
+    case kGradFocal:
+      c.c_pow = 0;
+      c.c_sq = c.c_neg = c.c_neg_focal = 0;
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k)
-      grad[k] = static_cast<scalar_t>(apl::grad_other_from(e[k] * inv_sumexp, e[k] >= live_from, focal_d[k], c, P));
-  } else if (ctx.ngce) {  // live as add_prob() has it
-    const acc_t zero = 0;
+      for (int64_t k = 0; k < K; ++k)
+        grad[k] = static_cast<scalar_t>(
+            apl::grad_other_from(e[k] * inv_sumexp, e[k] >= live_from, false, focal_d[k], c, P));
+      break;
+    case kGradPow: {  // live as add_prob() has it
+      c.c_focal = 0;
+      c.c_sq = c.c_neg = c.c_neg_focal = 0;
+      const acc_t zero = 0;
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t p = e[k] * inv_sumexp;
-      grad[k] = static_cast<scalar_t>(apl::grad_other_from(p, apl::unclamped(p), zero, c, P, UnitPow()));
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t p = e[k] * inv_sumexp;
+        grad[k] = static_cast<scalar_t>(apl::grad_other_from(p, apl::unclamped(p), false, zero, c, P, UnitPow()));
+      }
+      break;
     }
-  } else {
-    const acc_t zero = 0;
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k)
-      grad[k] = static_cast<scalar_t>(apl::grad_other_from(e[k] * inv_sumexp, e[k] >= live_from, zero, c, P));
+    case kGradPlain:
+      plain_grad_row<false, false>(e, K, inv_sumexp, live_from, live_neg_from, c, P, grad);
+      break;
+    case kGradPlainSq:
+      plain_grad_row<true, false>(e, K, inv_sumexp, live_from, live_neg_from, c, P, grad);
+      break;
+    case kGradPlainNeg:
+      plain_grad_row<false, true>(e, K, inv_sumexp, live_from, live_neg_from, c, P, grad);
+      break;
+    default:  // kGradGeneric: every coefficient, libm powers
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t p = e[k] * inv_sumexp;
+        const bool live = ctx.ngce ? apl::unclamped(p) : e[k] >= live_from;
+        grad[k] = static_cast<scalar_t>(apl::grad_other_from(p, live, e[k] >= live_neg_from,
+                                                             ctx.focal_scratch ? focal_d[k] : acc_t(0), c, P));
+      }
+      break;
   }
   // The label's p as finish_row computes it, so that its rce terms cancel exactly.
   grad[y] = static_cast<scalar_t>(apl::grad_element(static_cast<acc_t>(z[y]), true, c, P));

@@ -53,6 +53,7 @@ struct Args {
   LossParams P;
   int reduction;
   bool second_pass;
+  int device;  // the tensors' CUDA device (host-side planning)
 };
 
 // ---------------------------------------------------------------- slots
@@ -198,27 +199,29 @@ __device__ __forceinline__ R block_allreduce(R v, R* scratch) {
 }
 
 // ---------------------------------------------------------------- variants
-// Each kernel has a general variant (kPow) and one for losses without nfl/ngce
-// terms (nce+rce, ce, sce, ...).  There, constants let the compiler drop the
-// pow and focal code from the per-element loops: less code, fewer branches.
+// Each kernel has a general variant (kPow) and one for losses without nfl,
+// ngce or nnfl terms (nce+rce, ce, sce, nce+agce, nce+amse, ...).  There,
+// constants let the compiler drop the pow and focal code from the per-element
+// loops: less code, fewer branches.
 inline __host__ __device__ bool has_pow_terms(const LossParams& P) {
-  return P.active == apl::kNFL || P.active == apl::kNGCE;
+  return P.active == apl::kNFL || P.active == apl::kNGCE || P.passive == apl::kNNFL;
 }
 
-// Params of the normaliser pass: without nfl/ngce the active term adds nothing
-// to the sums (only rce/nrce do), so its code can be a constant.
+// Params of the normaliser pass: without nfl/ngce the only active term with
+// sums is ece (its argmax ties), so the other active codes can go.
 template <bool kPow>
 __device__ __forceinline__ LossParams sums_params(LossParams P) {
-  if constexpr (!kPow) P.active = apl::kActiveNone;
+  if constexpr (!kPow) P.active = P.active == apl::kECE ? apl::kECE : apl::kActiveNone;
   return P;
 }
 
-// Gradient coefficients: c_focal and c_pow are exactly 0 without nfl/ngce.
+// Gradient coefficients: c_focal, c_pow and c_neg_focal are exactly 0 without nfl/ngce/nnfl.
 template <bool kPow, typename T>
 __device__ __forceinline__ GradCoefs<T> grad_coefs(GradCoefs<T> c) {
   if constexpr (!kPow) {
     c.c_focal = 0;
     c.c_pow = 0;
+    c.c_neg_focal = 0;
   }
   return c;
 }

@@ -12,6 +12,9 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "cuda/apl_cuda_common.cuh"
 
@@ -79,12 +82,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scal
     }
     SoftmaxStats<acc_t> s;
     s.max = m;
-    for (int64_t j = tid; j < nc; j += T) {
-      visit(cache[j], j, [&](int, int64_t, acc_t v) {
-        s.sum_z += v;
-        if (m != -INFINITY) s.sumexp += apl::apl_exp(v - m);
-      });
-    }
+    for (int64_t j = tid; j < nc; j += T) visit(cache[j], j, [&](int, int64_t, acc_t v) { s.add_known_max(v); });
     {  // the streamed tail, online
       SoftmaxStats<acc_t> tail;
       for (int64_t j = nc + tid; j < ns; j += T) {
@@ -101,7 +99,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scal
     if (a.second_pass) {
       const acc_t mx = s.max, log_sum = s.log_sum();
       const LossParams P2 = sums_params<kPow>(a.P);
-      auto add = [&](int, int64_t e, acc_t v) { n.add(apl::log_prob(v, mx, log_sum), e == y, P2); };
+      auto add = [&](int, int64_t e, acc_t v) { n.add(v, e, y, mx, log_sum, P2); };
       for (int64_t j = tid; j < nc; j += T) visit(cache[j], j, add);
       for (int64_t j = nc + tid; j < ns; j += T) {
         Slot<scalar_t> b;
@@ -139,16 +137,45 @@ int block_threads(int64_t slots) {
   return slots >= 2048 ? 512 : (slots >= 512 ? 256 : 128);
 }
 
-// Dynamic shared memory allowed per block: the opt-in maximum less the static
-// scratch, or APL_CUDA_SMEM_PER_BLOCK (bytes; a tuning knob, 0 = stream everything).
-int64_t smem_budget() {
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int64_t hw = int64_t(prop->sharedMemPerBlockOptin) - 2048;
-  if (const char* env = std::getenv("APL_CUDA_SMEM_PER_BLOCK")) {
-    const long long v = std::atoll(env);
-    if (v >= 0) return std::min<int64_t>(hw, v);
-  }
-  return hw;
+// APL_CUDA_SMEM_PER_BLOCK (bytes; a tuning knob, 0 = stream everything; -1 when
+// unset), read once.
+int64_t smem_env() {
+  static const int64_t value = [] {
+    const char* env = std::getenv("APL_CUDA_SMEM_PER_BLOCK");
+    const long long v = env ? std::atoll(env) : -1;
+    return int64_t(v >= 0 ? v : -1);
+  }();
+  return value;
+}
+
+// What plan_large_k needs of a device and kernel variant, queried once per pair;
+// guarded by one mutex, since the op may run on several host threads at once.
+struct KernelOnDevice {
+  int64_t smem_budget = 0;  // dynamic shared memory allowed per block
+  int64_t raised = 0;       // cudaFuncAttributeMaxDynamicSharedMemorySize set so far
+  int64_t sms = 0;
+  std::map<std::pair<int, int64_t>, int> blocks_per_sm;  // (threads, dynamic smem) -> occupancy
+};
+
+std::mutex& plan_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+// Under plan_mutex().
+KernelOnDevice& kernel_on_device(int device, const void* kernel) {
+  static std::map<std::pair<int, const void*>, KernelOnDevice> known;
+  auto it = known.find({device, kernel});
+  if (it != known.end()) return it->second;
+  KernelOnDevice k;
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  // The opt-in maximum less the kernel's static shared memory (its reduction scratch).
+  const int64_t hw = int64_t(prop->sharedMemPerBlockOptin) - int64_t(attr.sharedSizeBytes);
+  k.smem_budget = smem_env() >= 0 ? std::min<int64_t>(hw, smem_env()) : hw;
+  k.sms = prop->multiProcessorCount;
+  return known.emplace(std::make_pair(device, kernel), std::move(k)).first->second;
 }
 
 }  // namespace
@@ -164,23 +191,25 @@ template <typename scalar_t>
 LaunchPlan plan_large_k(const Args<scalar_t>& a) {
   constexpr int V = Slot<scalar_t>::V;
   const int64_t max_slots = (a.K + 2 * V - 2) / V;
+  const auto kernel = large_k_variant<scalar_t>(a.P);
   LaunchPlan p;
   p.threads = block_threads(max_slots);
-  p.cap = std::min<int64_t>(max_slots, smem_budget() / 16);
+  // a.device is current (the op's CUDAGuard), so cudaFuncSetAttribute applies to it.
+  const std::lock_guard<std::mutex> lock(plan_mutex());
+  KernelOnDevice& k = kernel_on_device(a.device, reinterpret_cast<const void*>(kernel));
+  p.cap = std::min<int64_t>(max_slots, k.smem_budget / 16);
   p.smem = size_t(p.cap) * 16;
-  const auto kernel = large_k_variant<scalar_t>(a.P);
-  // Raised once per device and variant to the largest size asked for so far.
-  static int64_t raised[2][64] = {};
-  int64_t* done = raised[kernel == large_k_kernel<scalar_t, true> ? 1 : 0];
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (p.smem > 48 * 1024 && (device >= 64 || done[device] < int64_t(p.smem))) {
+  if (p.smem > 48 * 1024 && k.raised < int64_t(p.smem)) {  // raised to the largest size asked for so far
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(p.smem)));
-    if (device < 64) done[device] = int64_t(p.smem);
+    k.raised = int64_t(p.smem);
   }
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, p.threads, p.smem));
-  const int64_t resident = int64_t(std::max(per_sm, 1)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  auto occupancy = k.blocks_per_sm.find({p.threads, int64_t(p.smem)});
+  if (occupancy == k.blocks_per_sm.end()) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, p.threads, p.smem));
+    occupancy = k.blocks_per_sm.emplace(std::make_pair(p.threads, int64_t(p.smem)), per_sm).first;
+  }
+  const int64_t resident = int64_t(std::max(occupancy->second, 1)) * k.sms;
   p.grid = std::max<int64_t>(1, std::min(a.N, resident));  // persistent: each block loops over rows
   return p;
 }

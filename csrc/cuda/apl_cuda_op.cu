@@ -73,6 +73,7 @@ void run(const at::Tensor& logits, const at::Tensor& target, const apl::LossPara
   a.P = P;
   a.reduction = int(reduction);
   a.second_pass = apl::needs_second_pass(P);
+  a.device = logits.get_device();
 
   const bool small = small_k_supports<scalar_t>(K);
   const LaunchPlan plan = small ? plan_small_k(a) : plan_large_k(a);
@@ -88,7 +89,7 @@ void run(const at::Tensor& logits, const at::Tensor& target, const apl::LossPara
     } else {
       C10_CUDA_CHECK(cudaMemsetAsync(a.ws, 0, kWorkspaceHeader, stream));
       if (reduction == apl::kReduceMean) {
-        const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+        const int64_t sms = at::cuda::getDeviceProperties(a.device)->multiProcessorCount;
         const int64_t blocks = std::min<int64_t>((N + 4095) / 4096, 4 * sms);
         count_kept_kernel<<<unsigned(std::max<int64_t>(blocks, 2)), 256, 0, stream>>>(a.target, N, ignore_index,
                                                                                       a.ws);

@@ -80,17 +80,14 @@ __global__ void __launch_bounds__(kSmallBlock) small_k_kernel(const Args<scalar_
     each([&](int, int, int64_t, acc_t v) { m = apl::nan_max(m, v); });
     SoftmaxStats<acc_t> s;
     s.max = m;
-    each([&](int, int, int64_t, acc_t v) {
-      s.sum_z += v;
-      if (m != -INFINITY) s.sumexp += apl::apl_exp(v - m);
-    });
+    each([&](int, int, int64_t, acc_t v) { s.add_known_max(v); });
     group_allreduce(s, G);
 
     NormalizerSums<acc_t> n;
     if (a.second_pass) {
       const acc_t mx = s.max, log_sum = s.log_sum();
       const LossParams P2 = sums_params<kPow>(a.P);
-      each([&](int, int, int64_t e, acc_t v) { n.add(apl::log_prob(v, mx, log_sum), e == y, P2); });
+      each([&](int, int, int64_t e, acc_t v) { n.add(v, e, y, mx, log_sum, P2); });
       group_allreduce(n, G);
     }
     const apl::RowResult<acc_t> r = apl::finish_row(s, n, z_y, K, a.P, weight);
@@ -131,8 +128,12 @@ LaunchPlan plan_small_k(const Args<scalar_t>& a) {
   LaunchPlan p;
   p.threads = kSmallBlock;
   const int64_t ns = max_slots<scalar_t>(a.K);
-  const char* tiny_env = std::getenv("APL_CUDA_TINY_ROWS");  // "0": A/B knob for the GPU session
-  if (sizeof(scalar_t) < 8 && ns <= kTinyNV && !(tiny_env && tiny_env[0] == '0')) {
+  // APL_CUDA_TINY_ROWS=0: A/B knob for the GPU session, read once.
+  static const bool tiny_rows = [] {
+    const char* env = std::getenv("APL_CUDA_TINY_ROWS");
+    return !(env && env[0] == '0');
+  }();
+  if (sizeof(scalar_t) < 8 && ns <= kTinyNV && tiny_rows) {
     // Tiny rows (K up to 10 fp32, 18 fp16/bf16): a thread per row, so that the
     // per-row work (finish_row) is shared by 32 rows and no shuffles are needed.
     p.nv = kTinyNV;
@@ -150,7 +151,7 @@ LaunchPlan plan_small_k(const Args<scalar_t>& a) {
   const int64_t blocks = (a.N + rows_per_block - 1) / rows_per_block;
   // About two waves of blocks; each loops over its rows (and the last block
   // of a mean/sum adds one partial per block).
-  const int64_t cap = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
+  const int64_t cap = int64_t(at::cuda::getDeviceProperties(a.device)->multiProcessorCount) * 8;
   p.grid = std::max<int64_t>(1, std::min(blocks, cap));
   return p;
 }
