@@ -87,7 +87,7 @@ def test_deadlock_lists_every_wait(planted):
     msg = caught(op, DEADLOCK, *small_case())
     assert "deadlock" in msg, msg
     site = line_of(csrc, PLANTS["divergent_shuffle"])
-    assert f"threads 0 waits at __syncwarp(mask 0x00000003) at {site}" in msg, msg
+    assert f"thread 0 waits at __syncwarp(mask 0x00000003) at {site}" in msg, msg
     assert f"threads 1-31 waits at __shfl_xor_sync(mask 0xffffffff) at {site}" in msg, msg
 
 

@@ -23,6 +23,12 @@ here as soon as it is in that table.  Shrunk against the GPU module: fewer rows
 in the large-K and streamed cases, 2 x 1056 blocks (not 2 M rows) for the grid
 loop; the 2^31-element case is left to the GPU.
 
+Environment: CUDA_EMU_SCHEDULE (above); CUDA_EMU_FIBERS = asm (x86-64, the
+default) | ucontext; CUDA_EMU_BUILD_DIR = a folder kept between runs (ninja
+then recompiles only what changed; by default each test session builds afresh
+in its own temporary folder); CUDA_EMU_PLANT (test_emu_faults.py only).
+Run alone: `python -m pytest -q python_tests/cuda_emu`.
+
 Known gaps.  The emulator does not model:
 - the weak memory model: every access is sequentially consistent, so a missing
   `__threadfence` is not detected;

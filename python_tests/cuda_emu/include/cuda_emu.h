@@ -476,12 +476,14 @@ inline std::string wait_text(const Block& b, const Fiber& f) {
 // Every thread's state, consecutive threads in the same state on one line.
 inline std::string state_listing(const Block& b) {
   std::string out;
-  int i = 0;
+  int i = 0, lines = 0;
   while (i < b.nthreads) {
     const std::string w = wait_text(b, b.fibers[i]);
     int j = i;
     while (j + 1 < b.nthreads && wait_text(b, b.fibers[j + 1]) == w) ++j;
-    out += "\n    threads " + std::to_string(i) + (j > i ? "-" + std::to_string(j) : "") + " " + w;
+    if (++lines > 64) return out + "\n    ... (threads " + std::to_string(i) + "-" + std::to_string(b.nthreads - 1) + ")";
+    out += j > i ? "\n    threads " + std::to_string(i) + "-" + std::to_string(j) : "\n    thread " + std::to_string(i);
+    out += " " + w;
     i = j + 1;
   }
   return out;
@@ -916,7 +918,7 @@ inline std::string run_block(Block& b) {
     snprintf(t, sizeof t, ": invalid access at address %p", tl_segv.addr);
     const std::string line = addr2line(tl_segv.pc);
     result = header(b, "SIGSEGV in a kernel", f ? f->tid : -1) + t + " at " + (line.empty() ? "<unknown>" : line) +
-             (f ? " (after " + where(f->site) + ")" : std::string()) + launch_text(b);
+             (f && f->site.file ? " (after " + where(f->site) + ")" : std::string()) + launch_text(b);
   }
   stack_t off;
   off.ss_flags = SS_DISABLE;
