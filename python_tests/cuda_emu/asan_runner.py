@@ -57,8 +57,9 @@ def subset():
 
 
 def read_past():
-    """Contiguous rows of 13: the last slot of the last row is partial; the plant reads one element more."""
-    logits, target = make(8, 13, torch.float32, device="cpu", ignore_frac=0.0)
+    """7 contiguous rows of 13 floats (91, not a multiple of 4): the last slot of the last row is partial,
+    and the plant reads one element more, past the end of the allocation."""
+    logits, target = make(7, 13, torch.float32, device="cpu", ignore_frac=0.0)
     with env(CUDA_EMU_PLANT="6"):
         run_asan(logits, target, "nce+rce")
     print("READ PAST THE ROW END NOT CAUGHT", flush=True)

@@ -69,6 +69,12 @@ PLANTS = {
         "  if (CUDA_EMU_PLANTED(9) && lane == 0) { scratch[warp] = v; __syncthreads(); } else {"
         " if (lane == 0) scratch[warp] = v;\n  __syncthreads(); }",
         "if (CUDA_EMU_PLANTED(9) && lane == 0)"),
+    "exit_before_barrier": Plant(
+        11, "cuda/apl_cuda_op.cu",
+        "  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = c;",
+        "  if (CUDA_EMU_PLANTED(11) && threadIdx.x >= 32) return;"
+        " if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = c;",
+        "warp_sums[threadIdx.x >> 5] = c;"),
 }
 # Plant 10 (a __syncwarp(0x3) that lane 1 never joins: a deadlock) shares plant 4's line.
 DEADLOCK = 10

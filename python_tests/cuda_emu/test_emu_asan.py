@@ -51,3 +51,5 @@ def test_asan_catches_read_past_row_end(asan_subset, emu_build_dir, planted_csrc
     assert r.returncode != 0 and "NOT CAUGHT" not in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
     assert "AddressSanitizer: heap-buffer-overflow" in r.stderr, r.stderr[-6000:]
     assert line_of(planted_csrc, PLANTS["read_past_row_end"]) in r.stderr, r.stderr[-6000:]
+    assert "cuda_emu: the AddressSanitizer report above is from block (0,0,0) thread (6,0,0)" in r.stderr, (
+        r.stderr[-6000:])  # row 6 is thread 6's (a thread per row of 13)

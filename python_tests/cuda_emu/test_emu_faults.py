@@ -59,6 +59,16 @@ def test_removed_syncthreads(planted):
     assert line_of(csrc, PLANTS["removed_syncthreads"]) in msg, msg
 
 
+def test_exit_while_others_wait_at_a_barrier(planted):
+    """Warps 1-31 of the count kernel return before its barrier; warp 0 waits there (forward order)."""
+    op, csrc = planted
+    msg = caught(op, 11, *small_case())
+    assert "exit while others wait at a barrier" in msg, msg
+    assert "block (0,0,0) thread (32,0,0) exited" in msg, msg
+    file, line = line_of(csrc, PLANTS["exit_before_barrier"]).rsplit(":", 1)
+    assert f"wait at __syncthreads at {file}:{int(line) + 1}" in msg, msg  # the barrier below the plant
+
+
 def test_off_by_one_ticket(planted):
     """The second-to-last block sums the partials: it reads the last one before it is written (poisoned: NaN)."""
     op, _ = planted

@@ -51,8 +51,9 @@ import torch
 
 from apl_testing import ALL_LOSSES
 from emu_helpers import ALL_ORDERS, assert_bit_identical, env, run_emulated, run_once
-from test_cuda_kernels import DTYPES, LOSSES, TOL, _views, check, make, run_reference
+from test_cuda_kernels import DTYPES, LOSSES, _views, check, make, run_reference
 from apl_kernels import LossSpec
+from apl_kernels.reference import reference_loss
 
 pytestmark = pytest.mark.usefixtures("emu_op")
 
@@ -146,7 +147,6 @@ def test_exact_gradient_mode(loss):
         spec = LossSpec.from_name(loss, grad="exact")
         out, grad = run_emulated(logits, target, spec)
         x = logits.double().requires_grad_(True)
-        from apl_kernels.reference import reference_loss
         ref = reference_loss(x, target, spec, "mean", -100)
         ref.backward()
         torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-4, atol=1e-6)

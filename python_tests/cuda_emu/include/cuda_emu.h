@@ -823,8 +823,9 @@ inline void fiber_entry(Fiber* f) {
   if (b.at_barrier > 0) {
     int waiting = 0;
     while (b.fibers[waiting].wait != Wait::Barrier) ++waiting;
-    fault(b, header(b, "exit while others wait at a barrier", f->tid) + " exited (after " + where(f->site) +
-                 ") while " + std::to_string(b.at_barrier) + " threads, " + b.thread_name(waiting) +
+    fault(b, header(b, "exit while others wait at a barrier", f->tid) + " exited" +
+                 (f->site.file ? " (after " + where(f->site) + ")" : std::string()) + " while " +
+                 std::to_string(b.at_barrier) + " threads, " + b.thread_name(waiting) +
                  " first, wait at __syncthreads at " + where(b.fibers[waiting].site) + launch_text(b));
   }
   b.set_stuck(f->tid, Wait::Exited);
@@ -930,6 +931,16 @@ inline std::string run_block(Block& b) {
   return result;
 }
 
+#if CUDA_EMU_ASAN
+// ASan's report names the OS thread; this names the block and the CUDA thread.
+inline void asan_death() {
+  const Block* b = tl_block;
+  if (b == nullptr || b->current == nullptr) return;
+  fprintf(stderr, "cuda_emu: the AddressSanitizer report above is from %s (after %s)%s\n",
+          b->thread_name(b->current->tid).c_str(), where(b->current->site).c_str(), launch_text(*b).c_str());
+}
+#endif
+
 inline void set_error(cudaError_t e) {
   if (g_last_error == cudaSuccess) g_last_error = e;
 }
@@ -971,6 +982,9 @@ inline void launch(Site site, const void* kernel, dim3 grid, dim3 dim, size_t sm
   sa.sa_sigaction = &segv_handler;
   sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
   sigemptyset(&sa.sa_mask);
+#if CUDA_EMU_ASAN
+  __sanitizer_set_death_callback(&asan_death);
+#endif
   if (!CUDA_EMU_ASAN) {  // under ASan its own handler reports
     sigaction(SIGSEGV, &sa, &g_old_segv);
     sigaction(SIGBUS, &sa, &g_old_bus);
