@@ -54,6 +54,7 @@ from emu_helpers import ALL_ORDERS, assert_bit_identical, env, run_emulated, run
 from test_cuda_kernels import DTYPES, LOSSES, _views, check, make, run_reference
 from apl_kernels import LossSpec
 from apl_kernels.reference import reference_loss
+from apl_kernels.spec import REDUCTIONS
 
 pytestmark = pytest.mark.usefixtures("emu_op")
 
@@ -223,6 +224,21 @@ def test_all_orders_bit_identical(K):
                                  f"{loss} K={K} forward vs {schedule}")
         assert_bit_identical(first, run_once(logits, target, spec, reduction, fibers="ucontext"),
                              f"{loss} K={K} asm vs ucontext fibers")
+
+
+def test_loads_beside_the_real_extension():
+    """Two libraries, two namespaces: the real CPU kernel (apl_kernels._C) and the emulated CUDA
+    kernels both run, on the same input, and agree."""
+    from apl_kernels import ops
+    if ops._C is None:
+        pytest.skip(f"apl_kernels._C is not built: {ops.EXTENSION_ERROR}")
+    logits, target = make_cpu(64, 300, torch.float32)
+    spec = LossSpec.from_name("nfl+rce")
+    cpu_loss, cpu_grad = torch.ops.apl_kernels.fused_loss(logits, target, *spec.op_args(),
+                                                          REDUCTIONS["mean"], -100, True)
+    emu_loss, emu_grad = run_emulated(logits, target, spec)
+    torch.testing.assert_close(emu_loss, cpu_loss, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(emu_grad, cpu_grad, rtol=2e-4, atol=2e-4 * cpu_grad.abs().max().item())
 
 
 def test_bad_schedule_is_refused():
