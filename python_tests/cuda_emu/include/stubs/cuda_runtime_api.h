@@ -1,0 +1,3 @@
+// cuda_emu stub: the CUDA runtime is the emulator's.
+#pragma once
+#include "../cuda_emu.h"

@@ -1,0 +1,247 @@
+"""The CUDA kernels of csrc/cuda/, unchanged, run on CPU tensors by a CUDA emulator.
+
+No GPU is needed: emu_build.py compiles the real `csrc/cuda/*.cu` of this
+checkout with g++ against include/cuda_emu.h (launches rewritten on a generated
+copy, `#line` directives keep the original lines), into a build folder of the
+test session, as the op `torch.ops.apl_kernels_emu.fused_loss` (its own
+library and namespace, beside the real apl_kernels._C).  The emulator runs one
+OS thread per block and one fiber per CUDA thread; fibers switch only at
+`__syncthreads*` and warp collectives, in the order the schedule says
+(CUDA_EMU_SCHEDULE = forward | reverse | random:SEED | roundrobin).  Deadlocks,
+divergent barriers, exits while others wait at a barrier, shuffles outside
+their mask, misaligned `__ldg` and SIGSEGV in a kernel fail the launch with a
+message that names the block, the thread and the source line
+(test_emu_faults.py plants each of them).
+
+Here: the cases of python_tests/test_cuda_kernels.py, with its tables and
+checks, on CPU tensors, against the fp64 reference.  Each check runs the op
+under two schedules (forward, reverse) and requires bit-identical outputs;
+test_all_orders_bit_identical adds random:SEED and roundrobin, and the
+ucontext fibers, on a subset.  test_every_term drives every loss of
+apl_testing.ALL_LOSSES through every kernel variant, so a new term is tested
+here as soon as it is in that table.  Shrunk against the GPU module: fewer rows
+in the large-K and streamed cases, 2 x 1056 blocks (not 2 M rows) for the grid
+loop; the 2^31-element case is left to the GPU.
+
+Environment: CUDA_EMU_SCHEDULE (above); CUDA_EMU_FIBERS = asm (x86-64, the
+default) | ucontext; CUDA_EMU_BUILD_DIR = a folder kept between runs (ninja
+then recompiles only what changed; by default each test session builds afresh
+in its own temporary folder); CUDA_EMU_PLANT (test_emu_faults.py only).
+Run alone: `python -m pytest -q python_tests/cuda_emu`.
+
+Known gaps.  The emulator does not model:
+- the weak memory model: every access is sequentially consistent, so a missing
+  `__threadfence` is not detected;
+- concurrency between blocks: blocks run one after another (in the schedule's
+  order), so an inter-block race shows only as an order dependence;
+- cooperative groups, cp.async / TMA / wgmma and inline PTX: emu_build refuses
+  sources that use them (and their headers are `#error` stubs);
+- the GPU's fast intrinsics: `__expf` and friends are libm's functions, so
+  numerics differ slightly from the GPU (ex2.approx); `__CUDA_ARCH__` is not
+  defined, code under `#ifdef __CUDA_ARCH__` compiles in its host form;
+- divergence inside a warp: lanes run independently between collectives and
+  `__activemask()` is the warp's lanes that have not exited;
+- static `__shared__` starts zeroed (a fresh thread_local per block), not
+  poisoned like the dynamic shared memory (0xff bytes: NaN);
+- registers and `__launch_bounds__` (not enforced), streams, events and CUDA
+  graphs (a launch runs at once).
+"""
+import pytest
+import torch
+
+from apl_testing import ALL_LOSSES
+from emu_helpers import ALL_ORDERS, assert_bit_identical, env, run_emulated, run_once
+from test_cuda_kernels import DTYPES, LOSSES, _views, check, make, run_reference
+from apl_kernels import LossSpec
+from apl_kernels.reference import reference_loss
+from apl_kernels.spec import REDUCTIONS
+
+pytestmark = pytest.mark.usefixtures("emu_op")
+
+
+def make_cpu(N, K, dtype, **kw):
+    return make(N, K, dtype, device="cpu", **kw)
+
+
+def check_emulated(logits, target, loss, reduction="mean", rows=None):
+    check(logits, target, loss, reduction, rows, run=run_emulated)
+
+
+# ---------------------------------------------------------------- both kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [2, 3, 10, 31, 62, 100, 257, 1000, 1024])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_small_k(K, dtype, loss):
+    logits, target = make_cpu(173, K, dtype)
+    check_emulated(logits, target, loss)
+
+
+@pytest.mark.parametrize("tiny", ["1", "0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("K", [2, 7, 10, 16, 18])
+def test_tiny_rows_both_layouts(K, dtype, tiny):
+    with env(APL_CUDA_TINY_ROWS=tiny):
+        logits, target = make_cpu(1000, K, dtype)
+        for loss in ("nce+rce", "nfl+nmae", "ngce+nrce"):
+            check_emulated(logits, target, loss)
+        check_emulated(logits, target, "nce+rce", "none")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("K", [10, 1000, 5000])
+def test_reductions(K, reduction):
+    logits, target = make_cpu(300, K, torch.float32)
+    check_emulated(logits, target, "nce+rce", reduction)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [1025, 4099, 20000])
+@pytest.mark.parametrize("loss", ["nce+rce", "nfl+mae", "ngce+nrce", "ce"])
+def test_large_k_smem_resident(K, dtype, loss):
+    logits, target = make_cpu(24 if K < 5000 else 6, K, dtype)
+    check_emulated(logits, target, loss)
+
+
+@pytest.mark.parametrize("smem", ["0", "4096", "40000"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_k_streamed_tail(smem, dtype):
+    """Rows longer than the shared memory allowed: the tail is re-read in each pass."""
+    with env(APL_CUDA_SMEM_PER_BLOCK=smem):
+        logits, target = make_cpu(5, 30011, dtype)
+        for loss in ("nce+rce", "nfl+nmae", "ngce+mae"):
+            check_emulated(logits, target, loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_longer_than_shared_memory(dtype):
+    logits, target = make_cpu(2, 300_001, dtype, ignore_frac=0.0)
+    check_emulated(logits, target, "nce+rce")
+
+
+def test_many_rows_grid_loops():
+    """More rows than 2 x 1056 blocks of 256 rows: every block loops over rows (2 M rows on the GPU)."""
+    logits, target = make_cpu(2 * 1056 * 256 + 5, 3, torch.bfloat16)
+    check_emulated(logits, target, "nce+rce", "none", rows=slice(-5000, None))
+    check_emulated(logits, target, "nce+rce", "mean")
+
+
+def test_large_k_grid_loops():
+    """fp64 rows of 20000 take 160 KB of shared memory: one block per SM, so 140 rows loop over 132 blocks."""
+    logits, target = make_cpu(140, 20000, torch.float64)
+    check_emulated(logits, target, "nfl+rce", "sum")
+
+
+# ---------------------------------------------------------------- every term
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("K", [7, 60, 700, 3000])
+@pytest.mark.parametrize("loss", ALL_LOSSES)
+def test_every_term(loss, K, dtype):
+    """Every term and pair of apl_testing.ALL_LOSSES through the tiny-row, one-slot, wide and large-K kernels."""
+    logits, target = make_cpu(40, K, dtype, seed=K)
+    check_emulated(logits, target, loss)
+
+
+@pytest.mark.parametrize("loss", ["nfl+rce", "ngce+nmae", "gce+rce"])
+def test_exact_gradient_mode(loss):
+    for K in (10, 500, 2000):
+        logits, target = make_cpu(50, K, torch.float32)
+        spec = LossSpec.from_name(loss, grad="exact")
+        out, grad = run_emulated(logits, target, spec)
+        x = logits.double().requires_grad_(True)
+        ref = reference_loss(x, target, spec, "mean", -100)
+        ref.backward()
+        torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-4, atol=1e-6)
+        torch.testing.assert_close(grad.double(), x.grad, rtol=2e-4, atol=2e-4 * x.grad.abs().max().item())
+
+
+# ---------------------------------------------------------------- layouts
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("K", [5, 13, 37, 999, 1031, 5003])
+def test_misaligned_rows(K, dtype):
+    N = 16
+    for name, logits in _views(N, K, dtype, device="cpu").items():
+        assert logits.stride(1) == 1
+        target = torch.randint(0, K, (N,))
+        check_emulated(logits, target, "nce+rce")
+        check_emulated(logits, target, "ngce+mae")
+
+
+# ---------------------------------------------------------------- targets
+@pytest.mark.parametrize("K", [10, 3000])
+def test_bad_target_row_is_nan(K):
+    logits, target = make_cpu(20, K, torch.float32, ignore_frac=0.0)
+    target[3], target[7] = K, -5
+    out, grad = run_emulated(logits, target, "nce+rce", "none")
+    bad = torch.zeros(20, dtype=torch.bool)
+    bad[3] = bad[7] = True
+    assert out[bad].isnan().all() and out[~bad].isfinite().all()
+    assert grad[bad].isnan().all() and grad[~bad].isfinite().all()
+    mean, _ = run_emulated(logits, target, "nce+rce")
+    assert mean.isnan()
+
+
+@pytest.mark.parametrize("K", [10, 3000])
+def test_all_rows_ignored(K):
+    logits = torch.randn(9, K)
+    target = torch.full((9,), -100)
+    for reduction in ("mean", "sum"):
+        out, grad = run_emulated(logits, target, "nce+rce", reduction)
+        assert out.item() == 0.0 and grad.eq(0).all()
+
+
+def test_empty_batch():
+    for reduction in ("mean", "sum", "none"):
+        out, grad = run_emulated(torch.randn(0, 10), torch.zeros(0, dtype=torch.long), "nce+rce", reduction)
+        assert grad.shape == (0, 10)
+        if reduction != "none":
+            assert out.item() == 0.0
+
+
+def test_ignore_index_inside_range():
+    logits, target = make_cpu(50, 10, torch.float32, ignore_frac=0.0)
+    out, grad = run_emulated(logits, target, "nce+rce", "none", ignore_index=0)
+    ref_out, ref_grad = run_reference(logits, target, "nce+rce", "none", ignore_index=0)
+    torch.testing.assert_close(out.double(), ref_out, rtol=2e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-4, atol=1e-6)
+
+
+def test_mean_over_many_blocks_counts_with_atomics():
+    """N > 16384: the kept rows are counted by several blocks (memset, then atomicAdd)."""
+    logits, target = make_cpu(20000, 3, torch.float32, ignore_frac=0.3)
+    check_emulated(logits, target, "nce+rce", "mean")
+
+
+# ---------------------------------------------------------------- properties
+@pytest.mark.parametrize("K", [10, 100, 1000, 4099])
+def test_all_orders_bit_identical(K):
+    """All four schedules, and the ucontext fibers, give the same bits (a race would not)."""
+    logits, target = make_cpu(300 if K < 1000 else 40, K, torch.bfloat16, seed=K)
+    for loss, reduction in (("nfl+rce", "mean"), ("nce+mae", "none")):
+        spec = LossSpec.from_name(loss)
+        first = run_once(logits, target, spec, reduction, schedule=ALL_ORDERS[0])
+        for schedule in ALL_ORDERS[1:]:
+            assert_bit_identical(first, run_once(logits, target, spec, reduction, schedule=schedule),
+                                 f"{loss} K={K} forward vs {schedule}")
+        assert_bit_identical(first, run_once(logits, target, spec, reduction, fibers="ucontext"),
+                             f"{loss} K={K} asm vs ucontext fibers")
+
+
+def test_loads_beside_the_real_extension():
+    """Two libraries, two namespaces: the real CPU kernel (apl_kernels._C) and the emulated CUDA
+    kernels both run, on the same input, and agree."""
+    from apl_kernels import ops
+    if ops._C is None:
+        pytest.skip(f"apl_kernels._C is not built: {ops.EXTENSION_ERROR}")
+    logits, target = make_cpu(64, 300, torch.float32)
+    spec = LossSpec.from_name("nfl+rce")
+    cpu_loss, cpu_grad = torch.ops.apl_kernels.fused_loss(logits, target, *spec.op_args(),
+                                                          REDUCTIONS["mean"], -100, True)
+    emu_loss, emu_grad = run_emulated(logits, target, spec)
+    torch.testing.assert_close(emu_loss, cpu_loss, rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(emu_grad, cpu_grad, rtol=2e-4, atol=2e-4 * cpu_grad.abs().max().item())
+
+
+def test_bad_schedule_is_refused():
+    logits, target = make_cpu(4, 10, torch.float32)
+    with pytest.raises(RuntimeError, match="CUDA_EMU_SCHEDULE=sideways"):
+        run_once(logits, target, LossSpec.from_name("ce"), schedule="sideways")
