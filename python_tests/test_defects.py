@@ -205,3 +205,19 @@ def test_overwrite_logits_refuses_overlapping_rows():
     base = torch.randn(1, 10, requires_grad=True) * 1.0
     with pytest.raises(ValueError, match="do not overlap"):
         apl_loss(base.expand(4, 10), torch.zeros(4, dtype=torch.long), overwrite_logits=True)
+
+
+# ------------------------------------------------------------------ 14. the tests' own tolerance
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+def test_assert_close_checks_the_small_gradient_entries(dtype):
+    """The contract tests catch wrong non-target entries of a wide row (K = 50257 in bf16).
+
+    A tolerance of rtol x max|grad| let them be off by any amount below 1.6% of the target entry.
+    """
+    expected = torch.full((2, 50257), -1e-5 / 50257, dtype=torch.float64)
+    expected[:, 7] = 1e-5                          # the target entry
+    actual = expected.clone()
+    actual[1, 100:200] *= 1.5                     # 50% off, far below rtol x max|grad|
+    assert_close(expected.to(dtype), expected, dtype, "the expected gradient itself")
+    with pytest.raises(AssertionError, match="100 of 100514 values differ"):
+        assert_close(actual.to(dtype), expected, dtype, "a gradient with wrong small entries")
