@@ -135,19 +135,31 @@ def apl_loss(logits: torch.Tensor, target: torch.Tensor, loss: Union[str, LossSp
         reduction: ``"mean"`` (over rows not ignored), ``"sum"`` or ``"none"``.
         ignore_index: label whose rows get zero loss and zero gradient.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
-        check_targets: raise ValueError for a label outside [0, K).  On CUDA
-            tensors this costs one host sync; it is skipped inside CUDA-graph
-            capture and under torch.compile, where such a row's loss is NaN.
+        check_targets: raise ValueError for a label outside [0, K) (compared
+            in int64, whatever the labels' dtype).  On CUDA tensors this costs
+            one host sync; it is skipped inside CUDA-graph capture, under
+            torch.compile (where such a row's loss is NaN), on meta tensors and
+            under torch.func transforms (where the reference rejects the label).
         overwrite_logits: write the gradient over ``logits`` instead of a new
             [N, K] buffer (backend "triton" only; "auto" picks it).  Needs 2-D
             logits with unit class stride that are a non-leaf nothing else uses
-            afterwards; they hold the gradient after the call, and backward runs
-            once.  Misuse raises (a leaf requiring grad; backward through an op
-            that saved the logits; a second backward).
+            afterwards, with rows that do not overlap in memory; they hold the
+            gradient after the call, and backward runs once.  Misuse raises (a
+            leaf requiring grad; backward through an op that saved the logits;
+            a second backward; create_graph=True; expanded rows).
 
     Returns:
         The loss, float32 for half-precision logits (as ``cross_entropy`` under
         autocast), float64 for float64 logits.
+
+    Autograd: the first backward scales the gradient the forward computed (in
+    fp32) and hands that buffer over, with no pass over it when grad_output is
+    1.  The logits and labels stay saved until the graph is freed: each later
+    backward (``retain_graph=True``) recomputes the gradient with the fused
+    kernel into a new buffer, so returned gradients never share memory, and a
+    backward with ``create_graph=True`` recomputes it differentiably from the
+    reference formulas (gradient penalties, double backward).  Under torch.func
+    transforms ``backend="auto"`` runs the reference formulas.
     """
     params = dict(alpha=alpha, beta=beta, gamma=gamma, q=q, A=A, grad=grad)
     if isinstance(loss, LossSpec):
