@@ -221,3 +221,11 @@ def test_assert_close_checks_the_small_gradient_entries(dtype):
     assert_close(expected.to(dtype), expected, dtype, "the expected gradient itself")
     with pytest.raises(AssertionError, match="100 of 100514 values differ"):
         assert_close(actual.to(dtype), expected, dtype, "a gradient with wrong small entries")
+
+
+@pytest.mark.parametrize("loss", ("nce+rce", "nfl+mae", "ngce+nrce", "ce", "rce"))
+def test_double_backward_recovers_the_spec_from_the_op_arguments(loss):
+    """A gradient penalty rebuilds the LossSpec from the op's arguments: every field must round-trip."""
+    from apl_kernels.ops import spec_from_op_args
+    spec = LossSpec.from_name(loss, alpha=0.3, beta=2.5, gamma=1.5, q=0.2, A=-3.0, grad="exact")
+    assert spec_from_op_args(spec.op_args()) == spec
