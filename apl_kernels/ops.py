@@ -114,23 +114,24 @@ def _fp32_scale(scale: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return scale.to(torch.promote_types(grad.dtype, torch.float32))
 
 
-def scale_gradient_(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int, *, triton: bool) -> torch.Tensor:
+def scale_gradient_(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int, *,
+                    use_triton: bool) -> torch.Tensor:
     """grad *= grad_output in place (per row for reduction "none"), in fp32, without a host sync.
 
-    triton: use the device-side "scale unless 1" kernel (CUDA tensors, or CPU
+    use_triton: the device-side "scale unless 1" kernel (CUDA tensors, or CPU
     tensors under TRITON_INTERPRET=1); else the CPU path, which reads the scale.
     """
-    per_row = reduction == _REDUCTION_NONE
-    if triton:
-        from .triton.scale import scale_rows_
+    if use_triton:
+        try:
+            from .triton.scale import scale_rows_
+        except ImportError:  # CUDA without triton: a plain fp32 multiply, a pass even at 1, no sync
+            return grad.copy_(_scaled_copy(grad, grad_loss, reduction))
         return scale_rows_(grad, grad_loss)
-    if grad.device.type == "cuda":
-        raise RuntimeError("apl_kernels: scaling a CUDA gradient needs the Triton kernel (no host sync)")
     # On the CPU reading the scale costs nothing; scale 1 then needs no pass.
     if bool((grad_loss == 1).all()):
         return grad
     # A CPU 0-dim tensor is read as a scalar in the op's compute type (fp32 for half).
-    return grad.mul_(_fp32_scale(grad_loss.unsqueeze(1) if per_row else grad_loss, grad))
+    return grad.mul_(_fp32_scale(grad_loss.unsqueeze(1) if reduction == _REDUCTION_NONE else grad_loss, grad))
 
 
 def _scaled_copy(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int) -> torch.Tensor:
@@ -173,7 +174,7 @@ def _backward(op, scale_with_triton, ctx, grad_loss):
         _, grad = op(logits.detach(), target, *ctx.op_args[:-1], True)
     if _tracing(grad_loss):  # compiled autograd traces the backward of an eager forward
         return _scaled_copy(grad, grad_loss, reduction)
-    return scale_gradient_(grad, grad_loss, reduction, triton=scale_with_triton or grad.device.type == "cuda")
+    return scale_gradient_(grad, grad_loss, reduction, use_triton=scale_with_triton or grad.device.type == "cuda")
 
 
 def register_fused_autograd(op, *, triton_on_cpu: bool = False) -> None:
