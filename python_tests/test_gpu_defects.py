@@ -160,8 +160,9 @@ def test_cuda_large_shared_memory_under_graph_capture(k, dtype, loss_name, warm)
     logits, target = _inputs(64, k, dtype)
     x = logits.clone().requires_grad_()
     static_target = target.clone()
-    from apl_kernels.triton.scale import scale_rows_     # the backward's Triton kernel: compile it outside
-    scale_rows_(torch.zeros(1, 1, device="cuda"), torch.ones((), device="cuda"))
+    from apl_kernels.triton.scale import scale_rows_
+    # The backward's Triton kernel, JIT-compiled outside the capture for this very specialisation.
+    scale_rows_(torch.zeros(64, k, dtype=dtype, device="cuda"), torch.ones((), device="cuda"))
     if warm:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
