@@ -2,7 +2,7 @@
 
 Each test names the user action it guards.  "cpu" always runs; "cuda" and
 "triton" run on a GPU (the ``backend`` fixture); the Triton interpreter runs the
-Triton-specific ones in ``triton/test_triton_defects.py``.  About 10 s on CPU.
+Triton-specific ones in ``triton/test_triton_defects.py``.  Under a minute on 2 CPU cores.
 """
 import pytest
 import torch
