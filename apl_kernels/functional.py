@@ -10,6 +10,7 @@ from .reference import reference_loss
 from .spec import REDUCTIONS, LossSpec
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT64_MIN, _INT64_MAX = -2**63, 2**63 - 1
 
 
 def _check_inputs(logits: torch.Tensor, target: torch.Tensor, reduction: str, ignore_index: int) -> None:
@@ -33,18 +34,34 @@ def _check_inputs(logits: torch.Tensor, target: torch.Tensor, reduction: str, ig
         raise ValueError(f"unknown reduction {reduction!r}; expected 'mean', 'sum' or 'none'")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"ignore_index={ignore_index} is outside the int64 range of labels "
+                         f"[{_INT64_MIN}, {_INT64_MAX}]")
 
 
-def _targets_checkable(device: torch.device) -> bool:
-    if torch.compiler.is_compiling():
+def _targets_checkable(target: torch.Tensor) -> bool:
+    """False where the labels' values cannot be read: tracing, graph capture, meta tensors, torch.func."""
+    if torch.compiler.is_compiling() or target.device.type == "meta":
         return False
-    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    if _functorch_transforming():
+        # vmap cannot branch on values; the reference, which runs under a
+        # transform, rejects a label outside [0, K) itself (one_hot, gather).
+        return False
+    return not (target.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _functorch_transforming() -> bool:
+    """True inside torch.func.grad, vjp, jacrev, vmap..."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    # Compare in int64, as the kernels do: in uint8, ignore_index=-100 wraps to
+    # 156 and would excuse a label 156.
+    labels = target.long()
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bad.any():
-        value = int(target[bad].reshape(-1)[0])
+        value = int(labels[bad].reshape(-1)[0])
         raise ValueError(f"target value {value} is outside [0, {num_classes}) and is not "
                          f"ignore_index={ignore_index}")
 
@@ -58,6 +75,10 @@ def _check_overwrite(logits: torch.Tensor, backend: str) -> str:
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError("overwrite_logits=True needs 2-D logits [N, K] with unit class stride, got shape "
                          f"{tuple(logits.shape)} and strides {logits.stride()}")
+    if logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]:
+        # e.g. expand(): rows that share memory would be written concurrently.
+        raise ValueError("overwrite_logits=True needs rows that do not overlap in memory (row stride >= K), "
+                         f"got shape {tuple(logits.shape)} and strides {logits.stride()}")
     return backend
 
 
@@ -69,8 +90,14 @@ def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *, re
     if overwrite_logits:
         backend = _check_overwrite(logits, backend)
     num_classes = logits.shape[1]
-    if check_targets and _targets_checkable(logits.device):
+    if check_targets and _targets_checkable(target):
         _check_target_range(target, num_classes, ignore_index)
+    if _functorch_transforming():
+        if backend not in ("auto", "reference"):
+            raise RuntimeError(f"backend {backend!r} does not support torch.func transforms (grad, vjp, jacrev, "
+                               "vmap, ...): the fused ops have no functorch rules; use backend='auto', which "
+                               "runs the reference formulas under a transform, or 'reference'")
+        backend = "reference"
     name = backends.resolve(backend, logits.device)
     if name == "reference":
         return reference_loss(logits, target.long(), spec, reduction, ignore_index)
@@ -109,19 +136,31 @@ def apl_loss(logits: torch.Tensor, target: torch.Tensor, loss: Union[str, LossSp
         reduction: ``"mean"`` (over rows not ignored), ``"sum"`` or ``"none"``.
         ignore_index: label whose rows get zero loss and zero gradient.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
-        check_targets: raise ValueError for a label outside [0, K).  On CUDA
-            tensors this costs one host sync; it is skipped inside CUDA-graph
-            capture and under torch.compile, where such a row's loss is NaN.
+        check_targets: raise ValueError for a label outside [0, K) (compared
+            in int64, whatever the labels' dtype).  On CUDA tensors this costs
+            one host sync; it is skipped inside CUDA-graph capture, under
+            torch.compile (where such a row's loss is NaN), on meta tensors and
+            under torch.func transforms (where the reference rejects the label).
         overwrite_logits: write the gradient over ``logits`` instead of a new
             [N, K] buffer (backend "triton" only; "auto" picks it).  Needs 2-D
             logits with unit class stride that are a non-leaf nothing else uses
-            afterwards; they hold the gradient after the call, and backward runs
-            once.  Misuse raises (a leaf requiring grad; backward through an op
-            that saved the logits; a second backward).
+            afterwards, with rows that do not overlap in memory; they hold the
+            gradient after the call, and backward runs once.  Misuse raises (a
+            leaf requiring grad; backward through an op that saved the logits;
+            a second backward; create_graph=True; expanded rows).
 
     Returns:
         The loss, float32 for half-precision logits (as ``cross_entropy`` under
         autocast), float64 for float64 logits.
+
+    Autograd: the first backward scales the gradient the forward computed (in
+    fp32) and hands that buffer over, with no pass over it when grad_output is
+    1.  The logits and labels stay saved until the graph is freed: each later
+    backward (``retain_graph=True``) recomputes the gradient with the fused
+    kernel into a new buffer, so returned gradients never share memory, and a
+    backward with ``create_graph=True`` recomputes it differentiably from the
+    reference formulas (gradient penalties, double backward).  Under torch.func
+    transforms ``backend="auto"`` runs the reference formulas.
     """
     params = dict(alpha=alpha, beta=beta, gamma=gamma, q=q, A=A, grad=grad, a=a, m=m, t=t, min_prob=min_prob)
     if isinstance(loss, LossSpec):

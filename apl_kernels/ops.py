@@ -19,24 +19,67 @@ Every fused backend is one op with this schema (defined in C++ in
             mean), shape [N, K], contiguous, in the logits' dtype; an empty tensor
             when compute_grad is False.
 
-Because the forward already holds the gradient, backward is a scale by grad_output.
+Backward.  The forward already holds the gradient, so a backward only scales it
+by grad_output (0-dim, or [N] for reduction "none"), multiplying in fp32 (fp64
+for fp64 logits) so that a GradScaler scale of 65536 cannot overflow fp16:
+
+* The first backward scales the saved buffer in place and hands it over: no
+  second [N, K] buffer, and no pass at all when grad_output is 1 (the usual
+  ``loss.backward()``).  On CPU tensors the scale is read on the host, which is
+  free there; on CUDA tensors a device-side "scale unless 1" kernel
+  (``triton/scale.py``) returns early when it is 1, so there is no host sync.
+* A later backward of the same graph (``retain_graph=True``) recomputes the
+  gradient with the fused op from the saved logits and labels into a new
+  buffer, so no two returned gradients share storage: a hook or an in-place
+  change of one returned gradient cannot affect another.
+* A backward run with grad mode on (``create_graph=True``: a gradient penalty,
+  double backward) recomputes the gradient differentiably from the reference
+  formulas (``reference.py``), so second derivatives are right.
+
+The logits and labels are therefore kept until the graph is freed (as the
+saved inputs of any op); ``overwrite_logits=True`` (Triton) is the mode that
+keeps no second [N, K] tensor.  Under torch.compile and other tracing the
+backward is a plain out-of-place multiply (in fp32), which the compiler fuses.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .spec import REDUCTIONS
+from .reference import reference_loss
+from .spec import ACTIVE_TERMS, GRAD_MODES, PASSIVE_TERMS, REDUCTIONS, LossSpec
 
 _REDUCTION_NONE = REDUCTIONS["none"]
+_REDUCTION_NAMES = {code: name for name, code in REDUCTIONS.items()}
+# How LossSpec.op_args() encodes its non-numeric fields (the others pass unchanged).
+_SPEC_FIELD_CODES = {"active": ACTIVE_TERMS, "passive": PASSIVE_TERMS, "grad": GRAD_MODES}
 
 
-def fake_fused_loss(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t, min_prob,
-                    reduction, ignore_index, compute_grad):
+def fake_fused_loss(logits, target, *args):
+    """The fake (meta) kernel of every fused op; args: spec..., reduction, ignore_index, compute_grad."""
+    reduction, compute_grad = args[-3], args[-1]
     loss_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss_shape = (logits.shape[0],) if reduction == _REDUCTION_NONE else ()
     loss = logits.new_empty(loss_shape, dtype=loss_dtype)
     grad = logits.new_empty(logits.shape if compute_grad else (0,), dtype=logits.dtype)
     return loss, grad
+
+
+def spec_from_op_args(spec_args) -> LossSpec:
+    """The LossSpec whose ``op_args()`` are `spec_args` (the inverse the double backward needs)."""
+    fields = [f.name for f in dataclasses.fields(LossSpec) if f.init]
+    if len(spec_args) != len(fields):
+        raise RuntimeError(f"apl_kernels: {len(spec_args)} spec arguments, but LossSpec has {len(fields)} fields")
+    values = {}
+    for name, value in zip(fields, spec_args):
+        codes = _SPEC_FIELD_CODES.get(name)
+        values[name] = value if codes is None else {code: key for key, code in codes.items()}[value]
+    spec = LossSpec(**values)
+    if spec.op_args() != tuple(spec_args):
+        raise RuntimeError("apl_kernels: ops.spec_from_op_args does not invert LossSpec.op_args() "
+                           f"({tuple(spec_args)} -> {spec.op_args()}); update _SPEC_FIELD_CODES")
+    return spec
 
 
 def _tracing(*tensors) -> bool:
@@ -48,40 +91,107 @@ def _tracing(*tensors) -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    # The last three inputs are reduction, ignore_index, compute_grad; counted
-    # from the end, so that ops with fewer spec arguments share this code.
-    ctx.num_inputs = len(inputs)
-    ctx.reduction = inputs[-3]
-    ctx.save_for_backward(output[1])
+    logits, target, *args = inputs
+    ctx.op_args = tuple(args)           # spec..., reduction, ignore_index, compute_grad
+    grad = output[1]
     # The gradient output is not differentiable; without this autograd would
     # hand backward a materialised [N, K] tensor of zeros for it: an extra
     # allocation and a full pass.
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(grad)
     ctx.set_materialize_grads(False)
+    ctx.traced = _tracing(logits, grad)
+    if ctx.traced:
+        ctx.save_for_backward(grad)
+        return
+    ctx.save_for_backward(logits, target)
+    # Not a saved tensor: it is handed over (and then changed by its user) while
+    # the logits stay saved for a later backward, which must not trip on its version.
+    ctx.grad_buffer = grad if ctx.op_args[-1] else None
 
 
-def _backward(ctx, grad_loss, _unused_grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    no_grads = (None,) * (ctx.num_inputs - 1)
-    if grad_loss is None:  # no gradient flows into the loss (grads are not materialised)
-        return (None,) + no_grads
-    if ctx.reduction == _REDUCTION_NONE:
-        scale = grad_loss.unsqueeze(1)
-    else:
-        scale = grad_loss
-        # On the CPU reading the scalar costs nothing, and the usual
-        # `loss.backward()` (scale 1) then needs no pass over the gradient.
-        # Never while tracing: a branch on the value would be baked into the graph.
-        if grad.device.type == "cpu" and not _tracing(grad, scale) and scale.item() == 1.0:
-            return (grad,) + no_grads
-    # Multiply in the scale's precision, writing the gradient's dtype: a GradScaler
-    # scale (65536) cast to fp16 first would be inf.
-    return (torch.mul(grad, scale, out=torch.empty_like(grad)),) + no_grads
+def _fp32_scale(scale: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """grad_output in the precision the multiply runs in: fp32, or fp64 for fp64 gradients."""
+    return scale.to(torch.promote_types(grad.dtype, torch.float32))
 
 
-def register_fused_autograd(op) -> None:
-    """Give a fused op (C++ or Triton) its fake kernel's partner: the autograd formula."""
-    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+def scale_gradient_(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int, *,
+                    use_triton: bool) -> torch.Tensor:
+    """grad *= grad_output in place (per row for reduction "none"), in fp32, without a host sync.
+
+    use_triton: the device-side "scale unless 1" kernel (CUDA tensors, or CPU
+    tensors under TRITON_INTERPRET=1); else the CPU path, which reads the scale.
+    """
+    if use_triton:
+        try:
+            from .triton.scale import scale_rows_
+        except ImportError:  # CUDA without triton: a plain fp32 multiply, a pass even at 1, no sync
+            return grad.copy_(_scaled_copy(grad, grad_loss, reduction))
+        return scale_rows_(grad, grad_loss)
+    # On the CPU reading the scale costs nothing; scale 1 then needs no pass.
+    if bool((grad_loss == 1).all()):
+        return grad
+    # A CPU 0-dim tensor is read as a scalar in the op's compute type (fp32 for half).
+    return grad.mul_(_fp32_scale(grad_loss.unsqueeze(1) if reduction == _REDUCTION_NONE else grad_loss, grad))
+
+
+def _scaled_copy(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int) -> torch.Tensor:
+    """grad * grad_output out of place, in fp32 (the traced backward; the compiler fuses the casts)."""
+    scale = grad_loss.unsqueeze(1) if reduction == _REDUCTION_NONE else grad_loss
+    return (grad.to(torch.promote_types(grad.dtype, torch.float32)) * _fp32_scale(scale, grad)).to(grad.dtype)
+
+
+def _saved_inputs(ctx):
+    try:
+        return ctx.saved_tensors
+    except RuntimeError as error:
+        if "inplace" not in str(error):
+            raise
+        raise RuntimeError("apl_kernels: this backward recomputes the gradient from the logits saved by the "
+                           "forward (a second backward with retain_graph=True, or create_graph=True), but "
+                           "they were modified in place after the loss was computed") from error
+
+
+def _differentiable_grad(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
+    """d(grad_output . loss)/d logits as a differentiable function of both (create_graph=True)."""
+    logits, target = _saved_inputs(ctx)
+    *spec_args, reduction, ignore_index, _ = ctx.op_args
+    spec = spec_from_op_args(spec_args)
+    loss = reference_loss(logits, target, spec, _REDUCTION_NAMES[reduction], ignore_index)
+    (grad,) = torch.autograd.grad(loss, logits, grad_loss, create_graph=True)
+    return grad
+
+
+def _backward(op, scale_with_triton, ctx, grad_loss):
+    reduction = ctx.op_args[-3]
+    if ctx.traced:
+        (grad,) = ctx.saved_tensors
+        return _scaled_copy(grad, grad_loss, reduction)
+    if torch.is_grad_enabled():
+        return _differentiable_grad(ctx, grad_loss)
+    grad, ctx.grad_buffer = ctx.grad_buffer, None
+    if grad is None:  # handed over by an earlier backward (or never computed): recompute
+        logits, target = _saved_inputs(ctx)
+        _, grad = op(logits.detach(), target, *ctx.op_args[:-1], True)
+    if _tracing(grad_loss):  # compiled autograd traces the backward of an eager forward
+        return _scaled_copy(grad, grad_loss, reduction)
+    return scale_gradient_(grad, grad_loss, reduction, use_triton=scale_with_triton or grad.device.type == "cuda")
+
+
+def register_fused_autograd(op, *, triton_on_cpu: bool = False) -> None:
+    """Give a fused op (C++ or Triton) its fake kernel's partner: the autograd formula.
+
+    triton_on_cpu: the op's CPU tensors run under the Triton interpreter, so its
+    backward scales with the Triton kernel there too (CUDA tensors always do).
+    """
+    callable_op = getattr(torch.ops.apl_kernels, op.split("::")[1]).default if isinstance(op, str) else op
+
+    def backward(ctx, grad_loss, _unused_grad_of_grad):
+        grads = (None,) * (2 + len(ctx.op_args))
+        if grad_loss is None:  # no gradient flows into the loss (grads are not materialised)
+            return grads
+        return (_backward(callable_op, triton_on_cpu, ctx, grad_loss),) + grads[1:]
+
+    torch.library.register_autograd(op, backward, setup_context=_setup_context)
 
 
 # The compiled extension registers torch.ops.apl_kernels.fused_loss (CPU, and

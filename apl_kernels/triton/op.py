@@ -20,7 +20,6 @@ import torch
 from torch.library import triton_op
 
 from .. import ops
-from ..spec import REDUCTIONS
 from . import kernels
 
 # Under TRITON_INTERPRET=1, wrap_triton hands back the raw interpreted kernel,
@@ -53,7 +52,7 @@ def fused_loss_triton(logits: torch.Tensor, target: torch.Tensor, active: int, p
                           ignore_index, compute_grad)
 
 
-ops.register_fused_autograd(fused_loss_triton)
+ops.register_fused_autograd(fused_loss_triton, triton_on_cpu=True)
 
 
 @_define("apl_kernels::fused_loss_triton_inplace", ("logits",), _fake_inplace)
@@ -73,7 +72,7 @@ class _InplaceLoss(torch.autograd.Function):
         ctx.mark_dirty(logits)
         ctx.mark_non_differentiable(logits)
         ctx.save_for_backward(logits)
-        ctx.reduction = args[8]
+        ctx.reduction = args[-2]         # args: spec..., reduction, ignore_index
         ctx.used = False
         return loss, logits
 
@@ -82,12 +81,14 @@ class _InplaceLoss(torch.autograd.Function):
         if ctx.used:
             raise RuntimeError("apl_kernels overwrite_logits=True: the gradient buffer was consumed by the "
                                "first backward; backward twice (retain_graph=True) is not supported")
+        if torch.is_grad_enabled():
+            raise RuntimeError("apl_kernels overwrite_logits=True does not support create_graph=True (double "
+                               "backward, gradient penalties): the logits it would differentiate are overwritten")
         ctx.used = True
         (grad,) = ctx.saved_tensors
-        scale = grad_loss.unsqueeze(1) if ctx.reduction == REDUCTIONS["none"] else grad_loss
-        # Scale in place: the point of this mode is to never hold two [N, K] buffers.
-        grad.mul_(scale.to(grad.dtype))
-        return (grad,) + (None,) * 12
+        # Scale in place, in fp32: the point of this mode is to never hold two [N, K] buffers.
+        ops.scale_gradient_(grad, grad_loss, ctx.reduction, use_triton=True)
+        return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 
 def inplace_loss(logits: torch.Tensor, target: torch.Tensor, *args) -> torch.Tensor:
