@@ -189,8 +189,9 @@ PLANTED = Variant("apl_cuda_emu_planted", "_emu_planted")    # test_emu_faults.p
 ASAN = Variant("apl_cuda_emu_asan", "_emu_asan", _ASAN_FLAGS, ("-fsanitize=address",))
 
 
-def build(build_dir: Path, variant: Variant = PLAIN, csrc: Path = CSRC, load: bool = True, verbose: bool = False):
-    """Generate and compile; returns the path of the shared library (loaded into torch.ops if `load`)."""
+def build(build_dir: Path, variant: Variant = PLAIN, csrc: Path = CSRC, verbose: bool = False):
+    """Generate, compile and load into torch.ops (an ASan variant only in a process with libasan
+    preloaded: asan_runner.py); returns the path of the shared library."""
     import torch.utils.cpp_extension as ext
 
     cuda_inc = cuda_include_dir()
@@ -208,12 +209,6 @@ def build(build_dir: Path, variant: Variant = PLAIN, csrc: Path = CSRC, load: bo
               *variant.cflags]
     ext.load(name=variant.name, sources=gen.sources, extra_cflags=cflags, extra_ldflags=list(variant.ldflags),
              extra_include_paths=includes, build_directory=str(out), with_cuda=False, is_python_module=False,
-             verbose=verbose, keep_intermediates=False) if load else _compile_only(
-        ext, variant, gen.sources, cflags, includes, out, verbose)
+             verbose=verbose, keep_intermediates=False)
     return out / f"{variant.name}.so"
 
-
-def _compile_only(ext, variant, sources, cflags, includes, out, verbose):
-    """Build without loading (an ASan library only loads with libasan preloaded)."""
-    ext._jit_compile(variant.name, sources, cflags, None, None, list(variant.ldflags), includes, str(out), verbose,
-                     with_cuda=False, is_python_module=False, is_standalone=False, keep_intermediates=False)
