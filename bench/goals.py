@@ -168,6 +168,10 @@ def _predicted(predictions: Optional[dict]):
         if not found:
             return None
         r = found[0]
+        low = r.get("predicted_pct_copy_static", r["predicted_pct_copy"])
+        if low != r["predicted_pct_copy"]:   # CUDA: run-time loss terms, a range of instruction counts
+            return (f"predicted {low:.1f}-{r['predicted_pct_copy']:.1f}% ({r['sass_per_element_static']:.0f} to "
+                    f"{r['sass_per_element']:.0f} SASS instructions per element)")
         return (f"predicted {r['predicted_pct_copy']:.1f}% ({r['bound']}-bound, {r['sass_per_element']:.0f} SASS "
                 f"instructions per element)")
 
@@ -286,7 +290,7 @@ def print_goals(data: dict, file=sys.stdout, predictions: Optional[dict] = None)
     goals = evaluate(data, predictions)
     print(f"Goals ({data['meta'].get('gpu')}, {data['meta'].get('date')}):", file=file)
     if predictions:
-        print(f"  (| predicted: {predictions['meta']['what']}; toolchains "
+        print(f"After '|': {predictions['meta']['what']} (bench.roofline; toolchains "
               f"{', '.join(predictions['meta']['toolchains'].values())})", file=file)
     for goal in goals:
         print("  " + format_goal(goal), file=file)
@@ -306,7 +310,7 @@ def main(argv=None) -> int:
                              "'' for none)")
     args = parser.parse_args(argv)
     if args.results is None:
-        data = {"meta": {"gpu": "no measurements", "device": "cuda"}, "records": []}
+        data = {"meta": {"gpu": "no measurements", "date": "predictions only", "device": "cuda"}, "records": []}
     else:
         data = load_results(args.results)
         if data is None:
