@@ -40,18 +40,23 @@ first (for CUDA an upper bound), `predicted_pct_copy_static` from the second.
 
 Model: one training step's fwd+bwd as `loss.backward()` runs it.
   launches     the forward's kernels (count, loss, sum), the ones_like seed of
-               loss.backward(), the backward's kernels (BACKWARD below), and with
-               default arguments check_targets' kernels and host sync (CUDA tensors);
+               loss.backward(), the backward's kernels, and with default arguments
+               check_targets' kernels and host sync (CUDA tensors);
+  backward     read from the table BACKWARD: today ops._backward multiplies the
+               saved gradient by grad_output out of place, one more launch, a
+               full read+write pass of [N, K] and a second [N, K] buffer;
   hbm_bytes    the logits read once, the gradient written, labels and row losses;
                a re-read (a later pass of a row, the backward reading the
                gradient) comes from L2 when what is in flight fits L2_BYTES, else
                from HBM (a cliff, no partial hits);
-  extra_mem    bytes allocated beyond the logits, the returned gradient included, / logits bytes;
+  extra_mem    bytes the step allocates (gradient buffers, the returned one
+               included, and the small buffers) / logits bytes;
   time         forward: max(HBM bytes / copy bandwidth, warp-instructions / issue
                rate of the SMs it occupies); backward: its bytes / copy bandwidth;
-               one-program serial kernels (Triton count and sum): SERIAL_ITERATION_S
-               per 1024 rows.  Launch overheads are left out (they dominate the
-               small shapes: see `launches`);
+               one-block serial kernels (Triton's count and sum, CUDA's count):
+               SERIAL_ITERATION_S (an assumption) per iteration of their loop.
+               Launch overheads are left out (they dominate the small shapes, whose
+               figures are bounds, not forecasts: see `launches`);
   predicted_pct_copy   minimal I/O (read logits + write gradient) / copy
                bandwidth, over that time: the figure `bench.kernels` reports as %copy.
 """
@@ -619,7 +624,10 @@ def model(backend: str, loss: str, dtype: str, B: int, K: int, runs: List[Kernel
     total_s = max(io_s, issue_s) + serial_s + bwd_s
     total_static_s = max(io_s, issue_static_s) + serial_s + bwd_s
     minimal_s = 2 * logits / COPY_BYTES_S
-    extra = logits + back["buffers"] * logits + row_losses + 16
+    # Beside the gradient buffers: Triton's row losses and count (several programs), CUDA's workspace
+    # (16-byte header and one partial per block); the loss itself.  Raw bytes (the allocator rounds up).
+    small = (row_losses + 4 if main.kind != "single" else 0) if backend == "triton" else 16 + 8 * main.grid
+    extra = logits + back["buffers"] * logits + small + 4
     fwd_launches = len(runs)
     unchecked = fwd_launches + BACKWARD_SEED_LAUNCHES + back["launches"]
     return {
