@@ -1,12 +1,15 @@
 """The performance goals, checked against a results file.
 
     python -m bench.goals bench/results/nvidia-h200-2026-11-21.json
+    python -m bench.goals                  # no measurements: the predictions alone
 
 prints one line per goal: MET / MISSED / NOT MEASURED / N/A, the measured value
 and the margin: (value - target) / target in percent, signed so that + means on
 the good side of the target (headroom) and - how far short it is.  A goal stated
-over many configurations ("everywhere") reports its worst case.  Exit status 0
-unless the file is unreadable (missed goals are a finding, not an error).
+over many configurations ("everywhere") reports its worst case.  Beside each GPU
+goal the roofline's PREDICTED figure (`python -m bench.roofline`,
+bench/results/roofline-sm90.json; never a measurement) when it predicts one.
+Exit status 0 unless the file is unreadable (missed goals are a finding, not an error).
 """
 from __future__ import annotations
 
@@ -74,9 +77,10 @@ def _cfg(r) -> str:
     return f"{r['loss']} [{r['B']},{r['K']}] {r['dtype']} {r['pass']}"
 
 
-def evaluate(data: dict) -> list:
+def evaluate(data: dict, predictions: Optional[dict] = None) -> list:
     """The goals as dicts: goal, status (met/missed/not measured/n/a), value, target,
-    margin_pct (+ = on the good side), detail."""
+    margin_pct (+ = on the good side), detail, and `predicted` (a line, or None) from the
+    roofline's `predictions` (bench.roofline's JSON) when given."""
     records = data["records"]
     device = data["meta"].get("device") or ("cpu" if "CPU" in str(data["meta"].get("gpu")) else "cuda")
     goals = []
@@ -146,7 +150,75 @@ def evaluate(data: dict) -> list:
     for loss in ("nce+rce", "nfl+rce"):
         for other, target in (("reference", 5.0), ("compiled", 3.0)):
             goals.append(_ratio_one(records, loss, other, target))
+    predicted = _predicted(predictions)
+    for goal in goals:
+        goal["predicted"] = predicted(goal["goal"])
     return goals
+
+
+def _predicted(predictions: Optional[dict]):
+    """goal name -> a PREDICTED figure (a line) from bench.roofline's records, or None."""
+    records = (predictions or {}).get("records") or []
+
+    def find(**match):
+        return [r for r in records if all(r.get(k) == v for k, v in match.items())]
+
+    def pct(backend, loss):
+        found = find(backend=backend, loss=loss, dtype="bf16", B=BIG[0], K=BIG[1])
+        if not found:
+            return None
+        r = found[0]
+        low = r.get("predicted_pct_copy_static", r["predicted_pct_copy"])
+        if low != r["predicted_pct_copy"]:   # CUDA: run-time loss terms, a range of instruction counts
+            return (f"predicted {low:.1f}-{r['predicted_pct_copy']:.1f}% ({r['sass_per_element_static']:.0f} to "
+                    f"{r['sass_per_element']:.0f} SASS instructions per element)")
+        return (f"predicted {r['predicted_pct_copy']:.1f}% ({r['bound']}-bound, {r['sass_per_element']:.0f} SASS "
+                f"instructions per element)")
+
+    def memory():
+        if not records:
+            return None
+        worst = max(records, key=lambda r: r["extra_mem_ratio"])
+        return f"predicted {worst['extra_mem_ratio']:.2f}x (worst: {worst['backend']} {worst['loss']} " \
+               f"[{worst['B']},{worst['K']}] {worst['dtype']})"
+
+    def tiny_launches():
+        found = find(backend="triton", B=TINY[0], K=TINY[1])
+        if not found:
+            return None
+        worst = max(found, key=lambda r: r["launches_check_targets_false"])
+        return (f"predicted {worst['launches_check_targets_false']} launches with check_targets=False, "
+                f"{worst['launches']} and {worst['host_syncs']} host sync with default arguments")
+
+    def tiny_time():
+        found = find(backend="triton", B=TINY[0], K=TINY[1])
+        if not found:
+            return None
+        worst = max(found, key=lambda r: r["predicted_us"])
+        return f"predicted {worst['predicted_us']:.2f} us of kernel time (launch overheads not modelled)"
+
+    def cuda_vs_triton():
+        ratios = []
+        for r in find(backend="cuda"):
+            other = find(backend="triton", loss=r["loss"], dtype=r["dtype"], B=r["B"], K=r["K"])
+            if other:
+                ratios.append((other[0]["predicted_us"] / r["predicted_us"], r))
+        if not ratios:
+            return None
+        ratio, r = min(ratios, key=lambda x: x[0])
+        return f"predicted worst triton/cuda time {ratio:.2f}x at {r['loss']} [{r['B']},{r['K']}] {r['dtype']}"
+
+    table = {
+        "peak extra memory of fused fwd+bwd <= 1.1x logits size": memory,
+        f"triton nce+rce bf16 {list(BIG)} fwd+bwd >= 85% of copy bandwidth": lambda: pct("triton", "nce+rce"),
+        f"triton nce+mae bf16 {list(BIG)} fwd+bwd >= 85% of copy bandwidth": lambda: pct("triton", "nce+mae"),
+        f"triton nfl+rce bf16 {list(BIG)} fwd+bwd >= 70% of copy bandwidth": lambda: pct("triton", "nfl+rce"),
+        f"triton {list(TINY)} fwd+bwd <= 2 launches": tiny_launches,
+        f"triton {list(TINY)} fwd+bwd <= 10 us": tiny_time,
+        f"cuda nce+rce bf16 {list(BIG)} fwd+bwd >= 90% of copy bandwidth": lambda: pct("cuda", "nce+rce"),
+        "cuda never > 10% slower than triton (fwd, fwd+bwd)": cuda_vs_triton,
+    }
+    return lambda name: table[name]() if name in table else None
 
 
 def _ratio_everywhere(records, name, fast, slow, target, *, passes, losses=None):
@@ -210,12 +282,16 @@ def format_goal(goal: dict) -> str:
     if goal["margin_pct"] is not None and goal["status"] in ("met", "missed", "n/a"):
         pct = goal["margin_pct"]
         margin = f" ({pct:+.1f}%: {'headroom' if pct >= 0 else 'short of the target'})"
-    return f"{status:<13} {goal['goal']} -- {goal['detail']}{margin}"
+    predicted = f" | {goal['predicted']}" if goal.get("predicted") else ""
+    return f"{status:<13} {goal['goal']} -- {goal['detail']}{margin}{predicted}"
 
 
-def print_goals(data: dict, file=sys.stdout) -> list:
-    goals = evaluate(data)
+def print_goals(data: dict, file=sys.stdout, predictions: Optional[dict] = None) -> list:
+    goals = evaluate(data, predictions)
     print(f"Goals ({data['meta'].get('gpu')}, {data['meta'].get('date')}):", file=file)
+    if predictions:
+        print(f"After '|': {predictions['meta']['what']} (bench.roofline; toolchains "
+              f"{', '.join(predictions['meta']['toolchains'].values())})", file=file)
     for goal in goals:
         print("  " + format_goal(goal), file=file)
     return goals
@@ -226,17 +302,34 @@ def main(argv=None) -> int:
         prog="python -m bench.goals",
         description="Check a results JSON (from bench.kernels / bench.epochs) against the performance goals: "
                     "one line per goal, MET/MISSED/NOT MEASURED/N/A with the measured value and the margin.")
-    parser.add_argument("results", help="path of a results JSON, e.g. bench/results/nvidia-h200-<date>.json")
+    parser.add_argument("results", nargs="?",
+                        help="path of a results JSON, e.g. bench/results/nvidia-h200-<date>.json (none: only the "
+                             "predictions)")
+    parser.add_argument("--predictions", default=roofline_results(),
+                        help="bench.roofline's PREDICTED figures shown beside the GPU goals (default %(default)s; "
+                             "'' for none)")
     args = parser.parse_args(argv)
-    data = load_results(args.results)
-    if data is None:
-        print(f"cannot read a results file at {args.results}", file=sys.stderr)
-        return 2
-    problems = validate_results(data)
-    if problems:
-        print("warning: format problems: " + "; ".join(problems[:5]), file=sys.stderr)
-    print_goals(data)
+    if args.results is None:
+        data = {"meta": {"gpu": "no measurements", "date": "predictions only", "device": "cuda"}, "records": []}
+    else:
+        data = load_results(args.results)
+        if data is None:
+            print(f"cannot read a results file at {args.results}", file=sys.stderr)
+            return 2
+        problems = validate_results(data)
+        if problems:
+            print("warning: format problems: " + "; ".join(problems[:5]), file=sys.stderr)
+    predictions = load_results(args.predictions) if args.predictions else None
+    if args.predictions and predictions is None:
+        print(f"note: no predictions at {args.predictions} (python -m bench.roofline writes them)", file=sys.stderr)
+    print_goals(data, predictions=predictions)
     return 0
+
+
+def roofline_results() -> str:
+    """Where bench.roofline writes its PREDICTED figures."""
+    from .roofline import DEFAULT_OUT
+    return DEFAULT_OUT
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ write the gradient once; fwd+bwd: both); % of the copy bandwidth measured in
 the same run (GPU: device-to-device copy of a 1 GiB buffer; CPU: fastest Tensor.copy_ of
 the same logits tensor); peak extra memory / logits size, counting the returned
 gradient (GPU: max_memory_allocated delta; CPU: torch.profiler allocation
-events); device launches per fwd+bwd (GPU: torch.profiler device activities:
-kernels, memsets, memcpys; none on the CPU).
+events); device launches per fwd+bwd as training runs it, `loss.backward()` (GPU:
+torch.profiler device activities: kernels, memsets, memcpys; none on the CPU).
 """
 from __future__ import annotations
 
@@ -109,7 +109,13 @@ def make_pass_fns(loss_fn, logits, target):
     def bwd():
         return torch.autograd.grad(out, x, retain_graph=True)
 
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd}
+    def training_step():
+        # The launch count's call: `loss.backward()`, as training runs it.
+        x.grad = None
+        loss_fn(x, target).backward()
+        return x.grad
+
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd_bwd, "training_step": training_step}
 
 
 def io_bytes(B: int, K: int, dtype: torch.dtype, pass_name: str) -> int:
@@ -283,7 +289,7 @@ def run(args) -> dict:
                     try:
                         peak = None if args.no_memory else common.peak_extra_bytes(fn, device)
                         launches = None if (args.no_launches or pass_name != "fwd+bwd") else \
-                            common.count_launches(fn, device)
+                            common.count_launches(fns[backend]["training_step"], device)
                     except Exception as error:  # noqa: BLE001
                         rows[backend] = _failed(backend, error, skipped, loss, B, K, dtype_name, gpu)
                         continue

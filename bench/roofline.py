@@ -1,0 +1,849 @@
+"""PREDICTED GPU speed of the fused losses on an H200, from their compiled sm_90 code (no GPU needed).
+
+    python -m bench.roofline                 # the full matrix (a few minutes); writes bench/results/roofline-sm90.json
+    python -m bench.roofline --subset ci     # one Triton and one CUDA configuration (CI smoke test)
+    python -m bench.roofline --backends triton --losses nce+rce --dtypes bf16 --out /tmp/r.json
+
+Nothing here is measured: every figure is a prediction from compiled code and the
+H200's figures (constants of this module), and is labelled so.
+
+Compile.  Every kernel variant the benchmark matrix of `bench.kernels` runs
+(losses x shapes x bf16/fp32, mean reduction, gradient wanted) is compiled for
+sm_90 with the GPU machine's toolchain:
+  * Triton 3.6.0, installed beside the project's Triton for this tool alone:
+        python -m pip install --target build/toolchains/triton-3.6.0 --no-deps triton==3.6.0
+    (or APL_TRITON36_PATH=<folder holding triton/>).  Without it the project's own
+    Triton compiles, and every figure says so.  The compile runs in a subprocess
+    with that folder first on sys.path, and uses the specialisation the JIT really
+    uses: Triton's own binder turns the launch's arguments (pointers aligned as
+    torch allocates them, the ints N, K, strides, ignore_index of the shape) into
+    divisibility hints and constexprs, exactly as a launch on the GPU would;
+  * nvcc 13.0 for csrc/cuda (a cubin for sm_90 with the flags of setup.py).
+The SASS comes from `cuobjdump -sass` (Triton's package carries one), registers,
+stack (spills) and shared memory from `cuobjdump --dump-resource-usage`.
+
+Count (bench/sass.py).  Loops are backward branches.  For each hot loop the
+instructions of its body are counted and divided by the elements one thread
+handles per iteration, derived from the kernel's block parameters (Triton:
+BLOCK_K / threads per chunk, BLOCK_R x K / threads per tile; CUDA: the 16-byte
+slots a thread loads per iteration, from the loads on the loop's path).  A row's
+fixed work (reductions, finish_row) is spread over its elements.  The result,
+`sass_per_element`, is thread-instructions per logit (warp-instructions per 32
+logits).  Triton bodies are straight-line (per-element choices are predicated),
+so the body's full count is what runs.  The CUDA kernels choose the loss terms at
+run time and keep two copies of the per-element code (full and edge slots), so
+two figures bound what runs: `sass_per_element`, the cheapest path through each
+loop body that still loads every element and runs one exp per element (a lower
+bound: it may skip terms the loss needs), and `sass_per_element_static`, every
+instruction of the bodies (an upper bound).  `predicted_pct_copy` comes from the
+first (for CUDA an upper bound), `predicted_pct_copy_static` from the second.
+
+Model: one training step's fwd+bwd as `loss.backward()` runs it.
+  launches     the forward's kernels (count, loss, sum), the ones_like seed of
+               loss.backward(), the backward's kernels, and with default arguments
+               check_targets' kernels and host sync (CUDA tensors);
+  backward     read from the table BACKWARD: today ops._backward multiplies the
+               saved gradient by grad_output out of place, one more launch, a
+               full read+write pass of [N, K] and a second [N, K] buffer;
+  hbm_bytes    the logits read once, the gradient written, labels and row losses;
+               a re-read (a later pass of a row, the backward reading the
+               gradient) comes from L2 when what is in flight fits L2_BYTES, else
+               from HBM (a cliff, no partial hits);
+  extra_mem    bytes the step allocates (gradient buffers, the returned one
+               included, and the small buffers) / logits bytes;
+  time         forward: max(HBM bytes / copy bandwidth, warp-instructions / issue
+               rate of the SMs it occupies); backward: its bytes / copy bandwidth;
+               one-block serial kernels (Triton's count and sum, CUDA's count):
+               SERIAL_ITERATION_S (an assumption) per iteration of their loop.
+               Launch overheads are left out (they dominate the small shapes, whose
+               figures are bounds, not forecasts: see `launches`);
+  predicted_pct_copy   minimal I/O (read logits + write gradient) / copy
+               bandwidth, over that time: the figure `bench.kernels` reports as %copy.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional
+
+from . import sass
+from .common import GPU_DTYPES, GPU_SHAPES, LOSSES, write_json_atomic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT = os.path.join(REPO, "bench", "results", "roofline-sm90.json")
+TRITON36_DEFAULT = os.path.join(REPO, "build", "toolchains", "triton-3.6.0")
+CACHE_DIR = os.path.join(REPO, "build", "roofline")
+
+# ----------------------------------------------------------------------------- the machine (H200, sm_90)
+SMS = 132
+ISSUE_PER_SM_CLOCK = 4          # warp-instructions per clock per SM (4 schedulers)
+CLOCK_HZ = 1.98e9
+COPY_BYTES_S = 4.3e12           # measured device-to-device copy bandwidth of the H200 (KINDS.md / issue 13)
+L2_BYTES = 50e6
+REGS_PER_SM = 65536
+MAX_WARPS_PER_SM = 64
+MAX_BLOCKS_PER_SM = 32
+SMEM_PER_SM = 233472            # 228 KB
+SMEM_OPTIN_PER_BLOCK = 232448   # 227 KB, cudaDevAttrMaxSharedMemoryPerBlockOptin
+SMEM_RESERVED_PER_BLOCK = 1024  # the runtime's share of each block
+SERIAL_ITERATION_S = 1e-6       # ASSUMPTION: one dependent load per iteration of a one-program loop
+
+# ----------------------------------------------------------------------------- the code around the kernels
+# What the model assumes the Python side does; update this table when the code changes.
+# BACKWARD: ops._backward on a CUDA tensor today: torch.mul(grad, grad_output, out=empty_like(grad)),
+# one elementwise launch that reads and writes the [N, K] gradient once (`passes`) into a new [N, K]
+# buffer (`buffers`).  A backward that costs nothing when grad_output is 1: launches=0, passes=0, buffers=0.
+BACKWARD = {
+    "triton": {"launches": 1, "passes": 1, "buffers": 1, "host_syncs": 0},
+    "cuda": {"launches": 1, "passes": 1, "buffers": 1, "host_syncs": 0},
+}
+BACKWARD_SEED_LAUNCHES = 1      # loss.backward() fills torch.ones_like(loss) (autograd._make_grads)
+# functional._check_target_range on CUDA tensors (check_targets=True, the default): ne, lt, ge, or,
+# and (5 elementwise kernels), any() (1 reduction) and `if` on it (1 host sync).
+CHECK_TARGETS = {"launches": 6, "host_syncs": 1}
+
+REDUCTION_MEAN = 1
+ELEMENT_BYTES = {"bf16": 2, "fp32": 4}
+TORCH_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+CI_SUBSET = {"triton": [("nce+rce", "bf16", (8192, 131072))], "cuda": [("nce+rce", "bf16", (8192, 131072))]}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _terms(loss: str):
+    from apl_kernels.spec import ACTIVE_TERMS, PASSIVE_TERMS, LossSpec
+    spec = LossSpec.from_name(loss)
+    return ACTIVE_TERMS[spec.active], PASSIVE_TERMS[spec.passive], spec
+
+
+# ----------------------------------------------------------------------------- plans: what each backend launches
+@dataclasses.dataclass
+class KernelRun:
+    """One launch of the forward: which compiled variant, its grid, and how its per-element cost is read."""
+    variant: str                 # key into the compiled variants
+    grid: int
+    warps: int                   # per block / program
+    kind: str                    # "chunked", "single", "tiles", "small_k", "large_k", "serial"
+    params: dict                 # what the counting needs (BLOCK_K, BLOCK_R, group, cap...)
+    serial_iterations: int = 0   # "serial": iterations of its one-program loop
+
+
+def triton_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
+    """The launches of apl_kernels/triton/kernels.launch for a mean-reduced loss with gradient, on an H200."""
+    from apl_kernels.triton import kernels as tk
+    active, passive, _ = _terms(loss)
+    elem = ELEMENT_BYTES[dtype]
+    block_k = _next_pow2(K)
+    base = dict(ACTIVE=active, PASSIVE=passive, GRAD_MODE=0, REDUCTION=REDUCTION_MEAN, COMPUTE_GRAD=True)
+    serial = [KernelRun("triton _count_kernel", 1, 4, "serial", {}, _cdiv(B, 1024)),
+              KernelRun("triton _sum_kernel", 1, 4, "serial", {}, _cdiv(B, 1024))]
+    if block_k <= tk.RESIDENT_MAX_K[elem]:
+        block_r = max(1, min(tk.TILE_ELEMS // block_k, _next_pow2(B)))
+        tiles = _cdiv(B, block_r)
+        single = tiles == 1 or tiles <= tk.SINGLE_MAX_TILES
+        warps = max(1, min(16, block_r * block_k // 256))
+        consts = dict(base, SINGLE=single, BLOCK_R=block_r, BLOCK_K=block_k)
+        run = KernelRun(_triton_key("resident_kernel", dtype, consts, warps, B, K), 1 if single else tiles, warps,
+                        "single" if single else "tiles", consts)
+        return [run] if single else [serial[0], run, serial[1]]
+    chunk = min(tk.CHUNK[max(2, elem)], block_k)
+    warps = tk.CHUNK_WARPS if chunk >= 8192 else 8
+    # kernels._programs_in_flight with the H200's figures
+    per_sm = max(1, min(max(1, 16 // warps), min(tk.L2_BUDGET, int(L2_BYTES) * 2 // 3) // max(1, SMS * K * elem)))
+    programs = max(1, min(B, SMS * per_sm))
+    consts = dict(base, NEEDS_PASS2=_needs_pass2(active, passive), BLOCK_K=chunk)
+    run = KernelRun(_triton_key("chunked_kernel", dtype, consts, warps, B, K), programs, warps, "chunked", consts)
+    return [serial[0], run, serial[1]]
+
+
+def _needs_pass2(active, passive) -> bool:
+    from apl_kernels.triton import loss_math as lm
+    return bool(lm.needs_second_pass(active, passive))
+
+
+def _triton_key(kernel: str, dtype: str, consts: dict, warps: int, B: int, K: int) -> str:
+    # The JIT specialises on N, K and the strides (divisibility by 16, value 1): part of the key.
+    spec = "".join("D" if v % 16 == 0 else ("1" if v == 1 else "-") for v in (B, K))
+    body = ",".join(f"{k}={v}" for k, v in sorted(consts.items()))
+    return f"triton {kernel} {dtype} w{warps} {spec} {body}"
+
+
+CUDA_SMALL_K_MAX = 1024
+CUDA_SMALL_BLOCK = 256
+CUDA_TINY_NV = 4
+
+
+def _slot_elems(dtype: str) -> int:
+    return 16 // ELEMENT_BYTES[dtype]
+
+
+def cuda_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
+    """The launches of csrc/cuda/apl_cuda_op.cu for a mean-reduced loss with gradient, on an H200."""
+    active, passive, spec = _terms(loss)
+    pow_terms = spec.active in ("nfl", "ngce")
+    V = _slot_elems(dtype)
+    max_slots = (K + 2 * V - 2) // V
+    tname = {"bf16": "c10::BFloat16", "fp32": "float"}[dtype]
+    runs = []
+    if B <= 16384:   # apl_cuda_op.cu: kSingleBlockCount
+        runs.append(KernelRun("cuda count_kept_kernel", 1, 32, "serial", {}, _cdiv(B, 1024 * 8)))
+    else:
+        raise ValueError("the model covers N <= 16384 (one count block), the benchmark matrix's rows")
+    if K <= CUDA_SMALL_K_MAX:
+        if max_slots <= CUDA_TINY_NV:
+            nv, group = CUDA_TINY_NV, 1
+        elif max_slots <= 32:
+            nv, group = 1, 32
+            while group // 2 >= max_slots:
+                group //= 2
+        else:
+            nv, group = _cdiv((CUDA_SMALL_K_MAX + 2 * V - 2) // V, 32), 32
+        rows_per_block = CUDA_SMALL_BLOCK // group
+        grid = max(1, min(_cdiv(B, rows_per_block), SMS * 8))
+        runs.append(KernelRun(f"cuda small_k_kernel<{tname}, {nv}, {str(pow_terms).lower()}>", grid,
+                              CUDA_SMALL_BLOCK // 32, "small_k", {"group": group, "nv": nv, "V": V, "K": K}))
+    else:
+        threads = 512 if max_slots >= 2048 else (256 if max_slots >= 512 else 128)
+        cap = min(max_slots, (SMEM_OPTIN_PER_BLOCK - 2048) // 16)
+        runs.append(KernelRun(f"cuda large_k_kernel<{tname}, {str(pow_terms).lower()}>", 0, threads // 32,
+                              "large_k", {"cap": cap, "V": V, "K": K, "smem": cap * 16, "threads": threads,
+                                          "second_pass": _needs_pass2(active, passive)}))
+    return runs
+
+
+PLANS = {"triton": triton_plan, "cuda": cuda_plan}
+
+
+# ----------------------------------------------------------------------------- toolchains and compiles
+def triton36_path() -> Optional[str]:
+    """The folder holding Triton 3.6.0's `triton/` package, or None."""
+    path = os.environ.get("APL_TRITON36_PATH") or TRITON36_DEFAULT
+    return path if os.path.isfile(os.path.join(path, "triton", "__init__.py")) else None
+
+
+def _triton_version(path: Optional[str]) -> str:
+    code = "import triton; print(triton.__version__)"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    if path:
+        code = f"import sys; sys.path.insert(0, {path!r}); " + code
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    return out.stdout.strip() or "unknown"
+
+
+_TRITON_WORKER = r"""
+import json, os, subprocess, sys
+toolchain = sys.argv[1]
+if toolchain:
+    sys.path.insert(0, toolchain)
+sys.path.insert(1 if toolchain else 0, sys.argv[2])
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import MockTensor, create_function_from_signature
+from apl_kernels.triton import kernels as tk
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+jobs = json.loads(sys.stdin.read())
+out = {}
+for job in jobs:
+    try:
+        fn = getattr(tk, job["kernel"])
+        T = lambda name: MockTensor(getattr(torch, name))
+        z, acc = T(job["dtype"]), T("float32")
+        if job["kernel"] in ("_count_kernel",):
+            args = (T("int64"), acc, job["N"], -100)
+        elif job["kernel"] == "_sum_kernel":
+            args = (acc, acc, acc, job["N"])
+        else:
+            N, K = job["N"], job["K"]
+            args = (z, T("int64"), acc, z, acc, N, K, K, K, -100) + (1.0, 0.0) * 5
+        kwargs = dict(job["consts"], num_warps=job["warps"])
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+        path = os.path.join(sys.argv[3], job["id"] + ".cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        text = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", path], capture_output=True, text=True,
+                              check=True).stdout
+        usage = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-resource-usage", path],
+                               capture_output=True, text=True, check=True).stdout
+        result = {"sass": text, "usage": usage, "name": compiled.metadata.name,
+                  "signature": {k: v for k, v in signature.items() if v != "constexpr"},
+                  "divisible_by_16": [list(signature)[k[0]] for k, v in attrs.items() if v]}
+        with open(job["cache"] + ".tmp", "w") as f:   # each result kept at once: an interrupted run resumes
+            json.dump(result, f)
+        os.replace(job["cache"] + ".tmp", job["cache"])
+        out[job["id"]] = {"cached": True}
+    except Exception as error:
+        out[job["id"]] = {"error": repr(error)[:2000]}
+print("RESULTS" + json.dumps(out))
+"""
+
+
+def compile_triton(jobs: List[dict], toolchain: Optional[str], version: str, workers: int) -> Dict[str, dict]:
+    """Compile Triton variants for sm_90 in subprocesses (Triton `toolchain` first on sys.path)."""
+    if not jobs:
+        return {}
+    # Cached by the toolchain and the kernels' source, so that a rerun only compiles what changed.
+    digest = hashlib.sha256(f"{toolchain} {version}".encode())
+    for name in ("kernels.py", "loss_math.py"):
+        digest.update(open(os.path.join(REPO, "apl_kernels", "triton", name), "rb").read())
+    digest.update(_TRITON_WORKER.encode())
+    tag = digest.hexdigest()[:16]
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    cache_path = lambda job: os.path.join(CACHE_DIR, "triton-%s-%s.json" % (tag, hashlib.sha256(
+        json.dumps({k: v for k, v in job.items() if k != "id"}, sort_keys=True).encode()).hexdigest()[:16]))
+    todo = [dict(job, cache=cache_path(job)) for job in jobs if not os.path.exists(cache_path(job))]
+    todo.sort(key=lambda job: (job["kernel"] != "chunked_kernel", job["dtype"] != "bfloat16"))  # headline first
+    errors = _compile_triton(todo, toolchain, workers) if todo else {}
+    results: Dict[str, dict] = {}
+    for job in jobs:
+        try:
+            with open(cache_path(job)) as f:
+                results[job["id"]] = json.load(f)
+        except (OSError, ValueError):
+            results[job["id"]] = errors.get(job["id"]) or {"error": "no result"}
+    return results
+
+
+def _compile_triton(jobs: List[dict], toolchain: Optional[str], workers: int) -> Dict[str, dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    results: Dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        env["TRITON_CACHE_DIR"] = os.path.join(tmp, "cache")
+        shards = [jobs[i::workers] for i in range(workers) if jobs[i::workers]]
+
+        def run(shard):
+            proc = subprocess.run([sys.executable, "-c", _TRITON_WORKER, toolchain or "", REPO, tmp],
+                                  input=json.dumps(shard), capture_output=True, text=True, env=env, timeout=1800)
+            lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULTS")]
+            if not lines:
+                raise RuntimeError(f"the Triton compile worker failed:\n{proc.stderr[-3000:]}")
+            return json.loads(lines[0][len("RESULTS"):])
+
+        with ThreadPoolExecutor(len(shards)) as pool:
+            for part in pool.map(run, shards):
+                results.update(part)
+    return results
+
+
+def nvcc_path() -> Optional[str]:
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cuda_flags() -> List[str]:
+    """nvcc flags of setup.py's CUDA build (torch's defaults, -O3), for sm_90 only."""
+    import torch
+    from torch.utils import cpp_extension
+    flags = ["-cubin", "-arch=sm_90", "-O3", "-std=c++20", *cpp_extension.COMMON_NVCC_FLAGS,
+             "-I" + os.path.join(REPO, "csrc")]
+    flags += ["-I" + p for p in cpp_extension.include_paths(device_type="cuda")]
+    try:
+        import nvidia
+        flags += ["-I" + d for b in nvidia.__path__ for d in sorted(glob.glob(os.path.join(b, "cu[0-9]*", "include")))]
+    except ImportError:
+        pass
+    del torch
+    return flags
+
+
+def _cuobjdump() -> Optional[str]:
+    """A cuobjdump: the toolkit's, else the one Triton's package carries."""
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    for folder in filter(None, (triton36_path(),)):
+        path = os.path.join(folder, "triton", "backends", "nvidia", "bin", "cuobjdump")
+        if os.path.exists(path):
+            return path
+    try:
+        import triton
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        return path if os.path.exists(path) else None
+    except ImportError:
+        return None
+
+
+def compile_cuda(sources: List[str], workers: int) -> Dict[str, dict]:
+    """{demangled kernel name: {sass, usage}} of csrc/cuda sources built for sm_90 (cached by content)."""
+    nvcc, dump = nvcc_path(), _cuobjdump()
+    if nvcc is None or dump is None:
+        raise RuntimeError("nvcc or cuobjdump not found")
+    flags = _cuda_flags()
+    os.makedirs(CACHE_DIR, exist_ok=True)
+    digest = hashlib.sha256(" ".join([nvcc] + flags).encode())
+    for path in sorted(glob.glob(os.path.join(REPO, "csrc", "**", "*.[ch]*"), recursive=True)):
+        digest.update(open(path, "rb").read())
+    tag = digest.hexdigest()[:16]
+
+    def build(source):
+        cubin = os.path.join(CACHE_DIR, f"{os.path.basename(source)}.{tag}.cubin")
+        if not os.path.exists(cubin):
+            tmp = cubin + f".tmp{os.getpid()}"
+            proc = subprocess.run([nvcc, *flags, "-o", tmp, source], capture_output=True, text=True, timeout=1800)
+            if proc.returncode != 0:
+                raise RuntimeError(f"nvcc failed on {source}:\n{proc.stderr[-3000:]}")
+            os.replace(tmp, cubin)
+        text = subprocess.run([dump, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([dump, "--dump-resource-usage", cubin], capture_output=True, text=True,
+                               check=True).stdout
+        return text, usage
+
+    out: Dict[str, dict] = {}
+    with ThreadPoolExecutor(max(1, min(workers, len(sources)))) as pool:
+        for text, usage in pool.map(build, sources):
+            functions = sass.parse_sass(text)
+            resources = sass.resource_usage(usage)
+            names = _demangle(list(functions))
+            for mangled, instructions in functions.items():
+                out[names[mangled]] = {"instructions": instructions, "usage": resources.get(mangled, {}),
+                                       "mangled": mangled}
+    return out
+
+
+def _demangle(names: List[str]) -> Dict[str, str]:
+    filt = shutil.which("c++filt") or shutil.which("cu++filt")
+    if not filt or not names:
+        return {n: n for n in names}
+    out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    short = {}
+    for mangled, full in zip(names, out):
+        # "void apl_cuda::(anonymous namespace)::large_k_kernel<c10::BFloat16, false>(apl_cuda::Args<...>, long)"
+        match = re.search(r"(\w+)(<[^()]*>)?\(", full)
+        short[mangled] = "cuda " + (match.group(1) + (match.group(2) or "") if match else full)
+    return short
+
+
+# ----------------------------------------------------------------------------- counting
+def occupancy(regs: int, smem_block: int, warps: int) -> dict:
+    """Blocks and warps per SM that registers, shared memory and the hardware limits allow."""
+    regs_per_warp = _cdiv(max(regs, 1) * 32, 256) * 256
+    limits = {"warps": MAX_WARPS_PER_SM // warps, "blocks": MAX_BLOCKS_PER_SM,
+              "registers": REGS_PER_SM // (regs_per_warp * warps),
+              "shared memory": SMEM_PER_SM // (smem_block + SMEM_RESERVED_PER_BLOCK)}
+    blocks = max(0, min(limits.values()))
+    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * warps,
+            "occupancy_pct": round(100 * blocks * warps / MAX_WARPS_PER_SM, 1),
+            "limited_by": min(limits, key=limits.get)}
+
+
+def per_element(run: KernelRun, instructions: List[sass.Instruction], B: int, K: int) -> dict:
+    """Thread-instructions per logit of a forward kernel, with the loops it was read from."""
+    loops = sass.find_loops(instructions)
+    top = sass.top_level(loops)
+    size = sass.code_size(instructions)
+    threads = run.warps * 32
+    info = {"loops": [{"header": hex(l.header), "latch": hex(l.latch), "static": l.static,
+                       "shortest": l.shortest, "load_bytes": l.loads, "store_bytes": l.stores,
+                       "depth": sum(1 for p in loops if p.contains(l))} for l in loops]}
+    if run.kind == "chunked":
+        rows = [l for l in top if l.children]
+        if len(rows) != 1:
+            raise RuntimeError(f"{run.variant}: expected one row loop holding the chunk loops, found {len(rows)}")
+        row = rows[0]
+        chunk = run.params["BLOCK_K"]
+        trips = _cdiv(K, chunk)
+        per_row = sass.executed(row, lambda loop: trips)
+        elements_per_thread = K / threads
+        info["hot_loops"] = [{"static": c.static, "elements_per_thread": chunk / threads,
+                              "per_element": round(c.static * threads / chunk, 2)} for c in row.children]
+        info["sass_per_element"] = per_row / elements_per_thread
+        info["count"] = "static"
+    elif run.kind in ("single", "tiles"):
+        block_r = run.params["BLOCK_R"]
+        tiles = _cdiv(B, block_r)
+        if run.kind == "single":
+            # the tile loop (the largest) runs once per tile, the count loop once per 1024 rows
+            tile_loop = max(top, key=lambda l: l.static) if top else None
+            trips = lambda loop: tiles if loop is tile_loop else _cdiv(B, 1024)
+            total = size - sum(l.static for l in top) + sum(trips(l) * sass.executed(l, lambda c: 1) for l in top)
+            elements_per_thread = B * K / threads
+        else:   # one tile per program
+            total = size + sum(sass.executed(l, lambda c: 1) - l.static for l in top)
+            elements_per_thread = min(block_r, B) * K / threads
+        info["hot_loops"] = [{"static": total, "elements_per_thread": round(elements_per_thread, 3),
+                              "per_element": round(total / elements_per_thread, 2)}]
+        info["sass_per_element"] = total / elements_per_thread
+        info["count"] = "static"
+    elif run.kind == "small_k":
+        info.update(_small_k(run, instructions, top, K))
+    elif run.kind == "large_k":
+        info.update(_large_k(run, instructions, top, K, threads))
+    else:
+        raise ValueError(run.kind)
+    return info
+
+
+CUDA_COUNT = ("shortest path that still loads each element and runs one exp per element (a lower bound: "
+              "loss terms are chosen at run time, and the path may skip some the loss needs)")
+
+
+_DOING: Dict[tuple, int] = {}
+
+
+def _doing(instructions, loop: sass.Loop, elements: int, element_bytes: int) -> int:
+    """Instructions of one iteration of `loop` on the cheapest path that does `elements` elements' work."""
+    key = (id(instructions), loop.header, elements, element_bytes)
+    if key not in _DOING:
+        _DOING[key] = _doing_uncached(instructions, loop, elements, element_bytes)
+    return _DOING[key]
+
+
+def _doing_uncached(instructions, loop: sass.Loop, elements: int, element_bytes: int) -> int:
+    body = [i for i in instructions if loop.header <= i.address <= loop.latch]
+    exps = elements if any(i.opcode.startswith("MUFU.EX2") for i in body) else 0
+    found = sass.shortest_doing(body, loop.latch, elements, element_bytes, exps)
+    return loop.static if found is None else found
+
+
+def _small_k(run: KernelRun, instructions, top, K: int) -> dict:
+    """Small-K CUDA kernel: its row loop, where a group of `group` lanes takes a row of K logits."""
+    rows = [l for l in top if l.loads.get("LDG")]
+    if not rows:
+        raise RuntimeError(f"{run.variant}: no loop with global loads")
+    row = max(rows, key=lambda l: l.static)
+    group, V = run.params["group"], run.params["V"]
+    elements = min(_cdiv(K, group), run.params["nv"] * V)       # logits one lane holds
+    merges = max(0, int(math.log2(group)))                      # butterfly steps of group_allreduce
+    extra_lo = sum((merges - 1) * c.static for c in row.children) if merges else 0
+    lo = _doing(instructions, row, elements, 16 // V) + extra_lo
+    hi = sass.executed(row, lambda c: merges or 1)
+    per_lane = K / group
+    return {"hot_loops": [{"loop": "row", "cheapest_doing_the_work": lo, "static": hi,
+                           "elements_per_thread": round(per_lane, 3)}],
+            "sass_per_element": lo / per_lane, "sass_per_element_static": hi / per_lane, "count": CUDA_COUNT}
+
+
+def _large_k(run: KernelRun, instructions, top, K: int, threads: int) -> dict:
+    """Large-K CUDA kernel: the per-slot loops inside its row loop, each weighted by the slots it visits."""
+    rows = [l for l in top if l.children]
+    if len(rows) != 1:
+        raise RuntimeError(f"{run.variant}: expected one row loop, found {len(rows)}")
+    row = rows[0]
+    V, cap = run.params["V"], run.params["cap"]
+    elem = 16 // V
+    slots = _cdiv(K + V - 1, V)
+    cached, streamed = min(slots, cap), max(0, slots - cap)
+    # The loops of a row with loads, in source order (apl_cuda_large_k.cu): pass 1 fills shared memory (8
+    # slots per thread per iteration), sums exp over the cached slots, streams the tail; the block
+    # reduction of the stats (a loop over warps); pass 2 (losses with normaliser sums) over the cached
+    # slots and the tail; the block reduction of the sums (unrolled loop and remainder); pass 3, the
+    # gradient.  (fill_row, for bad rows, has no loads.)  A change of that structure must update this.
+    layout = ["fill", "cached", "tail", None, "cached2", "tail2", None, None, "grad"]
+    loaded = [c for c in sorted(row.children, key=lambda l: l.header) if c.loads]
+    if len(loaded) != len(layout) or not loaded[0].stores.get("STS"):
+        raise RuntimeError(f"{run.variant}: the row loop's structure changed ({len(loaded)} loops with loads, "
+                           f"expected {len(layout)}): update bench/roofline.py _large_k")
+    names = [n for n in layout if n]
+    loops = [l for n, l in zip(layout, loaded) if n]
+    children = sorted(row.children, key=lambda l: l.header)
+    second = run.params["second_pass"]
+    visits = {"fill": cached / 8, "cached": cached, "tail": streamed, "cached2": cached if second else 0,
+              "tail2": streamed if second else 0, "grad": slots}
+    detail, lo, hi = [], 0.0, 0.0
+    for name, loop in zip(names, loops):
+        elements = V * (8 if name == "fill" else 1)
+        cheap = _doing(instructions, loop, elements, elem)
+        lo += visits[name] * cheap
+        hi += visits[name] * loop.static
+        detail.append({"loop": name, "cheapest_doing_the_work": cheap, "static": loop.static,
+                       "elements_per_iteration": elements, "per_element": round(cheap / elements, 2),
+                       "runs": bool(visits[name])})
+    # The rest of the row (row status, reductions, finish_row) runs once per row per thread.
+    others = [c for c in children if c not in loops]
+    fixed = row.shortest + sum(c.shortest for c in others if c.loads.get("LDS"))
+    lo, hi = lo / threads + fixed, hi / threads + row.static - sum(l.static for l in loops)
+    per_thread = K / threads
+    return {"hot_loops": detail, "sass_per_element": lo / per_thread, "sass_per_element_static": hi / per_thread,
+            "count": CUDA_COUNT}
+
+
+# ----------------------------------------------------------------------------- the model
+def model(backend: str, loss: str, dtype: str, B: int, K: int, runs: List[KernelRun], kernels: Dict[str, dict]) -> dict:
+    """One record: launches, syncs, HBM bytes, extra memory and the predicted % of copy bandwidth."""
+    elem = ELEMENT_BYTES[dtype]
+    logits = B * K * elem
+    labels, row_losses = 8 * B, 4 * B
+    back = BACKWARD[backend]
+    main = [r for r in runs if r.kind != "serial"][0]
+    info = kernels[main.variant]
+
+    # HBM traffic of the forward: logits once, gradient written once, labels, row losses.
+    hbm = logits + logits + labels + (row_losses if backend == "triton" and main.kind != "single" else 0)
+    if main.kind == "chunked":
+        passes = 3 if main.params["NEEDS_PASS2"] else 2
+        in_flight = main.grid * K * elem
+        if in_flight > L2_BYTES:     # the rows in flight overflow L2: later passes re-read HBM
+            hbm += (passes - 1) * logits
+    elif main.kind == "large_k":
+        V, cap = main.params["V"], main.params["cap"]
+        tail = max(0, _cdiv(K + V - 1, V) - cap) * 16
+        reread = 2 + (1 if main.params["second_pass"] else 0)
+        if main.grid * tail > L2_BYTES:
+            hbm += reread * tail * B
+    # The backward: reads the gradient (from L2 when it fits), writes a new one.
+    bwd_bytes = back["passes"] * ((0 if logits <= L2_BYTES else logits) + logits)
+    hbm_total = hbm + bwd_bytes
+
+    # Issue: warp-instructions over the rate of the SMs the grid occupies.
+    occ = info["occupancy"]
+    sms_used = min(SMS, max(1, math.ceil(main.grid / max(1, occ["blocks_per_sm"]))))
+    rate = sms_used * min(ISSUE_PER_SM_CLOCK, max(1, occ["warps_per_sm"])) * CLOCK_HZ
+    issue_s = info["sass_per_element"] * B * K / 32 / rate
+    static = info.get("sass_per_element_static", info["sass_per_element"])
+    issue_static_s = static * B * K / 32 / rate
+    io_s = hbm / (COPY_BYTES_S * sms_used / SMS)
+    serial_s = sum(r.serial_iterations for r in runs if r.kind == "serial") * SERIAL_ITERATION_S
+    bwd_s = bwd_bytes / COPY_BYTES_S
+    total_s = max(io_s, issue_s) + serial_s + bwd_s
+    total_static_s = max(io_s, issue_static_s) + serial_s + bwd_s
+    minimal_s = 2 * logits / COPY_BYTES_S
+    # Beside the gradient buffers: Triton's row losses and count (several programs), CUDA's workspace
+    # (16-byte header and one partial per block); the loss itself.  Raw bytes (the allocator rounds up).
+    small = (row_losses + 4 if main.kind != "single" else 0) if backend == "triton" else 16 + 8 * main.grid
+    extra = logits + back["buffers"] * logits + small + 4
+    fwd_launches = len(runs)
+    unchecked = fwd_launches + BACKWARD_SEED_LAUNCHES + back["launches"]
+    return {
+        "backend": backend, "loss": loss, "dtype": dtype, "B": B, "K": K,
+        "launches": unchecked + CHECK_TARGETS["launches"],
+        "launches_check_targets_false": unchecked,
+        "host_syncs": CHECK_TARGETS["host_syncs"] + back["host_syncs"],
+        "host_syncs_check_targets_false": back["host_syncs"],
+        "hbm_bytes": int(hbm_total),
+        "extra_mem_ratio": round(extra / logits, 3),
+        "sass_per_element": round(info["sass_per_element"], 1),
+        "sass_per_element_static": round(static, 1),
+        "sass_count": info["count"],
+        "bound": "issue" if issue_s > io_s else "I/O",
+        "predicted_us": round(total_s * 1e6, 2),
+        "predicted_pct_copy": round(100 * minimal_s / total_s, 1),
+        # from the static count (every instruction of the loop bodies): CUDA's lower end
+        "predicted_pct_copy_static": round(100 * minimal_s / total_static_s, 1),
+        "kernel": main.variant,
+        "toolchain": info["toolchain"],
+    }
+
+
+def _jobs(backends, losses, dtypes, shapes):
+    """(configs, Triton compile jobs) of the matrix."""
+    configs, jobs = [], {}
+    for backend in backends:
+        for loss in losses:
+            for dtype in dtypes:
+                for B, K in shapes:
+                    runs = PLANS[backend](loss, dtype, B, K)
+                    configs.append((backend, loss, dtype, B, K, runs))
+                    if backend != "triton":
+                        continue
+                    for run in runs:
+                        if run.kind != "serial" and run.variant not in jobs:
+                            kernel = run.variant.split()[1]
+                            jobs[run.variant] = {"id": f"v{len(jobs)}", "kernel": kernel, "dtype": TORCH_DTYPES[dtype],
+                                                 "consts": run.params, "warps": run.warps, "N": B, "K": K}
+    return configs, jobs
+
+
+def run(args) -> dict:
+    t0 = time.perf_counter()
+    backends = args.backends.split(",") if args.backends else list(PLANS)
+    losses = args.losses.split(",") if args.losses else list(LOSSES)
+    dtypes = args.dtypes.split(",") if args.dtypes else list(GPU_DTYPES)
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] if args.shapes \
+        else list(GPU_SHAPES)
+    for value, allowed, what in ((backends, PLANS, "backend"), (losses, LOSSES, "loss"), (dtypes, ELEMENT_BYTES, "dtype")):
+        bad = [v for v in value if v not in allowed]
+        if bad:
+            raise SystemExit(f"unknown {what} {bad}; expected some of {sorted(allowed)}")
+    if args.subset == "ci":
+        configs = []
+        for backend in backends:
+            for loss, dtype, (B, K) in CI_SUBSET[backend]:
+                configs.append((backend, loss, dtype, B, K, PLANS[backend](loss, dtype, B, K)))
+        jobs = {}
+        for backend, loss, dtype, B, K, runs in configs:
+            for r in runs:
+                if backend == "triton" and r.kind != "serial":
+                    jobs[r.variant] = {"id": f"v{len(jobs)}", "kernel": r.variant.split()[1],
+                                       "dtype": TORCH_DTYPES[dtype], "consts": r.params, "warps": r.warps,
+                                       "N": B, "K": K}
+    else:
+        configs, jobs = _jobs(backends, losses, dtypes, shapes)
+
+    meta = {"what": "PREDICTED, not measured: a roofline of the fused fwd+bwd from the compiled sm_90 code",
+            "machine": {"name": "NVIDIA H200 (sm_90)", "sms": SMS, "issue_warp_instructions_per_sm_clock":
+                        ISSUE_PER_SM_CLOCK, "clock_ghz": CLOCK_HZ / 1e9, "l2_bytes": L2_BYTES},
+            "copy_bandwidth_assumed_gbps": COPY_BYTES_S / 1e9,
+            "copy_bandwidth_source": "the H200's measured device-to-device copy bandwidth (issue 13)",
+            "method": __doc__.split("\n\n", 3)[3].strip(),
+            "backward_assumed": BACKWARD, "backward_seed_launches": BACKWARD_SEED_LAUNCHES,
+            "check_targets_assumed": CHECK_TARGETS, "serial_iteration_s_assumed": SERIAL_ITERATION_S,
+            "subset": args.subset or "full", "toolchains": {}}
+    kernels: Dict[str, dict] = {}
+    workers = max(1, args.jobs)
+
+    if "triton" in backends:
+        path = triton36_path()
+        version = _triton_version(path)
+        if path and version != "3.6.0":
+            print(f"warning: {path} holds Triton {version}, not 3.6.0", file=sys.stderr)
+        label = f"triton {version}" + (" (build/toolchains)" if path else
+                                       " (the project's; Triton 3.6.0 not found: install it with "
+                                       "`python -m pip install --target build/toolchains/triton-3.6.0 "
+                                       "--no-deps triton==3.6.0` or set APL_TRITON36_PATH)")
+        if not path:
+            print(f"warning: {label}", file=sys.stderr)
+        meta["toolchains"]["triton"] = label
+        print(f"compiling {len(jobs)} Triton variants for sm_90 with {label} (cached under "
+              f"{os.path.relpath(CACHE_DIR, REPO)}) ...", flush=True)
+        compiled = compile_triton(list(jobs.values()), path, version, workers)
+        for variant, job in jobs.items():
+            res = compiled.get(job["id"], {"error": "missing"})
+            if "error" in res:
+                raise SystemExit(f"{variant}: Triton compile failed: {res['error']}")
+            functions = sass.parse_sass(res["sass"])
+            name = res["name"] if res["name"] in functions else next(iter(functions))
+            usage = sass.resource_usage(res["usage"]).get(name, {})
+            kernels[variant] = {"instructions": functions[name], "usage": usage, "toolchain": label,
+                                "specialisation": {"signature": res["signature"],
+                                                   "divisible_by_16": res["divisible_by_16"]}}
+    if "cuda" in backends:
+        nvcc = nvcc_path()
+        if nvcc is None:
+            raise SystemExit("nvcc not found: the CUDA kernels cannot be compiled (set CUDA_HOME or drop --backends cuda)")
+        version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        label = f"nvcc {version.split(',')[0].replace('Build ', '')} (-arch=sm_90 -O3)"
+        meta["toolchains"]["cuda"] = label
+        sources = [os.path.join(REPO, "csrc", "cuda", f) for f in ("apl_cuda_small_k.cu", "apl_cuda_large_k.cu")]
+        needed = {r.variant.split(" ", 1)[1].split("<")[0] for c in configs if c[0] == "cuda" for r in c[5]}
+        sources = [s for s in sources if any(n.split("_kernel")[0] in os.path.basename(s) for n in needed)]
+        print(f"compiling {', '.join(os.path.relpath(s, REPO) for s in sources)} for sm_90 with {label} ...", flush=True)
+        for name, res in compile_cuda(sources, workers).items():
+            res["toolchain"] = label
+            kernels[name] = res
+
+    records, kernel_table, counted_cache = [], {}, {}
+    for backend, loss, dtype, B, K, runs in configs:
+        this = {}
+        for r in runs:
+            if r.kind == "serial":
+                continue
+            if r.variant not in kernels:
+                raise SystemExit(f"{r.variant} is not in the compiled code (found: {sorted(kernels)[:20]})")
+            k = kernels[r.variant]
+            smem = k["usage"].get("SHARED", 0) + r.params.get("smem", 0)
+            k.setdefault("occupancy", occupancy(k["usage"].get("REG", 0), smem, r.warps))
+            if r.kind == "large_k":
+                r.grid = max(1, min(B, k["occupancy"]["blocks_per_sm"] * SMS))
+            memo = (r.variant, json.dumps(r.params, sort_keys=True), B if r.kind == "single" else 0, K)
+            if memo not in counted_cache:
+                counted_cache[memo] = per_element(r, k["instructions"], B, K)
+            counted = counted_cache[memo]
+            this[r.variant] = {**counted, "occupancy": k["occupancy"], "toolchain": k["toolchain"]}
+            key = f"{r.variant} [{B},{K}]" + (" second pass on" if r.params.get("second_pass") else "")
+            kernel_table[key] = {
+                "toolchain": k["toolchain"], "registers": k["usage"].get("REG"), "stack_bytes": k["usage"].get("STACK"),
+                "spills": bool(k["usage"].get("STACK", 0) or k["usage"].get("LOCAL", 0)),
+                "shared_bytes": smem, "warps": r.warps, "grid": r.grid, **k["occupancy"],
+                "sass_per_element": round(counted["sass_per_element"], 2),
+                "sass_per_element_static": round(counted.get("sass_per_element_static",
+                                                             counted["sass_per_element"]), 2),
+                "count": counted["count"], "hot_loops": counted["hot_loops"], "loops": counted["loops"],
+                **({"specialisation": k["specialisation"]} if "specialisation" in k else {})}
+        records.append(model(backend, loss, dtype, B, K, runs, this))
+    meta["seconds"] = round(time.perf_counter() - t0, 1)
+    data = {"meta": meta, "records": records, "kernels": kernel_table}
+    print_table(data)
+    if args.out != "-":
+        write_json_atomic(args.out, data)
+        print(f"\n{len(records)} PREDICTED records -> {args.out} ({meta['seconds']} s)")
+    return data
+
+
+def print_table(data: dict, file=sys.stdout) -> None:
+    meta = data["meta"]
+    print(f"\nPREDICTED (not measured) fwd+bwd on an H200 from sm_90 SASS; copy bandwidth assumed "
+          f"{meta['copy_bandwidth_assumed_gbps']:.0f} GB/s; toolchains: "
+          + "; ".join(f"{k}: {v}" for k, v in meta["toolchains"].items()), file=file)
+    header = (f"{'backend':<7} {'loss':<9} {'dtype':<5} {'shape':<15} {'lnch':>4} {'lnch*':>5} {'sync':>4} "
+              f"{'HBM MB':>9} {'mem x':>6} {'SASS/el':>8} {'bound':>5} {'pred us':>9} {'pred %copy':>12}")
+    print(header, file=file)
+    for r in data["records"]:
+        print(f"{r['backend']:<7} {r['loss']:<9} {r['dtype']:<5} {'[%d,%d]' % (r['B'], r['K']):<15} "
+              f"{r['launches']:>4} {r['launches_check_targets_false']:>5} {r['host_syncs']:>4} "
+              f"{r['hbm_bytes'] / 1e6:>9.2f} {r['extra_mem_ratio']:>6.2f} {r['sass_per_element']:>8.1f} "
+              f"{r['bound']:>5} {r['predicted_us']:>9.2f} {_pct(r):>12}", file=file)
+    print("lnch: launches per fwd+bwd with default arguments (check_targets=True); lnch*: with "
+          "check_targets=False (train/, bench.kernels).  CUDA: SASS/el is a lower bound (the cheapest path that "
+          "still loads and exps each element; its loss terms are chosen at run time), so its %copy is an upper "
+          "bound, shown as a range down to the static count's.  Launch overheads are not in 'pred us'.", file=file)
+
+
+def _pct(r: dict) -> str:
+    if r["predicted_pct_copy_static"] == r["predicted_pct_copy"]:
+        return f"{r['predicted_pct_copy']:.1f}"
+    return f"{r['predicted_pct_copy_static']:.1f}-{r['predicted_pct_copy']:.1f}"
+
+
+def load(path: str = DEFAULT_OUT) -> Optional[dict]:
+    """The committed predictions, or None."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.roofline",
+        description="PREDICTED (not measured) H200 speed of the fused losses' fwd+bwd from their compiled sm_90 "
+                    "code: SASS instructions per element, registers, spills, occupancy, launches, host syncs, HBM "
+                    "bytes, extra memory, % of copy bandwidth.  Needs no GPU.",
+        epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--subset", choices=("ci",), help="ci: one Triton and one CUDA configuration (seconds "
+                                                          "to a minute; the CUDA compile is cached under build/)")
+    parser.add_argument("--backends", help="comma list of triton,cuda (default both)")
+    parser.add_argument("--losses", help=f"comma list (default {','.join(LOSSES)})")
+    parser.add_argument("--dtypes", help="comma list of bf16,fp32 (default both)")
+    parser.add_argument("--shapes", help="comma list of BxK (default the GPU matrix of bench.kernels)")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="compiles run in parallel (default min(2, CPUs))")
+    parser.add_argument("--out", default=DEFAULT_OUT, help=f"JSON path ('-': none); default {DEFAULT_OUT}")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""bench.roofline (PREDICTED GPU speed from compiled code) and bench.sass, its SASS reader.
+
+The counting and the model are checked on hand-made SASS and hand-computed
+figures; one test runs the tool itself on its CI subset (skipped, with the
+reason, where Triton 3.6.0 or nvcc is absent).  The launch count of
+bench.kernels is checked to use the training step's call, `loss.backward()`.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from bench import common, goals, kernels, roofline, sass  # noqa: E402
+
+
+def _sass(name, lines, start=0):
+    """cuobjdump -sass text of one function: one instruction per line, 16 bytes apart."""
+    out = [f"        Function : {name}", '        .headerflags    @"EF_CUDA_SM90"']
+    for n, text in enumerate(lines):
+        out.append(f"        /*{start + 16 * n:04x}*/                   {text} ;" + " " * 20 + "/* 0x000fe2000001ff00 */")
+        out.append(" " * 80 + "/* 0x000fc80000000f00 */")
+    return "\n".join(out) + "\n"
+
+
+# A row loop (0x20..0xc0) holding two chunk loops; a trap and padding at the end.
+NESTED = [
+    "MOV R1, c[0x0][0x28]",             # 0x00
+    "S2R R0, SR_TID.X",                 # 0x10
+    "IADD3 R2, R2, 0x1, RZ",            # 0x20 row loop header
+    "LDG.E.128 R4, desc[UR4][R8.64]",   # 0x30 chunk loop 1 header
+    "FADD R3, R4, R5",                  # 0x40
+    "@P0 BRA 0x30",                     # 0x50 latch of chunk loop 1
+    "LDG.E.128 R4, desc[UR4][R8.64]",   # 0x60 chunk loop 2 header
+    "MUFU.EX2 R6, R4",                  # 0x70
+    "STG.E.128 desc[UR4][R10.64], R4",  # 0x80
+    "@!P1 BRA 0x60",                    # 0x90 latch of chunk loop 2
+    "SHFL.BFLY PT, R3, R3, 0x1, 0x1f",  # 0xa0
+    "ISETP.GE.AND P2, PT, R2, R7, PT",  # 0xb0
+    "@!P2 BRA 0x20",                    # 0xc0 latch of the row loop
+    "EXIT",                             # 0xd0
+    "BRA 0xe0",                         # 0xe0 trap: a branch to itself is not a loop
+    "NOP",                              # 0xf0
+]
+
+
+def test_parse_sass_reads_functions_predicates_and_widths():
+    text = _sass("first", ["@!P1 LDG.E.U16 R2, desc[UR4][R2.64]", "@PT STS.128 [R1], R4", "EXIT"]) + \
+        _sass("second", ["LDS R0, [R1]", "BRA 0x0"])
+    functions = sass.parse_sass(text)
+    assert list(functions) == ["first", "second"]
+    load, store, _ = functions["first"]
+    assert (load.address, load.op, load.opcode, load.predicate, load.access_bytes) == (0, "LDG", "LDG.E.U16", "!P1", 2)
+    assert load.conditional and not store.conditional        # @PT always runs
+    assert store.access_bytes == 16 and functions["second"][0].access_bytes == 4
+    assert functions["second"][1].target == 0 and load.target is None
+
+
+def test_loops_are_backward_branches_with_nesting_and_counts():
+    instructions = sass.parse_sass(_sass("k", NESTED))["k"]
+    assert sass.code_size(instructions) == 14                 # trap and NOP padding left out
+    loops = sass.find_loops(instructions)
+    assert [(hex(l.header), hex(l.latch), l.static) for l in loops] == \
+        [("0x20", "0xc0", 11), ("0x30", "0x50", 3), ("0x60", "0x90", 4)]
+    row = sass.top_level(loops)
+    assert len(row) == 1 and [hex(c.header) for c in row[0].children] == ["0x30", "0x60"]
+    assert loops[2].loads == {"LDG": 16} and loops[2].stores == {"STG": 16}
+    # One row iteration with each chunk loop run 5 times: 11 + 4 * 3 + 4 * 4 = 39 instructions.
+    assert sass.executed(row[0], lambda loop: 5) == 39
+    assert sass.executed(row[0], lambda loop: 1) == 11
+
+
+# A loop body with a run-time choice: a long side (a term that is on) and a short one.
+BRANCHY = [
+    "LDS.U16 R2, [R1]",                 # 0x00 header
+    "@P0 BRA 0x60",                     # 0x10 skip the term
+    "MUFU.EX2 R3, R2",                  # 0x20
+    "FMUL R3, R3, R4",                  # 0x30
+    "FADD R5, R5, R3",                  # 0x40
+    "FFMA R5, R5, R3, R6",              # 0x50
+    "IADD3 R1, R1, 0x2, RZ",            # 0x60
+    "@P1 BRA 0x0",                      # 0x70 latch
+    "EXIT",
+]
+
+
+def test_shortest_path_and_the_cheapest_path_that_does_the_work():
+    instructions = sass.parse_sass(_sass("k", BRANCHY))["k"]
+    (loop,) = sass.find_loops(instructions)
+    assert loop.static == 8
+    assert loop.shortest == 4                                 # LDS, BRA, IADD3, BRA: the term skipped
+    body = [i for i in instructions if loop.header <= i.address <= loop.latch]
+    # Loading one element and running one exp forces the long side: all 8.
+    assert sass.shortest_doing(body, loop.latch, elements=1, element_bytes=2, exps=1) == 8
+    assert sass.shortest_doing(body, loop.latch, elements=1, element_bytes=2, exps=0) == 4
+    assert sass.shortest_doing(body, loop.latch, elements=2, element_bytes=2, exps=0) is None
+
+
+def test_resource_usage_and_occupancy():
+    usage = sass.resource_usage(
+        "Resource usage:\n Common:\n  GLOBAL:11\n Function chunked_kernel:\n"
+        "  REG:121 STACK:8 SHARED:1024 LOCAL:0 CONSTANT[0]:648 TEXTURE:0\n")
+    assert usage == {"chunked_kernel": {"REG": 121, "STACK": 8, "SHARED": 1024, "LOCAL": 0}}
+    # 121 registers round up to 128 per thread = 4096 per warp: one 16-warp block (65536 registers) per SM.
+    occ = roofline.occupancy(121, 1024, 16)
+    assert (occ["blocks_per_sm"], occ["warps_per_sm"], occ["limited_by"]) == (1, 16, "registers")
+    assert occ["occupancy_pct"] == 25.0
+    # 225 KB of shared memory and 16 warps: one block; 64 KB: three (228 KB per SM, 1 KB reserved each).
+    assert roofline.occupancy(32, 230400, 16)["blocks_per_sm"] == 1
+    assert roofline.occupancy(32, 64 * 1024, 8)["blocks_per_sm"] == 3
+
+
+def _chunked_fixture(K=131072, block_k=8192, warps=16):
+    run = roofline.KernelRun("k", 132, warps, "chunked", {"BLOCK_K": block_k, "NEEDS_PASS2": False})
+    instructions = sass.parse_sass(_sass("k", NESTED))["k"]
+    return run, instructions
+
+
+def test_per_element_count_of_a_chunked_kernel():
+    run, instructions = _chunked_fixture()
+    info = roofline.per_element(run, instructions, 8192, 131072)
+    # 512 threads, 16 chunks of 8192: a row is 11 + 15 * 3 + 15 * 4 = 116 instructions per thread
+    # over 131072 / 512 = 256 elements.
+    assert info["sass_per_element"] == pytest.approx(116 / 256)
+    assert [h["per_element"] for h in info["hot_loops"]] == [round(3 / 16, 2), round(4 / 16, 2)]
+
+
+def _kernels_for(run, per_element, regs=128):
+    return {run.variant: {"sass_per_element": per_element, "count": "static", "toolchain": "test",
+                          "occupancy": roofline.occupancy(regs, 1024, run.warps)}}
+
+
+def test_model_of_the_chunked_fwd_bwd_by_hand():
+    B, K = 8192, 131072
+    L = B * K * 2                                             # bf16 logits: 2 GiB, far over L2
+    run = roofline.KernelRun("k", 132, 16, "chunked", {"BLOCK_K": 8192, "NEEDS_PASS2": True})
+    runs = [roofline.KernelRun("count", 1, 4, "serial", {}, 8), run,
+            roofline.KernelRun("sum", 1, 4, "serial", {}, 8)]
+    r = roofline.model("triton", "nce+rce", "bf16", B, K, runs, _kernels_for(run, 10.0))
+    # 132 rows of 256 KB in flight (34.6 MB) fit L2: passes 2 and 3 hit it.  Forward: logits read, gradient
+    # written, labels, row losses; backward (one pass): the gradient read back (2 GiB > L2) and written anew.
+    assert r["hbm_bytes"] == 2 * L + 8 * B + 4 * B + 2 * L
+    assert r["extra_mem_ratio"] == pytest.approx(2.0, abs=1e-3)
+    # 3 forward launches (count, loss, sum) + ones_like seed + backward multiply; + 6 of check_targets.
+    assert (r["launches_check_targets_false"], r["launches"], r["host_syncs"]) == (5, 11, 1)
+    # 10 instructions per element: 8192 * 131072 * 10 / 32 warp-instructions at 132 * 4 * 1.98e9 per second
+    # = 0.649 ms, under the forward's 2 * L / 4.3e12 = 0.999 ms: I/O-bound.  Total: forward 0.999 ms, 16
+    # serial iterations 16 us, backward 0.999 ms; minimal I/O 0.999 ms: 49.6%.
+    assert r["bound"] == "I/O"
+    forward = (2 * L + 12 * B) / 4.3e12
+    expected = 2 * L / 4.3e12 / (forward + 16e-6 + 2 * L / 4.3e12)
+    assert r["predicted_pct_copy"] == pytest.approx(100 * expected, abs=0.05)
+    assert 49 < r["predicted_pct_copy"] < 50
+
+
+def test_model_reads_the_backward_table(monkeypatch):
+    """A backward that costs nothing when grad_output is 1 (the defects branch) drops a pass and a buffer."""
+    B, K = 8192, 131072
+    L = B * K * 2
+    run = roofline.KernelRun("k", 132, 16, "chunked", {"BLOCK_K": 8192, "NEEDS_PASS2": True})
+    monkeypatch.setitem(roofline.BACKWARD, "triton", {"launches": 0, "passes": 0, "buffers": 0, "host_syncs": 0})
+    r = roofline.model("triton", "nce+rce", "bf16", B, K, [run], _kernels_for(run, 10.0))
+    assert r["hbm_bytes"] == 2 * L + 8 * B + 4 * B
+    assert r["extra_mem_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert r["launches_check_targets_false"] == 2             # the loss kernel and the ones_like seed
+    # Issue-bound now: 40 instructions per element take 2.6 ms against 1.0 ms of I/O.
+    slow = roofline.model("triton", "nce+rce", "bf16", B, K, [run], _kernels_for(run, 40.0))
+    issue = B * K * 40 / 32 / (132 * 4 * 1.98e9)
+    assert slow["bound"] == "issue"
+    assert slow["predicted_pct_copy"] == pytest.approx(100 * (2 * L / 4.3e12) / issue, abs=0.05)
+
+
+def test_fp32_rows_in_flight_overflow_l2():
+    # fp32 [8192, 131072]: 132 rows of 512 KB = 69 MB in flight > 50 MB: passes 2 and 3 re-read HBM.
+    B, K = 8192, 131072
+    L = B * K * 4
+    run = roofline.KernelRun("k", 132, 16, "chunked", {"BLOCK_K": 8192, "NEEDS_PASS2": True})
+    r = roofline.model("triton", "nce+rce", "fp32", B, K, [run], _kernels_for(run, 1.0))
+    assert r["hbm_bytes"] == 2 * L + 2 * L + 12 * B + 2 * L
+
+
+def test_plans_follow_the_launch_heuristics():
+    pytest.importorskip("triton")
+    single = roofline.triton_plan("nce+rce", "bf16", 128, 10)
+    assert [r.kind for r in single] == ["single"] and single[0].params["BLOCK_K"] == 16
+    chunked = roofline.triton_plan("nfl+rce", "bf16", 8192, 131072)
+    assert [r.kind for r in chunked] == ["serial", "chunked", "serial"]
+    assert chunked[1].grid == 132 and chunked[1].warps == 16 and chunked[1].params["NEEDS_PASS2"]
+    assert not roofline.triton_plan("ce", "bf16", 8192, 131072)[1].params["NEEDS_PASS2"]
+    large = roofline.cuda_plan("nce+rce", "bf16", 8192, 131072)
+    assert large[-1].variant == "cuda large_k_kernel<c10::BFloat16, false>"
+    assert large[-1].params["cap"] == (232448 - 2048) // 16 and large[-1].params["threads"] == 512
+    tiny = roofline.cuda_plan("nfl+rce", "fp32", 128, 10)
+    assert tiny[-1].variant == "cuda small_k_kernel<float, 4, true>" and tiny[-1].params["group"] == 1
+
+
+def test_goals_show_predictions_labelled_predicted():
+    predictions = {"meta": {"what": "PREDICTED", "toolchains": {}}, "records": [
+        {"backend": "triton", "loss": "nce+rce", "dtype": "bf16", "B": 8192, "K": 131072, "launches": 11,
+         "launches_check_targets_false": 5, "host_syncs": 1, "extra_mem_ratio": 2.0, "predicted_pct_copy": 27.4,
+         "predicted_us": 3600.0, "bound": "issue", "sass_per_element": 81.8}]}
+    evaluated = goals.evaluate({"meta": {"device": "cuda"}, "records": []}, predictions)
+    by_name = {g["goal"]: g for g in evaluated}
+    line = by_name["triton nce+rce bf16 [8192, 131072] fwd+bwd >= 85% of copy bandwidth"]
+    assert line["status"] == "not measured" and line["predicted"].startswith("predicted 27.4%")
+    assert "predicted 27.4%" in goals.format_goal(line)
+    assert by_name["peak extra memory of fused fwd+bwd <= 1.1x logits size"]["predicted"].startswith(
+        "predicted 2.00x")
+    assert by_name["triton nfl+rce bf16 [8192, 131072] fwd+bwd >= 70% of copy bandwidth"]["predicted"] is None
+    assert all(g["predicted"] is None for g in goals.evaluate({"meta": {"device": "cuda"}, "records": []}))
+
+
+def test_launch_count_uses_loss_backward(tmp_path, monkeypatch):
+    """bench.kernels counts the launches of `loss.backward()`, the training step's call."""
+    seen = []
+    real_backward = torch.Tensor.backward
+
+    def spy_backward(self, *args, **kwargs):
+        seen.append("loss.backward()")
+        return real_backward(self, *args, **kwargs)
+
+    def fake_count(fn, device):
+        seen.clear()
+        fn()
+        calls.append(list(seen))
+        return None
+
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "backward", spy_backward)
+    monkeypatch.setattr(common, "count_launches", fake_count)
+    args = kernels.build_parser().parse_args(
+        ["--quick", "--device", "cpu", "--backends", "reference", "--losses", "ce", "--shapes", "8x10",
+         "--passes", "fwd+bwd", "--no-memory", "--no-plots", "--min-time", "0.01", "--out", str(tmp_path / "r.json")])
+    kernels.run(args)
+    assert calls == [["loss.backward()"]]
+
+
+def test_ci_subset_runs(tmp_path):
+    """The tool on its CI subset, nce+rce bf16 [8192, 131072]: Triton 3.6.0's chunked kernel where that
+    Triton is installed, the CUDA large-K kernel where nvcc is (about a minute of compile on 2 cores)."""
+    chosen = [name for name, ok in (("triton", roofline.triton36_path()), ("cuda", roofline.nvcc_path())) if ok]
+    if not chosen:
+        pytest.skip("neither Triton 3.6.0 (python -m pip install --target build/toolchains/triton-3.6.0 "
+                    "--no-deps triton==3.6.0) nor nvcc is available to compile for sm_90")
+    backends = ",".join(chosen)
+    out = tmp_path / "roofline.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "bench.roofline", "--subset", "ci", "--backends", backends,
+                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PREDICTED" in proc.stdout
+    data = json.loads(out.read_text())
+    assert "PREDICTED" in data["meta"]["what"]
+    if "triton" in chosen:
+        assert data["meta"]["toolchains"]["triton"].startswith("triton 3.6.0")
+    fields = {"backend", "loss", "dtype", "B", "K", "launches", "host_syncs", "hbm_bytes", "extra_mem_ratio",
+              "sass_per_element", "predicted_pct_copy"}
+    assert {r["backend"] for r in data["records"]} == set(backends.split(","))
+    for r in data["records"]:
+        assert fields <= set(r)
+        assert 0 < r["predicted_pct_copy"] <= 100 and r["sass_per_element"] > 0
+    for k in data["kernels"].values():
+        assert k["registers"] > 0 and k["blocks_per_sm"] >= 1
