@@ -137,7 +137,7 @@ def test_session_runs_on_after_failures_kills_at_the_deadline_and_skips_when_sho
 
 
 def test_a_fallback_runs_only_after_a_failure_and_can_rescue_the_step(tmp_path):
-    fallback = Command([sys.executable, "-c", "print('fallback ran')"], fallback=True)
+    fallback = Command([sys.executable, "-c", "print('fallback' + ' ran')"], fallback=True)
     steps = [Step("env", "first fails", 1, 10, 1, [_py("raise SystemExit(1)"), fallback]),
              Step("build", "first works", 1, 10, 1, [_py("print('fine')"), fallback])]
     session = gpu_session.Session(Settings(out=str(tmp_path / "out")), steps, ["env", "build"])
