@@ -6,18 +6,19 @@ benchmarks, ncu and a one-screen summary, each step under a deadline.
     bash bench/gpu_session.sh OUT --cpu-check          # every step that can run here, in a no-GPU form
     python -m bench.gpu_session --summarize OUT        # the summary again, from a fetched OUT
 
-Steps, in order (--steps / --skip choose; the order is fixed):
+Steps, in order (--steps / --skip choose; the order is fixed: what the goals table
+needs first, so that a short budget cuts the sanitizers and extras, not the figures):
   env           nvidia-smi, python/torch/triton/CUDA versions, nvcc, ncu, compute-sanitizer
   build         MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 APL_BUILD_CUDA=1
                 pip install --no-build-isolation --no-deps --no-index -e .   (timed; never -r requirements.txt)
   tests         pytest -m gpu -x -q python_tests, each test capped (bench.pytest_time_cap)
-  memcheck      compute-sanitizer --tool memcheck on bench.gpu_kernels_once (every kernel variant once)
-  racecheck     compute-sanitizer --tool racecheck on the same program (one call per variant and dtype)
   kernels       bench.kernels at the goal shapes (bf16 128x10, 1024x100, 256x1000, 8192x131072;
                 ce, nce+rce, nce+mae, nfl+rce; reference, cuda, triton, F.cross_entropy)
   epochs        bench.epochs: cnn8, batch 128, AMP bf16, synthetic data, every robust pair, 3 epochs
+  memcheck      compute-sanitizer --tool memcheck on bench.gpu_kernels_once (every kernel variant once)
   ncu           ncu --clock-control none: DRAM bytes and occupancy of the headline kernels
                 (nce+rce bf16 [8192, 131072], triton and cuda), against bench/results/roofline-sm90.json
+  racecheck     compute-sanitizer --tool racecheck on the same program as memcheck (one call per variant and dtype)
   compiled      bench.kernels, backend compiled (torch.compile of the reference), same matrix, fwd and fwd+bwd
   triton-suite  python_tests/triton/test_triton_kernels.py on the GPU (not marked gpu, so not in `tests`)
   summary       tests passed/failed, sanitizer findings, every GPU goal measured (and predicted)
@@ -60,6 +61,8 @@ from typing import Callable, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BUDGET_S = 540          # the device tool allows 600 s per command; 60 s for start-up and slack
+CPU_CHECK_BUDGET_S = 3600       # the CPU check's default: its steps run on 2 slow cores
+CPU_CHECK_CAP_SCALE = 5         # ... so each step's cap is this many times the GPU one
 SUMMARY_RESERVE_S = 10          # kept back for the summary and the last packing of the logs
 TERM_GRACE_S = 10               # between SIGTERM and SIGKILL of a step's process group
 ROOFLINE_PATH = os.path.join("bench", "results", "roofline-sm90.json")
@@ -79,7 +82,7 @@ NCU_METRICS = {
     "launch__registers_per_thread": "registers",
 }
 TEST_CAP_S = 120                # per test (bench.pytest_time_cap)
-XDIST_WORKERS = 4               # GPU tests in parallel when pytest-xdist is there (Triton compiles are serial)
+XDIST_WORKERS = 8               # GPU tests in parallel when pytest-xdist is there (Triton compiles are serial)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -217,12 +220,13 @@ def build_steps(s: Settings) -> list:
     # --- compute-sanitizer
     once = ["-m", "bench.gpu_kernels_once", "--device", device]
     if s.cpu_check:
-        once += ["--backends", "cpu", "--dtypes", "fp32", "--quick"] if s.tiny else []
+        # One call per variant and dtype (--quick): the CPU kernel, and Triton's interpreter
+        # on the Triton variants unless tiny.
+        once += ["--quick"] + (["--backends", "cpu", "--dtypes", "fp32"] if s.tiny else [])
         interp = {} if s.tiny else {"TRITON_INTERPRET": "1"}
-        mem = [Command([], tool="compute-sanitizer", note="CPU check: compute-sanitizer is not run; its program runs "
-                       "alone"), _py(s, *once, env=interp)]
-        race = [Command([], tool="compute-sanitizer", note="CPU check: compute-sanitizer is not run; its program runs "
-                        "alone"), _py(s, *once, *([] if s.tiny else ["--quick"]), env=interp)]
+        note = "CPU check: compute-sanitizer is not run; its program runs alone"
+        mem = [Command([], tool="compute-sanitizer", note=note), _py(s, *once, env=interp)]
+        race = [Command([], tool="compute-sanitizer", note=note), _py(s, *once, env=interp)]
     else:
         sanitizer = ["compute-sanitizer", "--error-exitcode", "86", "--print-limit", "200",
                      "--target-processes", "application-only"]
@@ -283,10 +287,15 @@ def build_steps(s: Settings) -> list:
         suite.append("--collect-only")  # under the interpreter this is CI's job; here the flags are checked
     steps.append(Step("triton-suite", "the Triton test suite on the GPU", 90, 120, 40, [_py(s, *suite)],
                       optional=True))
-    return steps
+    if s.cpu_check:
+        for step in steps:
+            step.cap_s *= CPU_CHECK_CAP_SCALE
+    return sorted(steps, key=lambda step: STEP_NAMES.index(step.name))
 
 
-STEP_NAMES = ("env", "build", "tests", "memcheck", "racecheck", "kernels", "epochs", "ncu", "compiled",
+# The order: what the goals table needs comes first (the tests, then the benchmarks),
+# the sanitizers and ncu after, the optional extras last; --budget cuts from the end.
+STEP_NAMES = ("env", "build", "tests", "kernels", "epochs", "memcheck", "ncu", "racecheck", "compiled",
               "triton-suite")
 
 
@@ -809,9 +818,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1] + USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", nargs="?", help="output folder (created; on the device machine: \"$OUT\")")
-    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
-                        help="seconds for the whole session (default %(default)s: the device tool's 600 s "
-                             "per command less start-up and slack); later steps are skipped when it runs short")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"seconds for the whole session (default {DEFAULT_BUDGET_S:g}: the device tool's 600 s "
+                             f"per command less start-up and slack; {CPU_CHECK_BUDGET_S:g} with --cpu-check); "
+                             "later steps are skipped when it runs short")
     parser.add_argument("--dry-run", action="store_true", help="print the plan (commands, estimates, "
                         "what the budget would skip) and exit; runs nothing, writes nothing")
     parser.add_argument("--cpu-check", action="store_true",
@@ -886,6 +896,8 @@ def main(argv=None) -> int:
         text = summary_from_out(args.out)
         print(text, end="")
         return 0
+    if args.budget is None:
+        args.budget = CPU_CHECK_BUDGET_S if args.cpu_check else DEFAULT_BUDGET_S
     if args.budget <= 0:
         raise SystemExit(f"--budget must be positive, got {args.budget:g}")
     settings = Settings(out=args.out, cpu_check=args.cpu_check, tiny=args.tiny, budget_s=args.budget,

@@ -65,6 +65,8 @@ def test_cpu_check_plan_leaves_the_editable_install_alone(tmp_path):
     assert "--dry-run" in text.split("build", 1)[1].split("tests", 1)[0]  # pip install --dry-run
     assert "8192x131072" not in text  # the no-GPU form runs small shapes
     assert "--device cpu" in text and "--device cuda" not in text
+    # 2 slow cores: a longer default budget and caps than on the device
+    assert f"budget {gpu_session.CPU_CHECK_BUDGET_S} s" in text and "(cap 1050 s," in text  # tests: 210 s x 5
 
 
 def test_unknown_step_and_bad_budget_are_refused(tmp_path):
