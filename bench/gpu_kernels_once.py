@@ -107,13 +107,14 @@ def _reference(logits, target, loss, reduction):
 
 
 def run_call(variant: Variant, backend: str, device: torch.device, dtype: torch.dtype, loss: str,
-             reduction: str, with_grad: bool, seed: int) -> str:
+             reduction: str, with_grad: bool, seed: int, max_rows: int = 0) -> str:
     """One call of one variant; returns '' when it agrees with the reference, else what went wrong."""
     from apl_kernels import apl_loss
     K = variant.k_for(dtype)
+    B = min(variant.B, max_rows) if max_rows else variant.B
     g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(variant.B, K, generator=g) * 4).to(dtype)
-    target = torch.randint(0, K, (variant.B,), generator=g)
+    logits = (torch.randn(B, K, generator=g) * 4).to(dtype)
+    target = torch.randint(0, K, (B,), generator=g)
     target[::7] = -100  # some ignored rows
     logits, target = logits.to(device), target.to(device)
     with _environment(variant.env), _forced_chunk(variant.forced_chunk):
@@ -160,7 +161,7 @@ def variants_for(device: torch.device, backends: list) -> list:
     return pairs
 
 
-def run_all(device: torch.device, backends: list, dtypes: list, calls=CALLS) -> int:
+def run_all(device: torch.device, backends: list, dtypes: list, calls=CALLS, max_rows: int = 0) -> int:
     from apl_kernels import backends as apl_backends
     failures = ran = 0
     start = time.perf_counter()
@@ -175,10 +176,12 @@ def run_all(device: torch.device, backends: list, dtypes: list, calls=CALLS) -> 
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
             for index, (loss, reduction, with_grad) in enumerate(calls):
-                label = (f"{backend:<6} {variant.name:<40} {dtype_name:<4} [{variant.B},{variant.k_for(dtype)}] "
+                rows = min(variant.B, max_rows) if max_rows else variant.B
+                label = (f"{backend:<6} {variant.name:<40} {dtype_name:<4} [{rows},{variant.k_for(dtype)}] "
                          f"{loss} {reduction}{' fwd+bwd' if with_grad else ' fwd'}")
                 try:
-                    problem = run_call(variant, backend, device, dtype, loss, reduction, with_grad, seed=index)
+                    problem = run_call(variant, backend, device, dtype, loss, reduction, with_grad, seed=index,
+                                       max_rows=max_rows)
                 except Exception as error:  # noqa: BLE001 - report every variant, then exit 1
                     problem = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
                 ran += 1
@@ -236,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtypes", default="fp32,bf16,fp16,fp64", help="comma list of fp32,bf16,fp16,fp64")
     parser.add_argument("--quick", action="store_true",
                         help="one call per variant and dtype (nce+rce mean fwd+bwd) instead of four")
+    parser.add_argument("--max-rows", type=int, default=0,
+                        help="at most this many rows per call (0: each variant's own; a small number makes the "
+                             "CPU dry run fast, but then some variants no longer take their launch plan)")
     parser.add_argument("--headline", action="store_true",
                         help="only one fwd+bwd per backend at --shape (for ncu)")
     parser.add_argument("--shape", default=f"{HEADLINE_SHAPE[0]}x{HEADLINE_SHAPE[1]}",
@@ -266,7 +272,9 @@ def main(argv=None) -> int:
         except ValueError:
             raise SystemExit(f"cannot parse --shape {args.shape!r}; write it as BxK, e.g. 8192x131072")
         return run_headline(device, backends, (B, K), args.dtype, args.loss)
-    return run_all(device, backends, dtypes, CALLS[:1] if args.quick else CALLS)
+    if args.max_rows < 0:
+        raise SystemExit(f"--max-rows must be >= 0, got {args.max_rows}")
+    return run_all(device, backends, dtypes, CALLS[:1] if args.quick else CALLS, max_rows=args.max_rows)
 
 
 if __name__ == "__main__":

@@ -223,9 +223,9 @@ def build_steps(s: Settings) -> list:
     # --- compute-sanitizer
     once = ["-m", "bench.gpu_kernels_once", "--device", device]
     if s.cpu_check:
-        # One call per variant and dtype (--quick): the CPU kernel, and Triton's interpreter
-        # on the Triton variants unless tiny.
-        once += ["--quick"] + (["--backends", "cpu", "--dtypes", "fp32"] if s.tiny else [])
+        # One call per variant and dtype (--quick) on 4 rows: the CPU kernel, and Triton's
+        # interpreter on the Triton variants unless tiny.
+        once += ["--quick", "--max-rows", "4"] + (["--backends", "cpu", "--dtypes", "fp32"] if s.tiny else [])
         interp = {} if s.tiny else {"TRITON_INTERPRET": "1"}
         note = "CPU check: compute-sanitizer is not run; its program runs alone"
         mem = [Command([], tool="compute-sanitizer", note=note), _py(s, *once, env=interp)]
