@@ -338,7 +338,7 @@ def plan_times(steps: list, budget_s: float, took: Optional[dict] = None) -> lis
 @dataclasses.dataclass
 class StepResult:
     name: str
-    status: str                 # ok, failed, timeout, skipped
+    status: str                 # ok, failed, timeout, skipped, interrupted
     seconds: float = 0.0
     note: str = ""
     commands: list = dataclasses.field(default_factory=list)  # [{"cmd", "rc", "seconds"}]
@@ -378,12 +378,16 @@ def run_command(cmd: Command, log, deadline: float, settings: Settings) -> dict:
         record.update(status="failed", rc=127)
         log.write(f"cannot start: {error}\n".encode())
         return record
+    global _running
+    _running = proc
     try:
         proc.wait(timeout=remaining)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         record["status"] = "timeout"
         log.write(f"\n[killed at the step's deadline, after {time.monotonic() - start:.0f} s]\n".encode())
+    finally:
+        _running = None
     record["rc"] = proc.returncode
     record["seconds"] = round(time.monotonic() - start, 1)
     if record["status"] == "ok" and proc.returncode not in cmd.ok_codes:
@@ -391,6 +395,20 @@ def run_command(cmd: Command, log, deadline: float, settings: Settings) -> dict:
     log.write(f"[exit status {proc.returncode}, {record['seconds']} s]\n\n".encode())
     log.flush()
     return record
+
+
+_running: Optional[subprocess.Popen] = None   # the step command now running (its own process group)
+
+
+def _on_sigterm(signum, frame):
+    """Killed from outside (a time limit): end the running step's process group, which
+    a kill of this process would not reach, and unwind so that the summary is written."""
+    if _running is not None:
+        try:
+            os.killpg(_running.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(128 + signum)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -467,7 +485,14 @@ class Session:
             else:
                 _say(f"[{elapsed:5.0f} s] {step.name:<12} started (window {window:.0f} s, estimate "
                      f"{step.estimate_s:.0f} s): {step.what}")
-                result = run_step(step, window, self.log_path(index, step.name), self.settings)
+                try:
+                    result = run_step(step, window, self.log_path(index, step.name), self.settings)
+                except BaseException:   # SIGTERM (see _on_sigterm), Ctrl-C: record what was running
+                    self.results.append(StepResult(step.name, "interrupted",
+                                                   round(time.monotonic() - self.started - elapsed, 1),
+                                                   note="the session was stopped during this step"))
+                    self.save(index, step.name)
+                    raise
                 _say(f"[{time.monotonic() - self.started:5.0f} s] {step.name:<12} {result.status} "
                      f"after {result.seconds:.0f} s")
                 if result.status in ("failed", "timeout"):
@@ -668,7 +693,8 @@ def summarize(step_results: list, logs: dict, results_path: str, roofline: list,
         name, status = r["name"], r["status"]
         note = r.get("note") or _step_note(name, logs.get(name, ""), r)
         time_s = f"{r['seconds']:.0f} s" if status != "skipped" else "-"
-        lines.append(f"  {name:<13}{status.upper() if status in ('failed', 'timeout') else status:<9}{time_s:>7}  "
+        shout = status in ("failed", "timeout", "interrupted")
+        lines.append(f"  {name:<13}{status.upper() if shout else status:<9}{time_s:>7}  "
                      f"{note}"[:160])
     ncu_lines = _ncu_summary(logs.get("ncu", ""), roofline)
     if ncu_lines:
@@ -920,6 +946,7 @@ def main(argv=None) -> int:
     session = Session(settings, steps, selected)
     _say(f"GPU session{' (CPU check)' if settings.cpu_check else ''}: steps {', '.join(selected)}; "
          f"budget {settings.budget_s:g} s; output {out}")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         session.run()
     finally:  # an interrupted session still gets its summary
@@ -942,8 +969,10 @@ def write_summary(session: Session, steps: list, settings: Settings, out: str) -
                      load_roofline(os.path.join(ROOT, ROOFLINE_PATH)),
                      {"cpu_check": settings.cpu_check, "tiny": settings.tiny, "budget_s": settings.budget_s},
                      time.monotonic() - session.started)
-    with open(os.path.join(out, "summary.txt"), "w") as f:
+    tmp = os.path.join(out, ".summary.txt.tmp")
+    with open(tmp, "w") as f:
         f.write(text)
+    os.replace(tmp, os.path.join(out, "summary.txt"))
     print("\n" + text, end="", flush=True)
 
 

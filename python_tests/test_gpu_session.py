@@ -5,6 +5,7 @@ of the CPU check on tiny settings (about a minute on 2 cores: ~10 Python
 processes that import torch)."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -150,6 +151,23 @@ def test_a_fallback_runs_only_after_a_failure_and_can_rescue_the_step(tmp_path):
     assert results["env"].status == "ok" and len(results["env"].commands) == 2
     assert results["build"].status == "ok" and len(results["build"].commands) == 1
     assert (tmp_path / "out" / "session.log").read_text().count("fallback ran") == 1
+
+
+def test_a_session_stopped_from_outside_still_writes_its_summary(tmp_path):
+    """A time limit that kills the session (SIGTERM) still leaves summary.txt saying where it stopped."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.gpu_session", str(out), "--cpu-check", "--steps", "env"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "session.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # inside the env step (its Python probe imports torch: seconds)
+    proc.terminate()
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    summary = (out / "summary.txt").read_text()
+    assert "env          INTERRUPTED" in summary and "stopped during this step" in summary
 
 
 # ----------------------------------------------------------------------------- parsers, on hand-made inputs
