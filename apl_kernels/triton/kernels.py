@@ -57,7 +57,7 @@ def _spec_params(a_hi, a_lo, b_hi, b_lo, g_hi, g_lo, q_hi, q_lo, A_hi, A_lo, zer
 def _count_kept(y_ptr, N, ignore_index, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Number of rows whose label is not ignore_index (one program, fixed order)."""
     acc = tl.zeros([BLOCK], dtype=tl.int64)
-    for start in range(0, N, BLOCK):
+    for start in range(tl.zeros([], tl.int64), N, BLOCK):   # int64: start + BLOCK may pass 2^31
         offs = start + tl.arange(0, BLOCK)
         y = tl.load(y_ptr + offs, mask=offs < N, other=ignore_index)
         acc += (y != ignore_index).to(tl.int64)
@@ -74,7 +74,7 @@ def _count_kernel(y_ptr, count_ptr, N, ignore_index, BLOCK: tl.constexpr):
 def _sum_kernel(rows_ptr, count_ptr, out_ptr, N, MEAN: tl.constexpr, BLOCK: tl.constexpr):
     """out = sum(rows) (/ max(count, 1) for mean), in a fixed order."""
     acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
-    for start in range(0, N, BLOCK):
+    for start in range(tl.zeros([], tl.int64), N, BLOCK):   # int64: start + BLOCK may pass 2^31
         offs = start + tl.arange(0, BLOCK)
         acc += tl.load(rows_ptr + offs, mask=offs < N, other=0.0)
     total = tl.sum(acc, axis=0)
@@ -100,8 +100,7 @@ def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, 
     rows64 = rows.to(tl.int64)
     z = tl.load(z_ptr + rows64[:, None] * stride_row + cols[None, :], mask=mask,
                 other=float("-inf")).to(alpha.dtype)
-    m, s, sum_z = lm.block_stats(z, mask, 1)
-    lse = lm.log_sum_exp(m, s)
+    m, s, gap_sum = lm.block_stats(z, mask, 1)
     log_s = tl.log(s)
     log_p = lm.log_softmax(z, m[:, None], log_s[:, None])
     is_t = cols[None, :] == y[:, None]
@@ -111,7 +110,7 @@ def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, 
     z_y = tl.sum(tl.where(is_t & mask, z, 0.0), axis=1)
     z_y = tl.where((y >= 0) & (y < K), z_y, float("nan"))
     loss, c_const, c_focal, c_pow, c_prob, c_prob_dead, c_target, g_sum = lm.finish_row(
-        lse, lm.log_softmax(z_y, m, log_s), sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, dead_mass,
+        log_s, lm.log_softmax(z_y, m, log_s), gap_sum, focal, focal_d, clamp_pow, live_pow, clamp_other, dead_mass,
         K.to(alpha.dtype), weight,
         alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE)
     if COMPUTE_GRAD:
@@ -156,7 +155,7 @@ def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_ro
         if REDUCTION != R_NONE:
             tl.store(loss_ptr, tl.sum(total, axis=0) * weight)
     else:
-        row0 = tl.program_id(0) * BLOCK_R
+        row0 = tl.program_id(0).to(tl.int64) * BLOCK_R   # int32 would wrap at 2^31 rows
         loss = _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, ignore_index,
                               weight, alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE, COMPUTE_GRAD,
                               BLOCK_R, BLOCK_K)
@@ -187,12 +186,16 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
         weight = 1.0 / tl.maximum(tl.load(count_ptr), 1.0)
     Kf = K.to(ACC)
     cols0 = tl.arange(0, BLOCK_K)
-    for row in range(tl.program_id(0), N, tl.num_programs(0)):
+    # int64 rows: row + num_programs may pass 2^31 (and row * stride_row does).
+    for row in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
         y = tl.load(y_ptr + row)
         kept = y != ignore_index
-        z_row = z_ptr + tl.cast(row, tl.int64) * stride_row
-        # pass 1: per-lane online max / sumexp / sum z, one cross-thread reduction
-        # per row (ignored rows: every lane masked, nothing read)
+        z_row = z_ptr + row * stride_row
+        y_ok = kept & (y >= 0) & (y < K)   # an out-of-range label is never read: NaN row
+        z_y = tl.load(z_row + tl.where(y_ok, y, 0), mask=y_ok, other=0.0).to(ACC)
+        ref = lm.offset_free(z_y)
+        # pass 1: per-lane online max / sumexp (/ sum (z - ref) for nce), one
+        # cross-thread reduction per row (ignored rows: every lane masked, nothing read)
         m_v = tl.full([BLOCK_K], float("-inf"), ACC)
         s_v = tl.zeros([BLOCK_K], ACC)
         sz_v = tl.zeros([BLOCK_K], ACC)
@@ -200,13 +203,11 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
         for start in range(0, K, BLOCK_K):
             z = nxt.to(ACC)
             nxt = _load_chunk(z_row, start + BLOCK_K, cols0, K, kept)   # two chunks in flight
-            cols = start + cols0
-            mask = (cols < K) & kept
             m_v, s_v = lm.lane_update(m_v, s_v, z)
-            sz_v += tl.where(mask, z, 0.0)
+            if ACTIVE == lm.NCE:
+                sz_v += tl.where((start + cols0 < K) & kept, z - ref, 0.0)
         m, s = lm.merge_lanes(m_v, s_v, 0)
-        sum_z = tl.sum(sz_v, axis=0)
-        lse = lm.log_sum_exp(m, s)
+        gap_sum = Kf * (m - ref) - tl.sum(sz_v, axis=0)   # sum_k (max - z_k): nce only
         log_s = tl.log(s)
         # pass 2: sums that need the final lse (re-read from L2), per lane
         focal_v = tl.zeros([BLOCK_K], ACC)
@@ -237,17 +238,15 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
         live_pow = tl.sum(live_pow_v, axis=0)
         clamp_other = tl.sum(clamp_other_v, axis=0)
         dead_mass = tl.sum(dead_mass_v, axis=0)
-        y_ok = kept & (y >= 0) & (y < K)   # an out-of-range label is never read: NaN row
-        z_y = tl.load(z_row + tl.where(y_ok, y, 0), mask=y_ok, other=0.0).to(ACC)
         z_y = tl.where(y_ok, z_y, float("nan"))
         loss, c_const, c_focal, c_pow, c_prob, c_prob_dead, c_target, g_sum = lm.finish_row(
-            lse, lm.log_softmax(z_y, m, log_s), sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other,
+            log_s, lm.log_softmax(z_y, m, log_s), gap_sum, focal, focal_d, clamp_pow, live_pow, clamp_other,
             dead_mass, Kf, weight,
             alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE)
         tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
         if COMPUTE_GRAD:
             # pass 3: the gradient (each chunk is read before it is written: in-place safe)
-            g_row = grad_ptr + tl.cast(row, tl.int64) * grad_stride
+            g_row = grad_ptr + row * grad_stride
             nxt = _load_chunk(z_row, 0, cols0, K, kept)
             for start in range(0, K, BLOCK_K):
                 z = nxt.to(ACC)
@@ -269,6 +268,9 @@ SINGLE_MAX_TILES = 4       # reduced losses this small run in one program (one l
 # next chunk is prefetched, so 32 KB (bf16) to 64 KB (fp32) are in flight per SM).
 CHUNK = {2: 8192, 4: 8192, 8: 2048}
 CHUNK_WARPS = 16           # warps of a chunked program (8 below 8192-element chunks)
+# Column indices are int32 (int64 would double their registers): the last chunk's
+# start + BLOCK_K must stay below 2^31.
+MAX_K = 2 ** 31 - 2 ** 16
 L2_BUDGET = 32 << 20       # bytes of rows in flight in the chunked regime (H200 L2 is 50 MB)
 # Chunked grid: programs that can be resident at once (about 128 registers per
 # thread: one 16-warp or two 8-warp programs per SM), fewer if their rows would
@@ -314,10 +316,22 @@ def launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode,
 
     Returns (loss, grad).  Runs under FakeTensor too (only shapes are used).
     """
+    # Triton launches on the current device: make it the logits' one (cuda:1 while
+    # cuda:0 is current would otherwise run with cuda:1 pointers on device 0).
+    guard = torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        return _launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction,
+                       ignore_index, compute_grad, grad_out)
+
+
+def _launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction, ignore_index,
+            compute_grad, grad_out):
     from torch.library import wrap_triton
     global last_plan
 
     N, K = logits.shape
+    if K > MAX_K:
+        raise ValueError(f"the triton backend takes at most {MAX_K} classes (int32 column indices), got K = {K}")
     acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     device = logits.device
     loss_shape = (N,) if reduction == REDUCTIONS["none"] else ()

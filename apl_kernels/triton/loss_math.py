@@ -3,7 +3,8 @@
 Mirrors csrc/apl_loss_math.h step for step (the gradient derivation lives in
 that header's comments): per row,
 
-  1. softmax stats    max, sum exp(z - max), sum z   (``block_stats``; chunks: ``lane_update``, ``merge_lanes``)
+  1. softmax stats    max, sum exp(z - max), sum (max - z)   (``block_stats``; chunks: ``lane_update``,
+                      ``merge_lanes``, ``offset_free``)
   2. normaliser sums  the sums over k that need log p_k       (``normalizer_terms``/``_sums``)
   3. ``finish_row``   loss and gradient coefficients; ``grad_block`` d loss / d z.
 
@@ -88,21 +89,28 @@ def unclamped(p):
 
 # ------------------------------------------------------------------ step 1
 @triton.jit
+def gap(m, z, mask):
+    # max - z, +inf for a -inf logit (also while the max is -inf), 0 in masked lanes.
+    return tl.where(mask, tl.where(z == float("-inf"), float("inf"), m - z), 0.0)
+
+
+@triton.jit
 def block_stats(z, mask, AXIS: tl.constexpr):
-    """(max, sum exp(z - max), sum z) of a block along AXIS; masked lanes never enter a sum.
+    """(max, sum exp(z - max), sum (max - z)) of a block along AXIS; masked lanes never enter a sum.
 
     z holds -inf in masked lanes.  A block whose live lanes are all -inf has
-    max = -inf and sumexp = 0 (not NaN), so that merging stays clean.
+    max = -inf and sumexp = 0 (not NaN), so that merging stays clean.  The last
+    sum (nce's normaliser) has only terms >= 0: no cancellation when the logits
+    share a large offset, as sum z - K max would have.
     """
     m = tl.max(z, axis=AXIS)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     if AXIS == 1:
-        e = tl.exp(z - m_safe[:, None])
+        m_b = m_safe[:, None]
     else:
-        e = tl.exp(z - m_safe)
-    s = tl.sum(tl.where(mask, e, 0.0), axis=AXIS)
-    sz = tl.sum(tl.where(mask, z, 0.0), axis=AXIS)
-    return m, s, sz
+        m_b = m_safe
+    s = tl.sum(tl.where(mask, tl.exp(z - m_b), 0.0), axis=AXIS)
+    return m, s, tl.sum(gap(m_b, z, mask), axis=AXIS)
 
 
 @triton.jit
@@ -120,17 +128,20 @@ def lane_update(m, s, z):
 
 
 @triton.jit
+def offset_free(z_ref):
+    """The reference a chunked row's nce sum is taken against: sum_k (max - z_k) =
+    K (max - ref) - sum_k (z_k - ref).  With ref = z_y, a logit of the row, the row's
+    common offset cancels exactly in every z_k - ref (the max is not known until the
+    row's end).  A non-finite z_y (its row's loss is NaN or inf anyway) gives 0."""
+    return tl.where((z_ref > float("-inf")) & (z_ref < float("inf")), z_ref, 0.0)
+
+
+@triton.jit
 def merge_lanes(m, s, AXIS: tl.constexpr):
     """Row (max, sumexp) from per-lane (max, sumexp)."""
     row_m = tl.max(m, axis=AXIS)
     row_safe = tl.where(row_m == float("-inf"), 0.0, row_m)
     return row_m, tl.sum(s * tl.exp(m - row_safe), axis=AXIS)
-
-
-@triton.jit
-def log_sum_exp(m, s):
-    # An all -inf row has no softmax: NaN, as torch gives.
-    return tl.where(m == float("-inf"), float("nan"), m + tl.log(s))
 
 
 @triton.jit
@@ -201,14 +212,15 @@ def normalizer_sums(log_p, is_target, mask, gamma, q, ACTIVE: tl.constexpr, PASS
 
 # ------------------------------------------------------------------ step 3
 @triton.jit
-def finish_row(lse, l_y, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, dead_mass, Kf, weight,
+def finish_row(log_s, l_y, gap_sum, focal, focal_d, clamp_pow, live_pow, clamp_other, dead_mass, Kf, weight,
                alpha, beta, gamma, q, A, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr):
     """Loss of a row (or a vector of rows) and its gradient coefficients.
 
     Returns (loss, c_const, c_focal, c_pow, c_prob, c_prob_dead, c_target, g_sum); the
     coefficients already carry the row's reduction weight (1, or 1/count).
     Each case is the one of finish_row in csrc/apl_loss_math.h.  l_y = log p_y
-    comes from the caller as (z_y - max) - log(sumexp), accurate for large logits.
+    comes from the caller as (z_y - max) - log(sumexp), accurate for large logits;
+    log_s = log(sumexp), gap_sum = sum_k (max - z_k).  An all -inf row has l_y = NaN.
     """
     p_y = tl.exp(l_y)
     zero = tl.zeros_like(l_y)
@@ -233,7 +245,7 @@ def finish_row(lse, l_y, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other
         c_target = aw * d
         g_sum = aw * d
     if ACTIVE == NCE:
-        D = -(sum_z - Kf * lse)
+        D = gap_sum + Kf * log_s    # sum_k -log p_k, a sum of terms >= 0
         act = -l_y / D
         loss = alpha * act
         c_const = aw * act / D

@@ -259,6 +259,22 @@ def test_shift_invariance(loss, regime_name, device):
     torch.testing.assert_close(shifted_grad, grad, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("offset", (1e4, 1e5))
+@pytest.mark.parametrize("loss", ("nce", "nce+rce"))
+def test_nce_with_a_large_common_offset(loss, offset, regime_name, device):
+    """Rows whose logits share a large offset (fp32): nce's normaliser sum_k -log p_k is
+    formed from max - z_k (terms >= 0).  As sum z - K lse it cancelled: relative loss
+    error 2e-4 at 1e4 and 2e-3 at 1e5, where the fp64 reference of the same input is exact."""
+    x = make_logits(N, K, torch.float32, device, seed=47, scale=1.0) + offset
+    y = make_target(N, K, device)
+    spec = LossSpec.from_name(loss)
+    with regime(regime_name):
+        got_loss, got_grad = run_triton(x, y, spec, "none")
+    ref_loss, ref_grad = run_reference(x, y, spec, "none")
+    torch.testing.assert_close(got_loss.double(), ref_loss, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(got_grad.double(), ref_grad, rtol=1e-4, atol=1e-6 * ref_grad.abs().max().item())
+
+
 # ------------------------------------------------------------------ layouts, shapes, options
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_row_stride(dtype, regime_name, device):
@@ -295,6 +311,15 @@ def test_default_chunked_regime(dtype, k, device):
     x, y = make_logits(3, k, dtype, device, seed=37), make_target(3, k, device, ignored=())
     assert_matches(x, y, LossSpec.from_name("nfl+rce"))
     assert plan()[0] == "chunked"
+
+
+def test_too_many_classes_is_refused(device):
+    """Column indices are int32: K near 2^31 is refused by name, before any allocation."""
+    from apl_kernels.triton import kernels
+    x = torch.zeros(1, 1, device=device).expand(1, kernels.MAX_K + 1)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="at most .* classes"):
+        kernels.launch(x, y, *LossSpec.from_name("nce+rce").op_args(), REDUCTIONS["mean"], -100, True)
 
 
 def test_many_rows_default_heuristic(device):
