@@ -40,17 +40,19 @@ def _define(name, mutates_args, fake):
     return wrap
 
 
-def _fake_inplace(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction, ignore_index):
-    return ops.fake_fused_loss(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction,
-                               ignore_index, False)[0]
+def _fake_inplace(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t, min_prob,
+                  reduction, ignore_index):
+    return ops.fake_fused_loss(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t,
+                               min_prob, reduction, ignore_index, False)[0]
 
 
 @_define("apl_kernels::fused_loss_triton", (), ops.fake_fused_loss)
 def fused_loss_triton(logits: torch.Tensor, target: torch.Tensor, active: int, passive: int, alpha: float,
-                      beta: float, gamma: float, q: float, A: float, grad_mode: int, reduction: int,
-                      ignore_index: int, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    return kernels.launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction,
-                          ignore_index, compute_grad)
+                      beta: float, gamma: float, q: float, A: float, grad_mode: int, a: float, m: float, t: int,
+                      min_prob: float, reduction: int, ignore_index: int,
+                      compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return kernels.launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t, min_prob,
+                          reduction, ignore_index, compute_grad)
 
 
 ops.register_fused_autograd(fused_loss_triton)
@@ -59,10 +61,11 @@ ops.register_fused_autograd(fused_loss_triton)
 @_define("apl_kernels::fused_loss_triton_inplace", ("logits",), _fake_inplace)
 def fused_loss_triton_inplace(logits: torch.Tensor, target: torch.Tensor, active: int, passive: int,
                               alpha: float, beta: float, gamma: float, q: float, A: float, grad_mode: int,
-                              reduction: int, ignore_index: int) -> torch.Tensor:
+                              a: float, m: float, t: int, min_prob: float, reduction: int,
+                              ignore_index: int) -> torch.Tensor:
     """The loss; the gradient (reduction weight folded in) replaces the logits."""
-    loss, _ = kernels.launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction,
-                             ignore_index, False, grad_out=logits)
+    loss, _ = kernels.launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t,
+                             min_prob, reduction, ignore_index, False, grad_out=logits)
     return loss
 
 
@@ -73,7 +76,8 @@ class _InplaceLoss(torch.autograd.Function):
         ctx.mark_dirty(logits)
         ctx.mark_non_differentiable(logits)
         ctx.save_for_backward(logits)
-        ctx.reduction = args[8]
+        ctx.reduction = args[-2]   # args: the spec's op_args, reduction, ignore_index
+        ctx.num_inputs = 2 + len(args)
         ctx.used = False
         return loss, logits
 
@@ -87,7 +91,7 @@ class _InplaceLoss(torch.autograd.Function):
         scale = grad_loss.unsqueeze(1) if ctx.reduction == REDUCTIONS["none"] else grad_loss
         # Scale in place: the point of this mode is to never hold two [N, K] buffers.
         grad.mul_(scale.to(grad.dtype))
-        return (grad,) + (None,) * 12
+        return (grad,) + (None,) * (ctx.num_inputs - 1)
 
 
 def inplace_loss(logits: torch.Tensor, target: torch.Tensor, *args) -> torch.Tensor:
