@@ -47,17 +47,19 @@ def _param(hi, lo, zero):
 
 
 @triton.jit
-def _spec_params(a_hi, a_lo, b_hi, b_lo, g_hi, g_lo, q_hi, q_lo, A_hi, A_lo, zero):
-    """alpha, beta, gamma, q, A of the LossSpec, in the accumulation type of `zero`."""
-    return (_param(a_hi, a_lo, zero), _param(b_hi, b_lo, zero), _param(g_hi, g_lo, zero),
-            _param(q_hi, q_lo, zero), _param(A_hi, A_lo, zero))
+def _spec_params(al_hi, al_lo, be_hi, be_lo, ga_hi, ga_lo, q_hi, q_lo, A_hi, A_lo, a_hi, a_lo, m_hi, m_lo,
+                 mp_hi, mp_lo, zero):
+    """alpha, beta, gamma, q, A, a, m, min_prob of the LossSpec, in the accumulation type of `zero`."""
+    return (_param(al_hi, al_lo, zero), _param(be_hi, be_lo, zero), _param(ga_hi, ga_lo, zero),
+            _param(q_hi, q_lo, zero), _param(A_hi, A_lo, zero), _param(a_hi, a_lo, zero),
+            _param(m_hi, m_lo, zero), _param(mp_hi, mp_lo, zero))
 
 
 @triton.jit
 def _count_kept(y_ptr, N, ignore_index, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Number of rows whose label is not ignore_index (one program, fixed order)."""
     acc = tl.zeros([BLOCK], dtype=tl.int64)
-    for start in range(0, N, BLOCK):
+    for start in range(tl.zeros([], tl.int64), N, BLOCK):   # int64: start + BLOCK may pass 2^31
         offs = start + tl.arange(0, BLOCK)
         y = tl.load(y_ptr + offs, mask=offs < N, other=ignore_index)
         acc += (y != ignore_index).to(tl.int64)
@@ -74,7 +76,7 @@ def _count_kernel(y_ptr, count_ptr, N, ignore_index, BLOCK: tl.constexpr):
 def _sum_kernel(rows_ptr, count_ptr, out_ptr, N, MEAN: tl.constexpr, BLOCK: tl.constexpr):
     """out = sum(rows) (/ max(count, 1) for mean), in a fixed order."""
     acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
-    for start in range(0, N, BLOCK):
+    for start in range(tl.zeros([], tl.int64), N, BLOCK):   # int64: start + BLOCK may pass 2^31
         offs = start + tl.arange(0, BLOCK)
         acc += tl.load(rows_ptr + offs, mask=offs < N, other=0.0)
     total = tl.sum(acc, axis=0)
@@ -86,7 +88,7 @@ def _sum_kernel(rows_ptr, count_ptr, out_ptr, N, MEAN: tl.constexpr, BLOCK: tl.c
 # ------------------------------------------------------------------ row-resident regime
 @triton.jit
 def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, ignore_index, weight,
-                   alpha, beta, gamma, q, A,
+                   alpha, beta, gamma, q, A, a, m_ece, t, min_prob,
                    ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
                    COMPUTE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Loss of rows [row0, row0 + BLOCK_R) (0 for ignored / absent rows); writes their gradient."""
@@ -100,24 +102,23 @@ def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, 
     rows64 = rows.to(tl.int64)
     z = tl.load(z_ptr + rows64[:, None] * stride_row + cols[None, :], mask=mask,
                 other=float("-inf")).to(alpha.dtype)
-    m, s, sum_z = lm.block_stats(z, mask, 1)
-    lse = lm.log_sum_exp(m, s)
+    m, s, gap_sum = lm.block_stats(z, mask, 1)
     log_s = tl.log(s)
     log_p = lm.log_softmax(z, m[:, None], log_s[:, None])
     is_t = cols[None, :] == y[:, None]
-    focal, focal_d, clamp_pow, live_pow, clamp_other, dead_mass = lm.normalizer_sums(
-        log_p, is_t, mask, gamma, q, ACTIVE, PASSIVE, GRAD_MODE, 1)
+    sa1, sa2, sp1, sp2 = lm.normalizer_sums(log_p, is_t, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, 1)
     # The label's logit without an indexed load; an out-of-range label gives NaN.
     z_y = tl.sum(tl.where(is_t & mask, z, 0.0), axis=1)
     z_y = tl.where((y >= 0) & (y < K), z_y, float("nan"))
-    loss, c_const, c_focal, c_pow, c_prob, c_prob_dead, c_target, g_sum = lm.finish_row(
-        lse, lm.log_softmax(z_y, m, log_s), sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, dead_mass,
-        K.to(alpha.dtype), weight,
-        alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE)
+    y_is_max = kept & False
+    if ACTIVE == lm.ECE:
+        y_is_max = lm.first_max_index(z, m[:, None], cols[None, :], mask, BLOCK_K, 1) == y
+    loss, c_act, c_pas, c_pas2, c_target, g_sum = lm.finish_row(
+        log_s, lm.log_softmax(z_y, m, log_s), gap_sum, y_is_max, sa1, sa2, sp1, sp2, K.to(alpha.dtype), weight,
+        alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
     if COMPUTE_GRAD:
-        g = lm.grad_block(log_p, is_t, c_const[:, None], c_focal[:, None], c_pow[:, None], c_prob[:, None],
-                          c_prob_dead[:, None], c_target[:, None], g_sum[:, None], gamma, q, ACTIVE, PASSIVE,
-                          GRAD_MODE)
+        g = lm.grad_block(log_p, is_t, c_act[:, None], c_pas[:, None], c_pas2[:, None], c_target[:, None],
+                          g_sum[:, None], gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
         g = tl.where(kept[:, None], g, 0.0)
         tl.store(grad_ptr + rows64[:, None] * grad_stride + cols[None, :], g.to(grad_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok)
@@ -126,7 +127,8 @@ def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, 
 
 @triton.jit
 def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row, grad_stride, ignore_index,
-                    a_hi, a_lo, b_hi, b_lo, g_hi, g_lo, q_hi, q_lo, A_hi, A_lo,
+                    al_hi, al_lo, be_hi, be_lo, ga_hi, ga_lo, q_hi, q_lo, A_hi, A_lo, a_hi, a_lo, m_hi, m_lo,
+                    mp_hi, mp_lo, t,
                     ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
                     REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -134,7 +136,9 @@ def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_ro
     per program, per-row losses in loss_ptr (the output, or a buffer for _sum_kernel)."""
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
     zero = tl.zeros([], dtype=ACC)
-    alpha, beta, gamma, q, A = _spec_params(a_hi, a_lo, b_hi, b_lo, g_hi, g_lo, q_hi, q_lo, A_hi, A_lo, zero)
+    alpha, beta, gamma, q, A, a, m_ece, min_prob = _spec_params(al_hi, al_lo, be_hi, be_lo, ga_hi, ga_lo, q_hi, q_lo,
+                                                                A_hi, A_lo, a_hi, a_lo, m_hi, m_lo, mp_hi, mp_lo,
+                                                                zero)
     weight = zero + 1.0
     if REDUCTION == R_MEAN:
         if SINGLE:
@@ -146,7 +150,8 @@ def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_ro
         total = tl.zeros([BLOCK_R], dtype=ACC)
         for row0 in range(0, N, BLOCK_R):
             loss = _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, ignore_index,
-                                  weight, alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE, COMPUTE_GRAD,
+                                  weight, alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
+                                  COMPUTE_GRAD,
                                   BLOCK_R, BLOCK_K)
             if REDUCTION == R_NONE:
                 rows = row0 + tl.arange(0, BLOCK_R)
@@ -156,9 +161,10 @@ def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_ro
         if REDUCTION != R_NONE:
             tl.store(loss_ptr, tl.sum(total, axis=0) * weight)
     else:
-        row0 = tl.program_id(0) * BLOCK_R
+        row0 = tl.program_id(0).to(tl.int64) * BLOCK_R   # int32 would wrap at 2^31 rows
         loss = _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, ignore_index,
-                              weight, alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE, COMPUTE_GRAD,
+                              weight, alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
+                                  COMPUTE_GRAD,
                               BLOCK_R, BLOCK_K)
         rows = row0 + tl.arange(0, BLOCK_R)
         tl.store(loss_ptr + rows, loss, mask=rows < N)
@@ -174,87 +180,84 @@ def _load_chunk(z_row, start, cols0, K, kept):
 
 @triton.jit
 def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row, grad_stride, ignore_index,
-                   a_hi, a_lo, b_hi, b_lo, g_hi, g_lo, q_hi, q_lo, A_hi, A_lo,
+                   al_hi, al_lo, be_hi, be_lo, ga_hi, ga_lo, q_hi, q_lo, A_hi, A_lo, a_hi, a_lo, m_hi, m_lo,
+                   mp_hi, mp_lo, t,
                    ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
                    REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, NEEDS_PASS2: tl.constexpr,
                    BLOCK_K: tl.constexpr):
     """Persistent over rows; per row: online lse, normaliser sums, gradient.  Per-row losses to loss_ptr."""
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
     zero = tl.zeros([], dtype=ACC)
-    alpha, beta, gamma, q, A = _spec_params(a_hi, a_lo, b_hi, b_lo, g_hi, g_lo, q_hi, q_lo, A_hi, A_lo, zero)
+    alpha, beta, gamma, q, A, a, m_ece, min_prob = _spec_params(al_hi, al_lo, be_hi, be_lo, ga_hi, ga_lo, q_hi, q_lo,
+                                                                A_hi, A_lo, a_hi, a_lo, m_hi, m_lo, mp_hi, mp_lo,
+                                                                zero)
     weight = zero + 1.0
     if REDUCTION == R_MEAN:
         weight = 1.0 / tl.maximum(tl.load(count_ptr), 1.0)
     Kf = K.to(ACC)
     cols0 = tl.arange(0, BLOCK_K)
-    for row in range(tl.program_id(0), N, tl.num_programs(0)):
+    # int64 rows: row + num_programs may pass 2^31 (and row * stride_row does).
+    for row in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
         y = tl.load(y_ptr + row)
         kept = y != ignore_index
-        z_row = z_ptr + tl.cast(row, tl.int64) * stride_row
-        # pass 1: per-lane online max / sumexp / sum z, one cross-thread reduction
-        # per row (ignored rows: every lane masked, nothing read)
+        z_row = z_ptr + row * stride_row
+        y_ok = kept & (y >= 0) & (y < K)   # an out-of-range label is never read: NaN row
+        z_y = tl.load(z_row + tl.where(y_ok, y, 0), mask=y_ok, other=0.0).to(ACC)
+        ref = lm.offset_free(z_y)
+        # pass 1: per-lane online max / sumexp (/ sum (z - ref) for nce, / first index
+        # of the lane max for ece), one cross-thread reduction per row (ignored rows:
+        # every lane masked, nothing read)
         m_v = tl.full([BLOCK_K], float("-inf"), ACC)
         s_v = tl.zeros([BLOCK_K], ACC)
         sz_v = tl.zeros([BLOCK_K], ACC)
+        first_v = tl.full([BLOCK_K], 0, tl.int32) + K
         nxt = _load_chunk(z_row, 0, cols0, K, kept)
         for start in range(0, K, BLOCK_K):
             z = nxt.to(ACC)
             nxt = _load_chunk(z_row, start + BLOCK_K, cols0, K, kept)   # two chunks in flight
-            cols = start + cols0
-            mask = (cols < K) & kept
+            if ACTIVE == lm.ECE:
+                first_v = tl.where(z > m_v, start + cols0, first_v)    # strictly greater: first occurrence
             m_v, s_v = lm.lane_update(m_v, s_v, z)
-            sz_v += tl.where(mask, z, 0.0)
+            if ACTIVE == lm.NCE:
+                sz_v += tl.where((start + cols0 < K) & kept, z - ref, 0.0)
         m, s = lm.merge_lanes(m_v, s_v, 0)
-        sum_z = tl.sum(sz_v, axis=0)
-        lse = lm.log_sum_exp(m, s)
+        gap_sum = Kf * (m - ref) - tl.sum(sz_v, axis=0)   # sum_k (max - z_k): nce only
+        y_is_max = kept & False
+        if ACTIVE == lm.ECE:
+            y_is_max = lm.first_max_index(m_v, m, first_v, m_v > float("-inf"), K, 0) == y
         log_s = tl.log(s)
         # pass 2: sums that need the final lse (re-read from L2), per lane
-        focal_v = tl.zeros([BLOCK_K], ACC)
-        focal_dv = tl.zeros([BLOCK_K], ACC)
-        clamp_pow_v = tl.zeros([BLOCK_K], ACC)
-        live_pow_v = tl.zeros([BLOCK_K], ACC)
-        clamp_other_v = tl.zeros([BLOCK_K], ACC)
-        dead_mass_v = tl.zeros([BLOCK_K], ACC)
+        sa1_v = tl.zeros([BLOCK_K], ACC)
+        sa2_v = tl.zeros([BLOCK_K], ACC)
+        sp1_v = tl.zeros([BLOCK_K], ACC)
+        sp2_v = tl.zeros([BLOCK_K], ACC)
         if NEEDS_PASS2:   # no prefetch here: the nfl/ngce terms need the registers
             for start in range(0, K, BLOCK_K):
                 z = _load_chunk(z_row, start, cols0, K, kept).to(ACC)
                 cols = start + cols0
                 mask = (cols < K) & kept
-                t1, t2, t3, t4, t5, t6 = lm.normalizer_terms(lm.log_softmax(z, m, log_s), cols == y, mask, gamma, q,
-                                                             ACTIVE, PASSIVE, GRAD_MODE)
-                if ACTIVE == lm.NFL:
-                    focal_v += t1
-                    focal_dv += t2
-                if ACTIVE == lm.NGCE:
-                    clamp_pow_v += t3
-                    live_pow_v += t4
-                if PASSIVE == lm.RCE or PASSIVE == lm.NRCE:
-                    clamp_other_v += t5
-                    dead_mass_v += t6
-        focal = tl.sum(focal_v, axis=0)
-        focal_d = tl.sum(focal_dv, axis=0)
-        clamp_pow = tl.sum(clamp_pow_v, axis=0)
-        live_pow = tl.sum(live_pow_v, axis=0)
-        clamp_other = tl.sum(clamp_other_v, axis=0)
-        dead_mass = tl.sum(dead_mass_v, axis=0)
-        y_ok = kept & (y >= 0) & (y < K)   # an out-of-range label is never read: NaN row
-        z_y = tl.load(z_row + tl.where(y_ok, y, 0), mask=y_ok, other=0.0).to(ACC)
+                t1, t2, t3, t4 = lm.normalizer_terms(lm.log_softmax(z, m, log_s), cols == y, mask, gamma, q,
+                                                     min_prob, ACTIVE, PASSIVE, GRAD_MODE)
+                sa1_v += t1   # unused slots add zeros: the compiler drops them
+                sa2_v += t2
+                sp1_v += t3
+                sp2_v += t4
         z_y = tl.where(y_ok, z_y, float("nan"))
-        loss, c_const, c_focal, c_pow, c_prob, c_prob_dead, c_target, g_sum = lm.finish_row(
-            lse, lm.log_softmax(z_y, m, log_s), sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other,
-            dead_mass, Kf, weight,
-            alpha, beta, gamma, q, A, ACTIVE, PASSIVE, GRAD_MODE)
+        loss, c_act, c_pas, c_pas2, c_target, g_sum = lm.finish_row(
+            log_s, lm.log_softmax(z_y, m, log_s), gap_sum, y_is_max, tl.sum(sa1_v, axis=0), tl.sum(sa2_v, axis=0),
+            tl.sum(sp1_v, axis=0), tl.sum(sp2_v, axis=0), Kf, weight,
+            alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
         tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
         if COMPUTE_GRAD:
             # pass 3: the gradient (each chunk is read before it is written: in-place safe)
-            g_row = grad_ptr + tl.cast(row, tl.int64) * grad_stride
+            g_row = grad_ptr + row * grad_stride
             nxt = _load_chunk(z_row, 0, cols0, K, kept)
             for start in range(0, K, BLOCK_K):
                 z = nxt.to(ACC)
                 nxt = _load_chunk(z_row, start + BLOCK_K, cols0, K, kept)
                 cols = start + cols0
-                g = lm.grad_block(lm.log_softmax(z, m, log_s), cols == y, c_const, c_focal, c_pow, c_prob,
-                                  c_prob_dead, c_target, g_sum, gamma, q, ACTIVE, PASSIVE, GRAD_MODE)
+                g = lm.grad_block(lm.log_softmax(z, m, log_s), cols == y, c_act, c_pas, c_pas2, c_target, g_sum,
+                                  gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
                 g = tl.where(kept, g, 0.0)
                 tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < K)
 
@@ -269,6 +272,9 @@ SINGLE_MAX_TILES = 4       # reduced losses this small run in one program (one l
 # next chunk is prefetched, so 32 KB (bf16) to 64 KB (fp32) are in flight per SM).
 CHUNK = {2: 8192, 4: 8192, 8: 2048}
 CHUNK_WARPS = 16           # warps of a chunked program (8 below 8192-element chunks)
+# Column indices are int32 (int64 would double their registers): the last chunk's
+# start + BLOCK_K must stay below 2^31.
+MAX_K = 2 ** 31 - 2 ** 16
 L2_BUDGET = 32 << 20       # bytes of rows in flight in the chunked regime (H200 L2 is 50 MB)
 # Chunked grid: programs that can be resident at once (about 128 registers per
 # thread: one 16-warp or two 8-warp programs per SM), fewer if their rows would
@@ -308,16 +314,30 @@ def _programs_in_flight(device: torch.device, row_bytes: int, rows: int, num_war
     return max(1, min(rows, sms * per_sm))
 
 
-def launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction, ignore_index,
-           compute_grad, grad_out=None):
+def launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t, min_prob, reduction,
+           ignore_index, compute_grad, grad_out=None):
     """Allocate outputs and launch; grad_out (in-place mode) receives the gradient instead of a new tensor.
+
+    The arguments after target are those of the fused op (``LossSpec.op_args()``, reduction, ...).
 
     Returns (loss, grad).  Runs under FakeTensor too (only shapes are used).
     """
+    # Triton launches on the current device: make it the logits' one (cuda:1 while
+    # cuda:0 is current would otherwise run with cuda:1 pointers on device 0).
+    guard = torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        return _launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t, min_prob,
+                       reduction, ignore_index, compute_grad, grad_out)
+
+
+def _launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t, min_prob, reduction,
+            ignore_index, compute_grad, grad_out):
     from torch.library import wrap_triton
     global last_plan
 
     N, K = logits.shape
+    if K > MAX_K:
+        raise ValueError(f"the triton backend takes at most {MAX_K} classes (int32 column indices), got K = {K}")
     acc_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     device = logits.device
     loss_shape = (N,) if reduction == REDUCTIONS["none"] else ()
@@ -335,7 +355,8 @@ def launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode,
         if reduction != REDUCTIONS["none"]:
             loss.zero_()
         return loss, grad
-    params = (*_split(alpha), *_split(beta), *_split(gamma), *_split(q), *_split(A))
+    params = (*_split(alpha), *_split(beta), *_split(gamma), *_split(q), *_split(A), *_split(a), *_split(m),
+              *_split(min_prob), int(t))
     common = dict(ACTIVE=active, PASSIVE=passive, GRAD_MODE=grad_mode, REDUCTION=reduction,
                   COMPUTE_GRAD=write_grad)
     elem = logits.element_size()

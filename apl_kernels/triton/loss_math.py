@@ -1,11 +1,19 @@
 """The loss math of every term, once, as Triton jit helpers.
 
-Mirrors csrc/apl_loss_math.h step for step (the gradient derivation lives in
-that header's comments): per row,
+Mirrors csrc/apl_loss_math.h step for step: per row,
 
-  1. softmax stats    max, sum exp(z - max), sum z   (``block_stats``; chunks: ``lane_update``, ``merge_lanes``)
+  1. softmax stats    max, sum exp(z - max), sum (max - z)   (``block_stats``; chunks: ``lane_update``,
+                      ``merge_lanes``, ``offset_free``); ece also the first index of the max
   2. normaliser sums  the sums over k that need log p_k       (``normalizer_terms``/``_sums``)
   3. ``finish_row``   loss and gradient coefficients; ``grad_block`` d loss / d z.
+
+The terms are compile-time (constexpr ACTIVE, PASSIVE): a kernel holds the code
+of its two terms only.  Each side owns two sum slots and its per-class gradient
+coefficients, whose meaning is its term's (see ``normalizer_terms`` and
+``grad_block``); a new term is one more case in each of the three steps.
+
+Gradients: with l = log p, d loss / d z_j = g_j - p_j sum_k g_k, g_j = d loss / d l_j.
+``finish_row`` gives g as c_target [j = y] plus the sides' coefficients, and sum_k g_k.
 
 Every helper is elementwise or reduces along ``AXIS``, so the same code serves
 a [rows, K] tile held in registers (AXIS=1) and a 1-D chunk of one row (AXIS=0).
@@ -16,7 +24,7 @@ All math is in the accumulation dtype of the caller (fp32, or fp64 for fp64).
 import triton
 import triton.language as tl
 
-from ..spec import ACTIVE_TERMS, GRAD_MODES, P_MIN as _P_MIN, PASSIVE_TERMS
+from ..spec import ACTIVE_TERMS, ECE_EPS as _ECE_EPS, GRAD_MODES, P_MIN as _P_MIN, PASSIVE_TERMS
 
 CE: tl.constexpr = tl.constexpr(ACTIVE_TERMS["ce"])
 FL: tl.constexpr = tl.constexpr(ACTIVE_TERMS["fl"])
@@ -24,18 +32,30 @@ NCE: tl.constexpr = tl.constexpr(ACTIVE_TERMS["nce"])
 NFL: tl.constexpr = tl.constexpr(ACTIVE_TERMS["nfl"])
 GCE: tl.constexpr = tl.constexpr(ACTIVE_TERMS["gce"])
 NGCE: tl.constexpr = tl.constexpr(ACTIVE_TERMS["ngce"])
+ECE: tl.constexpr = tl.constexpr(ACTIVE_TERMS["ece"])
+TAYLOR: tl.constexpr = tl.constexpr(ACTIVE_TERMS["taylor"])
 MAE: tl.constexpr = tl.constexpr(PASSIVE_TERMS["mae"])
 RCE: tl.constexpr = tl.constexpr(PASSIVE_TERMS["rce"])
 NMAE: tl.constexpr = tl.constexpr(PASSIVE_TERMS["nmae"])
 NRCE: tl.constexpr = tl.constexpr(PASSIVE_TERMS["nrce"])
+AGCE: tl.constexpr = tl.constexpr(PASSIVE_TERMS["agce"])
+AUL: tl.constexpr = tl.constexpr(PASSIVE_TERMS["aul"])
+AEL: tl.constexpr = tl.constexpr(PASSIVE_TERMS["ael"])
+NNCE: tl.constexpr = tl.constexpr(PASSIVE_TERMS["nnce"])
+NNFL: tl.constexpr = tl.constexpr(PASSIVE_TERMS["nnfl"])
+AMSE: tl.constexpr = tl.constexpr(PASSIVE_TERMS["amse"])
 OFFICIAL: tl.constexpr = tl.constexpr(GRAD_MODES["official"])
 P_MIN: tl.constexpr = tl.constexpr(_P_MIN)
+ECE_EPS: tl.constexpr = tl.constexpr(_ECE_EPS)
+
+# Terms with normaliser sums, which need the final lse (a second pass over a chunked row).
+_PASS2_ACTIVE = {ACTIVE_TERMS[t] for t in ("nfl", "ngce")}
+_PASS2_PASSIVE = {PASSIVE_TERMS[t] for t in ("rce", "nrce", "nnce", "nnfl", "amse")}
 
 
 def needs_second_pass(active: int, passive: int) -> bool:
-    """Host-side twin of ``NEEDS_PASS2``: the terms whose sums need the final lse."""
-    return active in (ACTIVE_TERMS["nfl"], ACTIVE_TERMS["ngce"]) or passive in (PASSIVE_TERMS["rce"],
-                                                                                  PASSIVE_TERMS["nrce"])
+    """Host-side twin of ``NEEDS_PASS2``."""
+    return active in _PASS2_ACTIVE or passive in _PASS2_PASSIVE
 
 
 # ------------------------------------------------------------------ scalar math
@@ -49,6 +69,13 @@ def expm1(x):
     r = tl.where(u == 1.0, x, r)
     r = tl.where(um1 == -1.0, um1, r)
     return tl.where(u == float("inf"), u, r)
+
+
+@triton.jit
+def log1p(x):
+    # Kahan's trick again: log(u) x / (u - 1) cancels the rounding of u = 1 + x.
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
 
 
 @triton.jit
@@ -88,21 +115,34 @@ def unclamped(p):
 
 # ------------------------------------------------------------------ step 1
 @triton.jit
+def gap(m, z, mask):
+    # max - z, +inf for a -inf logit (also while the max is -inf), 0 in masked lanes.
+    return tl.where(mask, tl.where(z == float("-inf"), float("inf"), m - z), 0.0)
+
+
+@triton.jit
 def block_stats(z, mask, AXIS: tl.constexpr):
-    """(max, sum exp(z - max), sum z) of a block along AXIS; masked lanes never enter a sum.
+    """(max, sum exp(z - max), sum (max - z)) of a block along AXIS; masked lanes never enter a sum.
 
     z holds -inf in masked lanes.  A block whose live lanes are all -inf has
-    max = -inf and sumexp = 0 (not NaN), so that merging stays clean.
+    max = -inf and sumexp = 0 (not NaN), so that merging stays clean.  The last
+    sum (nce's normaliser) has only terms >= 0: no cancellation when the logits
+    share a large offset, as sum z - K max would have.
     """
     m = tl.max(z, axis=AXIS)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     if AXIS == 1:
-        e = tl.exp(z - m_safe[:, None])
+        m_b = m_safe[:, None]
     else:
-        e = tl.exp(z - m_safe)
-    s = tl.sum(tl.where(mask, e, 0.0), axis=AXIS)
-    sz = tl.sum(tl.where(mask, z, 0.0), axis=AXIS)
-    return m, s, sz
+        m_b = m_safe
+    s = tl.sum(tl.where(mask, tl.exp(z - m_b), 0.0), axis=AXIS)
+    return m, s, tl.sum(gap(m_b, z, mask), axis=AXIS)
+
+
+@triton.jit
+def first_max_index(z, m, cols, mask, none, AXIS: tl.constexpr):
+    """The first column holding the block's max m along AXIS (`none` where no lane does)."""
+    return tl.min(tl.where(mask & (z == m), cols, none), axis=AXIS)
 
 
 @triton.jit
@@ -120,17 +160,20 @@ def lane_update(m, s, z):
 
 
 @triton.jit
+def offset_free(z_ref):
+    """The reference a chunked row's nce sum is taken against: sum_k (max - z_k) =
+    K (max - ref) - sum_k (z_k - ref).  With ref = z_y, a logit of the row, the row's
+    common offset cancels exactly in every z_k - ref (the max is not known until the
+    row's end).  A non-finite z_y (its row's loss is NaN or inf anyway) gives 0."""
+    return tl.where((z_ref > float("-inf")) & (z_ref < float("inf")), z_ref, 0.0)
+
+
+@triton.jit
 def merge_lanes(m, s, AXIS: tl.constexpr):
     """Row (max, sumexp) from per-lane (max, sumexp)."""
     row_m = tl.max(m, axis=AXIS)
     row_safe = tl.where(row_m == float("-inf"), 0.0, row_m)
     return row_m, tl.sum(s * tl.exp(m - row_safe), axis=AXIS)
-
-
-@triton.jit
-def log_sum_exp(m, s):
-    # An all -inf row has no softmax: NaN, as torch gives.
-    return tl.where(m == float("-inf"), float("nan"), m + tl.log(s))
 
 
 @triton.jit
@@ -142,87 +185,102 @@ def log_softmax(z, m, log_s):
 
 # ------------------------------------------------------------------ step 2
 @triton.jit
-def normalizer_terms(log_p, is_target, mask, gamma, q, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
+def normalizer_terms(log_p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
                      GRAD_MODE: tl.constexpr):
-    """Per class: (f, f', clamp^q, live p^q, clamp p [k!=y], p [k=y or clamped]), 0 in masked lanes.
+    """Per class, 0 in masked lanes: the two active and the two passive summands.
 
-    The last is the softmax mass outside the rce sum's live entries, 1 - sum_{k!=y} m_k p_k,
-    summed directly: the rce gradient c p_j (1 - that sum) then has no cancellation.
+      nfl        f = -(1-p)^gamma l,  f'                       (sum: the normaliser and its derivative)
+      ngce       clamp(p)^q,  p^q where p is unclamped
+      rce, nrce  clamp(p) [k != y],  p [k = y or clamped]
+      amse       p^2 [k != y]
+      nnce       h = A + log clamp(p, min_prob) [k != y],  [p >= min_prob]
+      nnfl       A_f - f(max(l, log min_prob)) [k != y],  f' where l >= log min_prob
 
-    Only the terms the loss uses are computed; callers sum only those
-    (``NFL_SUMS``, ``NGCE_SUMS``, ``RCE_SUMS`` below), the rest are zeros.
+    rce's second sum is the softmax mass outside its live entries, summed directly:
+    its gradient c p_j (1 - sum_{k!=y} m_k p_k) then has no cancellation.  nnce's
+    and nnfl's first sums leave out k = y so that their loss 1 - N/D = sum_{k!=y}/D
+    has no cancellation either.
     """
     zero = tl.zeros_like(log_p)
-    focal = zero
-    focal_d = zero
-    clamp_pow = zero
-    live_pow = zero
-    clamp_other = zero
-    dead_mass = zero
+    a1 = zero
+    a2 = zero
+    p1 = zero
+    p2 = zero
     if ACTIVE == NFL:
-        focal = tl.where(mask, focal_value(log_p, gamma), 0.0)
-        focal_d = tl.where(mask, focal_deriv(log_p, gamma, GRAD_MODE), 0.0)
-    if ACTIVE == NGCE or PASSIVE == RCE or PASSIVE == NRCE:
+        a1 = tl.where(mask, focal_value(log_p, gamma), 0.0)
+        a2 = tl.where(mask, focal_deriv(log_p, gamma, GRAD_MODE), 0.0)
+    if ACTIVE == NGCE or PASSIVE == RCE or PASSIVE == NRCE or PASSIVE == AMSE or PASSIVE == NNCE:
         p = tl.exp(log_p)
-        live = mask & unclamped(p)
         if ACTIVE == NGCE:
             pq = pow_nonneg(clamp_prob(p), q)
-            clamp_pow = tl.where(mask, pq, 0.0)
-            live_pow = tl.where(live, pq, 0.0)
+            a1 = tl.where(mask, pq, 0.0)
+            a2 = tl.where(mask & unclamped(p), pq, 0.0)
         if PASSIVE == RCE or PASSIVE == NRCE:
-            clamp_other = tl.where(mask & (~is_target), clamp_prob(p), 0.0)
-            dead_mass = tl.where(mask & (is_target | (~live)), p, 0.0)
-    return focal, focal_d, clamp_pow, live_pow, clamp_other, dead_mass
+            p1 = tl.where(mask & (~is_target), clamp_prob(p), 0.0)
+            p2 = tl.where(mask & (is_target | (~unclamped(p))), p, 0.0)
+        if PASSIVE == AMSE:
+            p1 = tl.where(mask & (~is_target), p * p, 0.0)
+        if PASSIVE == NNCE:
+            live = mask & (p >= min_prob)
+            p1 = tl.where(live & (~is_target), log_p - tl.log(min_prob), 0.0)
+            p2 = tl.where(live, 1.0, 0.0)
+    if PASSIVE == NNFL:
+        log_min = tl.log(min_prob)
+        p1 = tl.where(mask & (~is_target),
+                      focal_value(log_min, gamma) - focal_value(tl.maximum(log_p, log_min), gamma), 0.0)
+        p2 = tl.where(mask & (log_p >= log_min), focal_deriv(log_p, gamma, GRAD_MODE), 0.0)
+    return a1, a2, p1, p2
 
 
 @triton.jit
-def normalizer_sums(log_p, is_target, mask, gamma, q, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
+def normalizer_sums(log_p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
                     GRAD_MODE: tl.constexpr, AXIS: tl.constexpr):
-    """The six sums of ``normalizer_terms`` along AXIS (unused ones: 0, no reduction)."""
-    t1, t2, t3, t4, t5, t6 = normalizer_terms(log_p, is_target, mask, gamma, q, ACTIVE, PASSIVE, GRAD_MODE)
+    """The four sums of ``normalizer_terms`` along AXIS (unused ones: 0, no reduction)."""
+    t1, t2, t3, t4 = normalizer_terms(log_p, is_target, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
     zero = tl.sum(tl.zeros_like(log_p), axis=AXIS)
     s1 = zero
     s2 = zero
     s3 = zero
     s4 = zero
-    s5 = zero
-    s6 = zero
-    if ACTIVE == NFL:
+    if ACTIVE == NFL or ACTIVE == NGCE:
         s1 = tl.sum(t1, axis=AXIS)
         s2 = tl.sum(t2, axis=AXIS)
-    if ACTIVE == NGCE:
+    if PASSIVE == RCE or PASSIVE == NRCE or PASSIVE == AMSE or PASSIVE == NNCE or PASSIVE == NNFL:
         s3 = tl.sum(t3, axis=AXIS)
-        s4 = tl.sum(t4, axis=AXIS)
-    if PASSIVE == RCE or PASSIVE == NRCE:
-        s5 = tl.sum(t5, axis=AXIS)
-        s6 = tl.sum(t6, axis=AXIS)
-    return s1, s2, s3, s4, s5, s6
+        if PASSIVE != AMSE:
+            s4 = tl.sum(t4, axis=AXIS)
+    return s1, s2, s3, s4
 
 
 # ------------------------------------------------------------------ step 3
 @triton.jit
-def finish_row(lse, l_y, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other, dead_mass, Kf, weight,
-               alpha, beta, gamma, q, A, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr):
+def finish_row(log_s, l_y, gap_sum, y_is_max, sa1, sa2, sp1, sp2, Kf, weight,
+               alpha, beta, gamma, q, A, a, m, t, min_prob,
+               ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr):
     """Loss of a row (or a vector of rows) and its gradient coefficients.
 
-    Returns (loss, c_const, c_focal, c_pow, c_prob, c_prob_dead, c_target, g_sum); the
-    coefficients already carry the row's reduction weight (1, or 1/count).
-    Each case is the one of finish_row in csrc/apl_loss_math.h.  l_y = log p_y
-    comes from the caller as (z_y - max) - log(sumexp), accurate for large logits.
+    Returns (loss, c_act, c_pas, c_pas2, c_target, g_sum); the coefficients already
+    carry the row's reduction weight (1, or 1/count); ``grad_block`` says what each
+    side's coefficients multiply.  Each case is the one of finish_row in
+    csrc/apl_loss_math.h.  l_y = log p_y comes from the caller as
+    (z_y - max) - log(sumexp), accurate for large logits; log_s = log(sumexp),
+    gap_sum = sum_k (max - z_k) (nce); y_is_max: the label is the first index of
+    the row's max (ece); sa*, sp*: the sums of ``normalizer_sums``.
+    An all -inf row has l_y = NaN.
     """
     p_y = tl.exp(l_y)
+    om_y = -expm1(l_y)   # 1 - p_y, accurate near p_y = 1
     zero = tl.zeros_like(l_y)
     aw = alpha * weight
     bw = beta * weight
     live_y = unclamped(p_y)
-    c_const = zero
-    c_focal = zero
-    c_pow = zero
-    c_prob = zero
-    c_prob_dead = zero
+    c_act = zero
+    c_pas = zero
+    c_pas2 = zero
     c_target = zero
     g_sum = zero
     loss = zero
+    # --- active term: d = d act / d l_y where the term depends on p_y only
     if ACTIVE == CE:
         loss = alpha * -l_y
         c_target = zero - aw
@@ -233,19 +291,19 @@ def finish_row(lse, l_y, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other
         c_target = aw * d
         g_sum = aw * d
     if ACTIVE == NCE:
-        D = -(sum_z - Kf * lse)
+        D = gap_sum + Kf * log_s    # sum_k -log p_k, a sum of terms >= 0
         act = -l_y / D
         loss = alpha * act
-        c_const = aw * act / D
+        c_act = aw * act / D        # every class
         c_target = -aw / D
         g_sum = aw * (Kf * act - 1.0) / D
     if ACTIVE == NFL:
-        act = focal_value(l_y, gamma) / focal
+        act = focal_value(l_y, gamma) / sa1
         loss = alpha * act
         d_y = focal_deriv(l_y, gamma, GRAD_MODE)
-        c_focal = -aw * act / focal
-        c_target = aw * d_y / focal
-        g_sum = aw * (d_y - act * focal_d) / focal
+        c_act = -aw * act / sa1     # times f'(l_j)
+        c_target = aw * d_y / sa1
+        g_sum = aw * (d_y - act * sa2) / sa1
     if ACTIVE == GCE:
         pq = pow_nonneg(clamp_prob(p_y), q)
         loss = alpha * (1.0 - pq) / q
@@ -253,20 +311,42 @@ def finish_row(lse, l_y, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other
         c_target = aw * d
         g_sum = aw * d
     if ACTIVE == NGCE:
-        D = Kf - clamp_pow
+        D = Kf - sa1
         pq = pow_nonneg(clamp_prob(p_y), q)
         act = (1.0 - pq) / D
         loss = alpha * act
         d_y = tl.where(live_y, -q * pq, 0.0)
-        c_pow = aw * act * q / D
+        c_act = aw * act * q / D    # times p_j^q where unclamped
         c_target = aw * d_y / D
-        g_sum = aw * (d_y + act * q * live_pow) / D
+        g_sum = aw * (d_y + act * q * sa2) / D
+    if ACTIVE == ECE:
+        # p'_y = (p_y + m)/(m + 1) = 1 - (1 - p_y)/(m + 1) when y is the argmax, else p_y/(m + 1);
+        # the argmax is an index: no gradient through it.  Clamped below at ECE_EPS.
+        log_pp = tl.where(y_is_max, log1p(-om_y / (m + 1.0)), l_y - tl.log(m + 1.0))
+        live = tl.exp(log_pp) >= ECE_EPS
+        loss = alpha * tl.where(live, -log_pp, -tl.log(zero + ECE_EPS))
+        d = tl.where(live, tl.where(y_is_max, -p_y / (p_y + m), -1.0), 0.0)
+        c_target = aw * d
+        g_sum = aw * d
+    if ACTIVE == TAYLOR:
+        # sum_{j=1..t} u^j / j, u = 1 - p_y; its derivative times p_y is -p_y sum_{j<t} u^j (no cancellation)
+        power = zero + 1.0
+        series = zero
+        geometric = zero
+        for j in range(1, t + 1):
+            geometric += power
+            power = power * om_y
+            series += power / j
+        loss = alpha * series
+        c_target = -aw * p_y * geometric
+        g_sum = c_target
+    # --- passive term
     if PASSIVE == MAE or PASSIVE == NMAE:
         if PASSIVE == MAE:
             scale = 1.0
         else:
             scale = 1.0 / (Kf - 1.0)
-        loss += beta * scale * -expm1(l_y)
+        loss += beta * scale * om_y
         c_target += -bw * scale * p_y
         g_sum += -bw * scale * p_y
     if PASSIVE == RCE or PASSIVE == NRCE:
@@ -274,24 +354,75 @@ def finish_row(lse, l_y, sum_z, focal, focal_d, clamp_pow, live_pow, clamp_other
             scale = -A
         else:
             scale = 1.0 / (Kf - 1.0)
-        loss += beta * scale * clamp_other
+        loss += beta * scale * sp1
         # g_j - p_j (its share of sum g) = c p_j ([j live, j != y] - sum_{k!=y} m_k p_k)
         #   = c p_j dead_mass (live j != y),  c p_j (dead_mass - 1) (otherwise; p_j tiny or j = y)
-        c_prob = bw * scale * dead_mass
-        c_prob_dead = bw * scale * (dead_mass - 1.0)
-    return loss, c_const, c_focal, c_pow, c_prob, c_prob_dead, c_target, g_sum
+        c_pas = bw * scale * sp2
+        c_pas2 = bw * scale * (sp2 - 1.0)
+    if PASSIVE == AGCE:
+        # ((a+1)^q - (a+p_y)^q)/q = -(a+1)^q expm1(q log1p(-(1-p_y)/(a+1))) / q
+        loss += beta * -pow_nonneg(a + 1.0, q) * expm1(q * log1p(-om_y / (a + 1.0))) / q
+        d = -pow_nonneg(a + p_y, q - 1.0) * p_y
+        c_target += bw * d
+        g_sum += bw * d
+    if PASSIVE == AUL:
+        # ((a-p_y)^q - (a-1)^q)/q = (a-1)^q expm1(q log1p((1-p_y)/(a-1))) / q
+        loss += beta * pow_nonneg(a - 1.0, q) * expm1(q * log1p(om_y / (a - 1.0))) / q
+        d = -pow_nonneg(a - p_y, q - 1.0) * p_y
+        c_target += bw * d
+        g_sum += bw * d
+    if PASSIVE == AEL:
+        e = tl.exp(-p_y / a)
+        loss += beta * e
+        c_target += -bw * e * p_y / a
+        g_sum += -bw * e * p_y / a
+    if PASSIVE == AMSE:
+        # (1/K) [sum_{k!=y} p_k^2 + (p_y - a)^2];  g_j = (2/K) (p_j^2 - a p_y [j = y])
+        d = (1.0 - a) - om_y        # p_y - a, exact for a = 1
+        loss += beta * (sp1 + d * d) / Kf
+        c_pas = 2.0 * bw / Kf       # times p_j^2
+        c_target += -c_pas * a * p_y
+        g_sum += c_pas * (sp1 + p_y * d)
+    if PASSIVE == NNCE:
+        # 1 - h_y / S = sum_{k!=y} h_k / S, S = sum_k h_k;  g_j = (h_y/S^2) [j live] - [j = y, live] / S
+        live = p_y >= min_prob
+        h_y = tl.where(live, l_y - tl.log(min_prob), 0.0)
+        S = sp1 + h_y
+        loss += beta * sp1 / S
+        c_pas = bw * h_y / (S * S)  # every live class
+        c_target += tl.where(live, -bw / S, 0.0)
+        g_sum += bw * (h_y * sp2 / S - tl.where(live, 1.0, 0.0)) / S
+    if PASSIVE == NNFL:
+        # 1 - N/D = sum_{k!=y} (A_f - f_k) / D, N = A_f - f_y;  g_j = [j = y] f'_y / D - (N/D^2) f'_j
+        log_min = tl.log(min_prob)
+        N = focal_value(log_min, gamma) - focal_value(tl.maximum(l_y, log_min), gamma)
+        D = sp1 + N
+        loss += beta * sp1 / D
+        d_y = tl.where(l_y >= log_min, focal_deriv(l_y, gamma, GRAD_MODE), 0.0)
+        c_pas = -bw * N / (D * D)   # times f'(l_j) where l_j >= log min_prob
+        c_target += bw * d_y / D
+        g_sum += bw * (d_y - N * sp2 / D) / D
+    return loss, c_act, c_pas, c_pas2, c_target, g_sum
 
 
 @triton.jit
-def grad_block(log_p, is_target, c_const, c_focal, c_pow, c_prob, c_prob_dead, c_target, g_sum, gamma, q,
+def grad_block(log_p, is_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q, min_prob,
                ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr):
     """d loss / d z_j = g_j - p_j sum_k g_k (coefficients broadcast by the caller)."""
     p = tl.exp(log_p)
-    g = tl.where(is_target, c_const + c_target, c_const)
+    g = tl.where(is_target, c_target, 0.0)
+    if ACTIVE == NCE:
+        g += c_act
     if ACTIVE == NFL:
-        g += c_focal * focal_deriv(log_p, gamma, GRAD_MODE)
+        g += c_act * focal_deriv(log_p, gamma, GRAD_MODE)
     if ACTIVE == NGCE:
-        g += tl.where(unclamped(p), c_pow * pow_nonneg(p, q), 0.0)
+        g += tl.where(unclamped(p), c_act * pow_nonneg(p, q), 0.0)
     if PASSIVE == RCE or PASSIVE == NRCE:
-        g += p * tl.where(unclamped(p) & (~is_target), c_prob, c_prob_dead)
+        g += p * tl.where(unclamped(p) & (~is_target), c_pas, c_pas2)
+    if PASSIVE == AMSE:
+        g += c_pas * p * p
+    if PASSIVE == NNCE:
+        g += tl.where(p >= min_prob, c_pas, 0.0)
+    if PASSIVE == NNFL:
+        g += tl.where(log_p >= tl.log(min_prob), c_pas * focal_deriv(log_p, gamma, GRAD_MODE), 0.0)
     return g - p * g_sum

@@ -39,17 +39,19 @@ def _define(name, mutates_args, fake):
     return wrap
 
 
-def _fake_inplace(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction, ignore_index):
-    return ops.fake_fused_loss(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction,
-                               ignore_index, False)[0]
+def _fake_inplace(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t, min_prob,
+                  reduction, ignore_index):
+    return ops.fake_fused_loss(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t,
+                               min_prob, reduction, ignore_index, False)[0]
 
 
 @_define("apl_kernels::fused_loss_triton", (), ops.fake_fused_loss)
 def fused_loss_triton(logits: torch.Tensor, target: torch.Tensor, active: int, passive: int, alpha: float,
-                      beta: float, gamma: float, q: float, A: float, grad_mode: int, reduction: int,
-                      ignore_index: int, compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    return kernels.launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction,
-                          ignore_index, compute_grad)
+                      beta: float, gamma: float, q: float, A: float, grad_mode: int, a: float, m: float, t: int,
+                      min_prob: float, reduction: int, ignore_index: int,
+                      compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return kernels.launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t, min_prob,
+                          reduction, ignore_index, compute_grad)
 
 
 ops.register_fused_autograd(fused_loss_triton, triton_on_cpu=True)
@@ -58,10 +60,11 @@ ops.register_fused_autograd(fused_loss_triton, triton_on_cpu=True)
 @_define("apl_kernels::fused_loss_triton_inplace", ("logits",), _fake_inplace)
 def fused_loss_triton_inplace(logits: torch.Tensor, target: torch.Tensor, active: int, passive: int,
                               alpha: float, beta: float, gamma: float, q: float, A: float, grad_mode: int,
-                              reduction: int, ignore_index: int) -> torch.Tensor:
+                              a: float, m: float, t: int, min_prob: float, reduction: int,
+                              ignore_index: int) -> torch.Tensor:
     """The loss; the gradient (reduction weight folded in) replaces the logits."""
-    loss, _ = kernels.launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, reduction,
-                             ignore_index, False, grad_out=logits)
+    loss, _ = kernels.launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t,
+                             min_prob, reduction, ignore_index, False, grad_out=logits)
     return loss
 
 

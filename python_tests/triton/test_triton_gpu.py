@@ -132,6 +132,30 @@ def test_cuda_graph_capture(shape, reduction):
         torch.testing.assert_close(static_x.grad.double(), xr.grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (tensors on a non-current device)")
+@pytest.mark.parametrize("shape", ((128, 10), (4096, 1000), (16, 50000)), ids=str)
+def test_tensors_on_a_non_current_device(shape):
+    """Logits on cuda:1 while cuda:0 is current: the launch runs on cuda:1 (device guard).
+
+    Without the guard Triton launches on the current device with cuda:1 pointers
+    (an illegal address or a wrong result); the three shapes take the single,
+    tiles and chunked launch paths.
+    """
+    n, k = shape
+    spec = LossSpec.from_name("nfl+rce")
+    with torch.cuda.device(0):
+        x = _logits(n, k, torch.float32).to("cuda:1").requires_grad_()
+        y = _target(n, k).to("cuda:1")
+        loss = apl_loss(x, y, spec, backend="triton")
+        loss.backward()
+        assert torch.cuda.current_device() == 0
+    torch.cuda.synchronize(1)
+    assert loss.device == x.grad.device == torch.device("cuda:1")
+    ref_loss, ref_grad = _reference(x.detach(), y, spec)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("k", (1000, 131072))
 def test_more_than_2_31_elements(k):
     """int64 offsets: rows beyond element 2^31 are read and written at the right place."""

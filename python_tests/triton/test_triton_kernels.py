@@ -11,15 +11,23 @@ pytest.importorskip("triton")
 
 from apl_kernels import APLLoss, LossSpec, apl_loss  # noqa: E402
 from apl_kernels.reference import reference_loss  # noqa: E402
-from apl_kernels.spec import REDUCTIONS  # noqa: E402
+from apl_kernels.spec import ACTIVE_TERMS, PASSIVE_TERMS, REDUCTIONS, TERMS  # noqa: E402
 
 from apl_triton_helpers import regime  # noqa: E402
 
-ACTIVES = ("ce", "fl", "nce", "nfl", "gce", "ngce")
-PASSIVES = ("mae", "rce", "nmae", "nrce")
-SINGLE_TERMS = ACTIVES + PASSIVES
+# Driven by the term tables of apl_kernels.spec: a new term is tested here without new code.
+ACTIVES = tuple(t for t in ACTIVE_TERMS if t != "none")
+PASSIVES = tuple(t for t in PASSIVE_TERMS if t != "none")
+SINGLE_TERMS = tuple(TERMS)
 PAIRS = tuple(f"{a}+{p}" for a in ACTIVES for p in PASSIVES)
-KEY_PAIRS = ("nce+rce", "nce+mae", "nfl+rce", "ngce+nrce", "fl+nmae")
+# The pairs the papers use (Ma et al.; ALFs; ANL; JAL; eps-softmax), in every regime.
+KEY_PAIRS = ("nce+rce", "nce+mae", "nfl+rce", "ngce+nrce", "fl+nmae", "nce+agce", "nce+aul", "nce+ael",
+             "nce+nnce", "nfl+nnfl", "nce+amse", "nfl+amse", "ece+mae")
+
+
+def pair_spec(loss):
+    """Parameters away from the defaults (q given: gce/ngce and agce/aul default differently)."""
+    return LossSpec.from_name(loss, alpha=0.7, beta=1.3, gamma=1.5, q=0.4, a=2.5, m=3.0, t=4, min_prob=1e-5)
 DTYPES = (torch.float32, torch.float64)
 N, K = 12, 37
 
@@ -94,17 +102,16 @@ def test_terms_in_every_regime(loss, dtype, regime_name, device):
         assert plan()[0] == regime_name
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("loss", PAIRS)
-def test_every_pair(loss, dtype, device):
-    x, y = make_logits(N, 10, dtype, device, seed=5), make_target(N, 10, device)
-    spec = LossSpec.from_name(loss, alpha=0.7, beta=1.3, gamma=1.5, q=0.4)
-    assert_matches(x, y, spec)
+def test_every_pair(loss, device):
+    """fp64, one regime, parameters away from the defaults (the key pairs run in every regime and dtype)."""
+    x, y = make_logits(N, 10, torch.float64, device, seed=5), make_target(N, 10, device)
+    assert_matches(x, y, pair_spec(loss))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("gamma", (0.0, 0.5, 2.0))
-@pytest.mark.parametrize("loss", ("fl", "nfl", "nfl+rce"))
+@pytest.mark.parametrize("loss", ("fl", "nfl", "nfl+rce", "nfl+nnfl"))
 def test_exact_grad_mode(loss, gamma, dtype, regime_name, device):
     """The exact mode differentiates the focal factor (the official mode is in every other test)."""
     x, y = make_logits(N, K, dtype, device, seed=7), make_target(N, K, device)
@@ -114,6 +121,24 @@ def test_exact_grad_mode(loss, gamma, dtype, regime_name, device):
         official, _ = run_triton(x, y, LossSpec.from_name(loss, gamma=gamma))
         exact, _ = run_triton(x, y, LossSpec.from_name(loss, grad="exact", gamma=gamma))
         torch.testing.assert_close(official, exact)   # same loss, different gradient
+
+
+@pytest.mark.parametrize("m", (3.0, 1e5))
+def test_ece_argmax_ties(m, regime_name, device):
+    """ece adds m at the argmax, the first index of a tie (torch.argmax): labels at the
+    first and at the second of two tied maxima, and labels elsewhere."""
+    x = make_logits(N, K, torch.float64, device, seed=53)
+    y = make_target(N, K, device)
+    rows = torch.arange(N, device=device)
+    first, second = (y + 3) % K, (y + 11) % K
+    top = x.max(dim=1).values + 1.0
+    x[rows, first] = top
+    x[rows, second] = top
+    swap = rows % 3 == 1                              # label at the first tied max
+    y = torch.where(swap, first, torch.where(rows % 3 == 2, second, y))   # or the second
+    y[3] = -100
+    with regime(regime_name):
+        assert_matches(x, y, LossSpec.from_name("ece+mae", m=m), reduction="none")
 
 
 def test_float16_logits(regime_name, device):
@@ -259,6 +284,22 @@ def test_shift_invariance(loss, regime_name, device):
     torch.testing.assert_close(shifted_grad, grad, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("offset", (1e4, 1e5))
+@pytest.mark.parametrize("loss", ("nce", "nce+rce"))
+def test_nce_with_a_large_common_offset(loss, offset, regime_name, device):
+    """Rows whose logits share a large offset (fp32): nce's normaliser sum_k -log p_k is
+    formed from max - z_k (terms >= 0).  As sum z - K lse it cancelled: relative loss
+    error 2e-4 at 1e4 and 2e-3 at 1e5, where the fp64 reference of the same input is exact."""
+    x = make_logits(N, K, torch.float32, device, seed=47, scale=1.0) + offset
+    y = make_target(N, K, device)
+    spec = LossSpec.from_name(loss)
+    with regime(regime_name):
+        got_loss, got_grad = run_triton(x, y, spec, "none")
+    ref_loss, ref_grad = run_reference(x, y, spec, "none")
+    torch.testing.assert_close(got_loss.double(), ref_loss, rtol=1e-5, atol=0.0)
+    torch.testing.assert_close(got_grad.double(), ref_grad, rtol=1e-4, atol=1e-6 * ref_grad.abs().max().item())
+
+
 # ------------------------------------------------------------------ layouts, shapes, options
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_row_stride(dtype, regime_name, device):
@@ -295,6 +336,15 @@ def test_default_chunked_regime(dtype, k, device):
     x, y = make_logits(3, k, dtype, device, seed=37), make_target(3, k, device, ignored=())
     assert_matches(x, y, LossSpec.from_name("nfl+rce"))
     assert plan()[0] == "chunked"
+
+
+def test_too_many_classes_is_refused(device):
+    """Column indices are int32: K near 2^31 is refused by name, before any allocation."""
+    from apl_kernels.triton import kernels
+    x = torch.zeros(1, 1, device=device).expand(1, kernels.MAX_K + 1)
+    y = torch.zeros(1, dtype=torch.long, device=device)
+    with pytest.raises(ValueError, match="at most .* classes"):
+        kernels.launch(x, y, *LossSpec.from_name("nce+rce").op_args(), REDUCTIONS["mean"], -100, True)
 
 
 def test_many_rows_default_heuristic(device):
