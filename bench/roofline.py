@@ -42,9 +42,9 @@ Model: one training step's fwd+bwd as `loss.backward()` runs it.
   launches     the forward's kernels (count, loss, sum), the ones_like seed of
                loss.backward(), the backward's kernels, and with default arguments
                check_targets' kernels and host sync (CUDA tensors);
-  backward     read from the table BACKWARD: today ops._backward multiplies the
-               saved gradient by grad_output out of place, one more launch, a
-               full read+write pass of [N, K] and a second [N, K] buffer;
+  backward     read from the table BACKWARD: ops._backward scales the saved
+               gradient in place with a "scale unless 1" kernel, one launch and
+               no pass over [N, K] when grad_output is 1;
   hbm_bytes    the logits read once, the gradient written, labels and row losses;
                a re-read (a later pass of a row, the backward reading the
                gradient) comes from L2 when what is in flight fits L2_BYTES, else
@@ -102,12 +102,13 @@ SERIAL_ITERATION_S = 1e-6       # ASSUMPTION: one dependent load per iteration o
 
 # ----------------------------------------------------------------------------- the code around the kernels
 # What the model assumes the Python side does; update this table when the code changes.
-# BACKWARD: ops._backward on a CUDA tensor today: torch.mul(grad, grad_output, out=empty_like(grad)),
-# one elementwise launch that reads and writes the [N, K] gradient once (`passes`) into a new [N, K]
-# buffer (`buffers`).  A backward that costs nothing when grad_output is 1: launches=0, passes=0, buffers=0.
+# BACKWARD: ops._backward on a CUDA tensor: the first backward scales the forward's gradient buffer in
+# place with the device-side "scale unless 1" kernel (apl_kernels/triton/scale.py), which returns early
+# when grad_output is 1, as in `loss.backward()`: one launch, no pass over [N, K] (`passes`), no new
+# [N, K] buffer (`buffers`).
 BACKWARD = {
-    "triton": {"launches": 1, "passes": 1, "buffers": 1, "host_syncs": 0},
-    "cuda": {"launches": 1, "passes": 1, "buffers": 1, "host_syncs": 0},
+    "triton": {"launches": 1, "passes": 0, "buffers": 0, "host_syncs": 0},
+    "cuda": {"launches": 1, "passes": 0, "buffers": 0, "host_syncs": 0},
 }
 BACKWARD_SEED_LAUNCHES = 1      # loss.backward() fills torch.ones_like(loss) (autograd._make_grads)
 # functional._check_target_range on CUDA tensors (check_targets=True, the default): ne, lt, ge, or,

@@ -136,7 +136,9 @@ def _kernels_for(run, per_element, regs=128):
                           "occupancy": roofline.occupancy(regs, 1024, run.warps)}}
 
 
-def test_model_of_the_chunked_fwd_bwd_by_hand():
+def test_model_of_the_chunked_fwd_bwd_by_hand(monkeypatch):
+    """With a backward that multiplies out of place (one launch, a pass, a new buffer)."""
+    monkeypatch.setitem(roofline.BACKWARD, "triton", {"launches": 1, "passes": 1, "buffers": 1, "host_syncs": 0})
     B, K = 8192, 131072
     L = B * K * 2                                             # bf16 logits: 2 GiB, far over L2
     run = roofline.KernelRun("k", 132, 16, "chunked", {"BLOCK_K": 8192, "NEEDS_PASS2": True})
