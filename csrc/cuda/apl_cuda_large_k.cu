@@ -163,16 +163,14 @@ std::mutex& plan_mutex() {
 }
 
 // Under plan_mutex().
-KernelOnDevice& kernel_on_device(int device, const void* kernel) {
+KernelOnDevice& kernel_on_device(int device, const void* kernel, int64_t static_smem) {
   static std::map<std::pair<int, const void*>, KernelOnDevice> known;
   auto it = known.find({device, kernel});
   if (it != known.end()) return it->second;
   KernelOnDevice k;
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
-  cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
   // The opt-in maximum less the kernel's static shared memory (its reduction scratch).
-  const int64_t hw = int64_t(prop->sharedMemPerBlockOptin) - int64_t(attr.sharedSizeBytes);
+  const int64_t hw = int64_t(prop->sharedMemPerBlockOptin) - static_smem;
   k.smem_budget = smem_env() >= 0 ? std::min<int64_t>(hw, smem_env()) : hw;
   k.sms = prop->multiProcessorCount;
   return known.emplace(std::make_pair(device, kernel), std::move(k)).first->second;
@@ -196,7 +194,9 @@ LaunchPlan plan_large_k(const Args<scalar_t>& a) {
   p.threads = block_threads(max_slots);
   // a.device is current (the op's CUDAGuard), so cudaFuncSetAttribute applies to it.
   const std::lock_guard<std::mutex> lock(plan_mutex());
-  KernelOnDevice& k = kernel_on_device(a.device, reinterpret_cast<const void*>(kernel));
+  // Static shared memory of large_k_kernel: the reduction scratch, reduce_loss's flag, alignment.
+  constexpr int64_t kStaticSmem = 32 * int64_t(sizeof(NormalizerSums<at::opmath_type<scalar_t>>)) + 256;
+  KernelOnDevice& k = kernel_on_device(a.device, reinterpret_cast<const void*>(kernel), kStaticSmem);
   p.cap = std::min<int64_t>(max_slots, k.smem_budget / 16);
   p.smem = size_t(p.cap) * 16;
   if (p.smem > 48 * 1024 && k.raised < int64_t(p.smem)) {  // raised to the largest size asked for so far
