@@ -277,7 +277,11 @@ for job in jobs:
             args = (acc, acc, acc, job["N"])
         else:
             N, K = job["N"], job["K"]
-            args = (z, T("int64"), acc, z, acc, N, K, K, K, -100) + (1.0, 0.0) * 5
+            args = (z, T("int64"), acc, z, acc, N, K, K, K, -100)
+            # The LossSpec's scalars after these, read off the kernel's signature so a new parameter needs no
+            # change here: floats as (hi, lo) pairs, integers (taylor's order) as themselves.
+            spec = [p.name for p in fn.params[len(args):] if not p.is_constexpr]
+            args += tuple(1.0 if n.endswith("_hi") else 0.0 if n.endswith("_lo") else 2 for n in spec)
         kwargs = dict(job["consts"], num_warps=job["warps"])
         binder = create_function_from_signature(fn.signature, fn.params, backend)
         bound, specialization, options = binder(*args, **kwargs)
@@ -758,7 +762,13 @@ def run(args) -> dict:
             if r.variant not in kernels:
                 raise SystemExit(f"{r.variant} is not in the compiled code (found: {sorted(kernels)[:20]})")
             k = kernels[r.variant]
-            smem = k["usage"].get("SHARED", 0) + r.params.get("smem", 0)
+            static_smem = k["usage"].get("SHARED", 0)
+            dynamic_smem = r.params.get("smem", 0)
+            if r.kind == "large_k":
+                # As the host plan (csrc/cuda/apl_cuda_large_k.cu): the dynamic row cache gets the opt-in
+                # maximum less the kernel's static shared memory (its reduction scratch) and 256 bytes.
+                dynamic_smem = min(dynamic_smem, (SMEM_OPTIN_PER_BLOCK - static_smem - 256) // 16 * 16)
+            smem = static_smem + dynamic_smem
             k.setdefault("occupancy", occupancy(k["usage"].get("REG", 0), smem, r.warps))
             if r.kind == "large_k":
                 r.grid = max(1, min(B, k["occupancy"]["blocks_per_sm"] * SMS))

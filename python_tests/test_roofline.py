@@ -178,11 +178,17 @@ def test_model_reads_the_backward_table(monkeypatch):
     assert slow["predicted_pct_copy"] == pytest.approx(100 * (2 * L / 4.3e12) / issue, abs=0.05)
 
 
-def test_fp32_rows_in_flight_overflow_l2():
+def test_fp32_rows_in_flight_overflow_l2(monkeypatch):
     # fp32 [8192, 131072]: 132 rows of 512 KB = 69 MB in flight > 50 MB: passes 2 and 3 re-read HBM.
+    # Forward: logits read, gradient written, passes 2 and 3 read again, labels and row losses.
     B, K = 8192, 131072
     L = B * K * 4
     run = roofline.KernelRun("k", 132, 16, "chunked", {"BLOCK_K": 8192, "NEEDS_PASS2": True})
+    monkeypatch.setitem(roofline.BACKWARD, "triton", {"launches": 1, "passes": 0, "buffers": 0, "host_syncs": 0})
+    r = roofline.model("triton", "nce+rce", "fp32", B, K, [run], _kernels_for(run, 1.0))
+    assert r["hbm_bytes"] == 2 * L + 2 * L + 12 * B
+    # A backward pass over the gradient (read + write, 4 GiB each way here) adds 2 L.
+    monkeypatch.setitem(roofline.BACKWARD, "triton", {"launches": 1, "passes": 1, "buffers": 1, "host_syncs": 0})
     r = roofline.model("triton", "nce+rce", "fp32", B, K, [run], _kernels_for(run, 1.0))
     assert r["hbm_bytes"] == 2 * L + 2 * L + 12 * B + 2 * L
 
