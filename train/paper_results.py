@@ -44,3 +44,28 @@ def paper_accuracy(noise: str, loss: str, rate: float):
         if abs(r - rate) < 1e-9 and loss in table:
             return table[loss][i]
     return None
+
+
+# --------------------------------------------------------------------------- sweep presets (issue 14)
+#
+# A later paper's CIFAR-10 grid for ``python -m train.sweep --preset NAME``:
+# its losses (each runs with its official settings, train.engine) and rates.
+# The loss lists are those of each paper's released CIFAR-10 experiments:
+# ALFs: every key of CIFAR10_CONFIG in hitcszx/ALFs config.py; ANL: the
+# config/cifar10_*.json files of Virusdoll/Active-Negative-Loss; JAL: the
+# losses its config.py gathers (ALFs, ANL and JAL under one protocol);
+# eps-softmax: CE_eps+MAE beside CE and the strongest earlier pairs.
+STANDARD_RATES = {"sym": SYM_RATES, "asym": ASYM_RATES}
+PRESETS = {
+    "alfs": {"title": "ALFs, Zhou et al. ICML 2021 (hitcszx/ALFs)", "rates": STANDARD_RATES,
+             "losses": ("ce", "fl", "mae", "gce", "sce", "nfl", "ngce", "nce", "ael", "aul", "agce", "nfl+rce",
+                        "nce+mae", "nce+rce", "nce+agce", "nce+aul", "nce+ael")},
+    "anl": {"title": "ANL, Ye et al. NeurIPS 2023 (Virusdoll/Active-Negative-Loss)", "rates": STANDARD_RATES,
+            "losses": ("ce", "fl", "gce", "mae", "sce", "nce+rce", "nce+mae", "nfl+rce", "nce+agce", "nce+aul",
+                       "nce+ael", "nce+nnce", "nfl+nnfl")},
+    "jal": {"title": "JAL, ICCV 2025 (cswjl/joint-asymmetric-loss)", "rates": STANDARD_RATES,
+            "losses": ("ce", "gce", "sce", "nce+rce", "nfl+rce", "nce+agce", "nce+aul", "nce+ael", "nce+nnce",
+                       "nfl+nnfl", "nce+amse", "nfl+amse")},
+    "eps-softmax": {"title": "eps-softmax, NeurIPS 2024 (cswjl/eps-softmax)", "rates": STANDARD_RATES,
+                    "losses": ("ce", "gce", "sce", "nce+rce", "nfl+rce", "nce+aul", "nce+agce", "ece+mae")},
+}
