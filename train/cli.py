@@ -29,8 +29,9 @@ from .noise import NOISE_TYPES, RECIPES, make_noisy_labels, noise_record
 CHECKPOINT, RESULT, CONFIG, METRICS = "checkpoint.pt", "result.json", "config.json", "metrics.jsonl"
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless it is None, False or already explained."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None, False or already explained;
+    description and epilog as written (they hold tables)."""
 
     def _get_help_string(self, action):
         if action.default in (None, False) or "default" in (action.help or "") or action.required:
@@ -41,8 +42,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train", formatter_class=HelpFormatter,
-        description="Train on CIFAR-10 with synthetic label noise and a loss of apl_kernels; log accuracy "
-                    "and per-epoch time. Several GPUs: torchrun --nproc_per_node N -m train ...")
+        description="Train on CIFAR-10 with synthetic label noise and a loss of apl_kernels; log accuracy\n"
+                    "and per-epoch time. Several GPUs: torchrun --nproc_per_node N -m train ...",
+        epilog=engine.settings_help())
     g = p.add_argument_group("loss and noise")
     g.add_argument("--loss", default="nce+rce",
                    help="loss of apl_kernels: ce fl nce nfl gce ngce mae rce, pairs such as nce+rce nfl+mae, sce")

@@ -100,6 +100,30 @@ def _eps_softmax(dataset: str, noise_type: str, rate) -> dict:
     return dict(alpha=alpha, beta=2 * beta, m=m)
 
 
+def settings_help() -> str:
+    """The official per-loss settings and their sources, for ``--help``."""
+    def fmt(values):
+        return ", ".join(f"{k} {v:g}" for k, v in values.items())
+    lines = ["Official per-loss settings (used unless a flag overrides them; source in brackets):",
+             "  every loss: alpha = beta = 1 unless listed; Ma et al.'s CIFAR-10 settings: fl/nfl gamma 0.5,",
+             "  gce q 0.7, ngce and its pairs q 0.1, nfl alone scale 10 under symmetric noise, sce alpha 0.1 beta 1"]
+    for dataset, table in (("CIFAR-10", _CIFAR10), ("CIFAR-100", _CIFAR100)):
+        lines.append(f"  {dataset}:")
+        for loss, (source, values) in table.items():
+            if not (dataset == "CIFAR-10" and source == "ma"):
+                lines.append(f"    {loss:<10} {fmt(values):<40} [{source}]")
+    lines.append("  eps-softmax (ece+mae), by data set and noise:")
+    for (dataset, noise), (m, beta, alphas) in _EPS_SOFTMAX.items():
+        rates = ("alpha " + " / ".join(f"{a:g}" for a in alphas.values()) + " at rates "
+                 + " / ".join(f"{r:g}" for r in alphas)) if None not in alphas else f"alpha {alphas[None]:g}"
+        lines.append(f"    {dataset} {noise}: {rates}, beta {2 * beta:g}, m {m:g} [eps]")
+    lines.append("  weight decay: L2 1e-4 (CIFAR-100 1e-5), except losses with amse/nnce/nnfl: no L2 and\n"
+                 "  --l1 5e-5 (CIFAR-100: amse 5e-6, nnce/nnfl 5e-7) [anl, jal]")
+    lines.append("Sources:")
+    lines += [f"  [{k}] {v}" for k, v in SETTINGS_SOURCES.items()]
+    return "\n".join(lines)
+
+
 def official_settings(loss: str, noise_type: str, dataset: str = "cifar10", rate=None) -> dict:
     """The official configs' parameters for a loss (``LossSpec`` fields), with "source".
 
