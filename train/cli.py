@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=engine.settings_help())
     g = p.add_argument_group("loss and noise")
     g.add_argument("--loss", default="nce+rce",
-                   help="loss of apl_kernels: ce fl nce nfl gce ngce mae rce, pairs such as nce+rce nfl+mae, sce")
+                   help="loss of apl_kernels: ce fl nce nfl gce ngce mae rce agce aul ael nnce nnfl amse ece taylor, "
+                        "pairs such as nce+rce nfl+mae nce+agce nce+nnce nfl+nnfl nce+amse ece+mae, sce; the "
+                        "spelling is canonical in the run's name (rce+nce is nce+rce)")
     g.add_argument("--noise", required=True, choices=NOISE_TYPES,
                    help="label noise type: sym (uniform over the other classes) or asym (CIFAR-10 class pairs); "
                         "always explicit and recorded")
@@ -63,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=float, default=None, help="focal exponent of fl/nfl (default: 0.5)")
     g.add_argument("--q", type=float, default=None, help="exponent of gce/ngce (default: 0.7 gce, 0.1 ngce)")
     g.add_argument("--A", type=float, default=None, help="RCE constant, log of the clamped one-hot (default: ln 1e-4)")
+    g.add_argument("--a", type=float, default=None,
+                   help="the 'a' of agce, aul, ael and amse (default: official config)")
+    g.add_argument("--m", type=float, default=None, help="eps-softmax's m of ece (default: official config)")
+    g.add_argument("--t", type=int, default=None, help="order of the taylor loss (default: the LossSpec's)")
+    g.add_argument("--min-prob", type=float, default=None,
+                   help="probability clamp of nnce and nnfl (default: 1e-7 as ANL)")
     g.add_argument("--grad", default=None, choices=("official", "exact"),
                    help="focal factor gradient: official (constant, as the released code) or exact")
     g.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "cuda", "triton"),
