@@ -96,15 +96,16 @@ def apl_loss(logits: torch.Tensor, target: torch.Tensor, loss: Union[str, LossSp
              alpha: Optional[float] = None, beta: Optional[float] = None, gamma: Optional[float] = None,
              q: Optional[float] = None, A: Optional[float] = None, reduction: str = "mean",
              ignore_index: int = -100, grad: Optional[str] = None, backend: str = "auto",
-             check_targets: bool = True, overwrite_logits: bool = False) -> torch.Tensor:
+             check_targets: bool = True, overwrite_logits: bool = False, a: Optional[float] = None,
+             m: Optional[float] = None, t: Optional[int] = None, min_prob: Optional[float] = None) -> torch.Tensor:
     """Active-passive loss ``alpha * active + beta * passive`` of logits, fused with the softmax.
 
     Args:
         logits: [B, K] or [B, K, d1, ...] float16/bfloat16/float32/float64 scores.
         target: integer labels, [B] or [B, d1, ...], in [0, K) or equal to ``ignore_index``.
-        loss: ``"nce+rce"``, ``"nfl+mae"``, ``"ce"``, ``"rce"``, ``"sce"``... or a ``LossSpec``.
-        alpha, beta, gamma, q, A, grad: override the ``LossSpec`` defaults
-            (1, 1, 0.5, 0.7, ln 1e-4, "official").
+        loss: ``"nce+rce"``, ``"nfl+mae"``, ``"nce+agce"``, ``"ce"``, ``"sce"``... or a ``LossSpec``.
+        alpha, beta, gamma, q, A, grad, a, m, t, min_prob: override the ``LossSpec``
+            defaults (each term's official one; see ``LossSpec``).
         reduction: ``"mean"`` (over rows not ignored), ``"sum"`` or ``"none"``.
         ignore_index: label whose rows get zero loss and zero gradient.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
@@ -122,7 +123,7 @@ def apl_loss(logits: torch.Tensor, target: torch.Tensor, loss: Union[str, LossSp
         The loss, float32 for half-precision logits (as ``cross_entropy`` under
         autocast), float64 for float64 logits.
     """
-    params = dict(alpha=alpha, beta=beta, gamma=gamma, q=q, A=A, grad=grad)
+    params = dict(alpha=alpha, beta=beta, gamma=gamma, q=q, A=A, grad=grad, a=a, m=m, t=t, min_prob=min_prob)
     if isinstance(loss, LossSpec):
         given = [k for k, v in params.items() if v is not None]
         if given:

@@ -21,11 +21,14 @@ class APLLoss(torch.nn.Module):
     def __init__(self, loss: str = "nce+rce", *, alpha: Optional[float] = None, beta: Optional[float] = None,
                  gamma: Optional[float] = None, q: Optional[float] = None, A: Optional[float] = None,
                  reduction: str = "mean", ignore_index: int = -100, grad: Optional[str] = None,
-                 backend: str = "auto", check_targets: bool = True, overwrite_logits: bool = False):
+                 backend: str = "auto", check_targets: bool = True, overwrite_logits: bool = False,
+                 a: Optional[float] = None, m: Optional[float] = None, t: Optional[int] = None,
+                 min_prob: Optional[float] = None):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"unknown reduction {reduction!r}; expected 'mean', 'sum' or 'none'")
-        self.spec = LossSpec.from_name(loss, alpha=alpha, beta=beta, gamma=gamma, q=q, A=A, grad=grad)
+        self.spec = LossSpec.from_name(loss, alpha=alpha, beta=beta, gamma=gamma, q=q, A=A, grad=grad, a=a, m=m, t=t,
+                                       min_prob=min_prob)
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.backend = backend
@@ -40,4 +43,5 @@ class APLLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return (f"{s.name!r}, alpha={s.alpha}, beta={s.beta}, gamma={s.gamma}, q={s.q}, A={s.A:.4g}, "
+                f"a={s.a}, m={s.m}, t={s.t}, min_prob={s.min_prob}, "
                 f"grad={s.grad!r}, reduction={self.reduction!r}, backend={self.backend!r}")

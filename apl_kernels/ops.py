@@ -6,13 +6,13 @@ Every fused backend is one op with this schema (defined in C++ in
 
     fused_loss(Tensor logits, Tensor target,
                int active, int passive, float alpha, float beta, float gamma,
-               float q, float A, int grad_mode,
+               float q, float A, int grad_mode, float a, float m, int t, float min_prob,
                int reduction, int ignore_index, bool compute_grad) -> (Tensor loss, Tensor grad)
 
     logits  [N, K], float16/bfloat16/float32/float64, stride(1) == 1, any row stride.
     target  [N] int64; rows equal to ignore_index get zero loss and gradient; a
             label outside [0, K) gives a NaN loss row and is never read out of bounds.
-    The eight spec arguments are ``LossSpec.op_args()``.
+    The twelve spec arguments are ``LossSpec.op_args()``.
     loss    reduced as `reduction` (0 none -> [N], 1 mean, 2 sum -> []), float32
             (float64 for float64 logits).  mean over zero kept rows is 0.
     grad    d loss / d logits with the reduction's weight folded in (1/count for
@@ -30,7 +30,7 @@ from .spec import REDUCTIONS
 _REDUCTION_NONE = REDUCTIONS["none"]
 
 
-def fake_fused_loss(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode,
+def fake_fused_loss(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t, min_prob,
                     reduction, ignore_index, compute_grad):
     loss_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss_shape = (logits.shape[0],) if reduction == _REDUCTION_NONE else ()
@@ -48,7 +48,10 @@ def _tracing(*tensors) -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.reduction = inputs[10]
+    # The last three inputs are reduction, ignore_index, compute_grad; counted
+    # from the end, so that ops with fewer spec arguments share this code.
+    ctx.num_inputs = len(inputs)
+    ctx.reduction = inputs[-3]
     ctx.save_for_backward(output[1])
     # The gradient output is not differentiable; without this autograd would
     # hand backward a materialised [N, K] tensor of zeros for it: an extra
@@ -59,8 +62,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _unused_grad_of_grad):
     (grad,) = ctx.saved_tensors
+    no_grads = (None,) * (ctx.num_inputs - 1)
     if grad_loss is None:  # no gradient flows into the loss (grads are not materialised)
-        return (None,) * 13
+        return (None,) + no_grads
     if ctx.reduction == _REDUCTION_NONE:
         scale = grad_loss.unsqueeze(1)
     else:
@@ -69,10 +73,10 @@ def _backward(ctx, grad_loss, _unused_grad_of_grad):
         # `loss.backward()` (scale 1) then needs no pass over the gradient.
         # Never while tracing: a branch on the value would be baked into the graph.
         if grad.device.type == "cpu" and not _tracing(grad, scale) and scale.item() == 1.0:
-            return (grad,) + (None,) * 12
+            return (grad,) + no_grads
     # Multiply in the scale's precision, writing the gradient's dtype: a GradScaler
     # scale (65536) cast to fp16 first would be inf.
-    return (torch.mul(grad, scale, out=torch.empty_like(grad)),) + (None,) * 12
+    return (torch.mul(grad, scale, out=torch.empty_like(grad)),) + no_grads
 
 
 def register_fused_autograd(op) -> None:

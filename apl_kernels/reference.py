@@ -17,13 +17,38 @@ clamp(p) = min(max(p, P_MIN), 1):
     nmae  (1 - p_y) / (K - 1)
     nrce  sum_{k != y} clamp(p_k) / (K - 1)
 
+and the later terms, each as its paper's official code computes it:
+
+    ece     -log max(p'_y, 1e-8),  p' = (p + m onehot(argmax p)) / (m + 1)    (eps-softmax ECELoss)
+    taylor  sum_{j=1..t} (1 - p_y)^j / j                                      (Feng et al. 2020)
+    agce    ((a + 1)^q - (a + p_y)^q) / q                                     (ALFs AGCELoss)
+    aul     ((a - p_y)^q - (a - 1)^q) / q                                     (ALFs AUELoss)
+    ael     exp(-p_y / a)                                                     (ALFs AExpLoss)
+    nnce    1 - (A + log c_y) / sum_k (A + log c_k),
+            c = clamp(p, min_prob, 1), A = -log min_prob                      (ANL NormalizedNegativeCrossEntropy)
+    nnfl    1 - (A - f_y) / (K A - sum_k f_k),  f_k = -(1 - c_k)^gamma log c_k,
+            log c = max(log p, log min_prob), A = -(1 - min_prob)^gamma log min_prob
+                                                                              (ANL NormalizedNegativeFocalLoss)
+    amse    (1/K) sum_k (p_k - a [k = y])^2                                   (JAL AMSELoss)
+
 loss = alpha * active + beta * passive.
+
+Gradients are autograd's, with the official detaches: the focal factors
+(1 - p)^gamma of fl, nfl and nnfl are constants in grad="official".  Where the
+official gradient is a subgradient, it is the one autograd gives:
+- clamps (gce, ngce, rce, nrce, nnce, nnfl, ece) pass the gradient where the
+  value is inside the clamp's range, ends included, and 0 outside;
+- ece's argmax is an index, so it carries no gradient; ties go to the first
+  index, as torch.argmax does (the kernels decide the argmax on the logits,
+  which agrees whenever the tied probabilities come from equal logits).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .spec import P_MIN, LossSpec
+from .spec import ECE_EPS, P_MIN, LossSpec
 
 
 def _focal_weight(log_p: torch.Tensor, gamma: float, grad: str) -> torch.Tensor:
@@ -39,7 +64,11 @@ def _focal_weight(log_p: torch.Tensor, gamma: float, grad: str) -> torch.Tensor:
     return torch.where(positive, safe ** gamma, torch.zeros_like(one_minus_p))
 
 
-def _active(spec: LossSpec, log_p, p, log_p_y, p_y, K: int):
+def _at_label(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return values.gather(1, target[:, None]).squeeze(1)
+
+
+def _active(spec: LossSpec, log_p, p, log_p_y, p_y, target, K: int):
     if spec.active == "none":
         return None
     if spec.active == "ce":
@@ -56,12 +85,37 @@ def _active(spec: LossSpec, log_p, p, log_p_y, p_y, K: int):
         return (1 - clamped_y ** spec.q) / spec.q
     if spec.active == "ngce":
         return (1 - clamped_y ** spec.q) / (K - (p.clamp(min=P_MIN, max=1.0) ** spec.q).sum(dim=1))
+    if spec.active == "ece":
+        # The argmax is an index (first of ties, as torch.argmax): the m added there carries no gradient.
+        at_argmax = torch.nn.functional.one_hot(p.argmax(dim=1), K).to(p.dtype)
+        eps_softmax = (p + spec.m * at_argmax) / (spec.m + 1)
+        return -_at_label(eps_softmax.clamp(min=ECE_EPS).log(), target)
+    if spec.active == "taylor":
+        one_minus_p_y = 1 - p_y
+        return sum(one_minus_p_y ** j / j for j in range(1, spec.t + 1))
     raise AssertionError(spec.active)
 
 
-def _passive(spec: LossSpec, p, p_y, one_hot, K: int):
+def _passive(spec: LossSpec, log_p, p, p_y, one_hot, target, K: int):
     if spec.passive == "none":
         return None
+    if spec.passive == "agce":
+        return ((spec.a + 1) ** spec.q - (spec.a + p_y) ** spec.q) / spec.q
+    if spec.passive == "aul":
+        return ((spec.a - p_y) ** spec.q - (spec.a - 1) ** spec.q) / spec.q
+    if spec.passive == "ael":
+        return torch.exp(-p_y / spec.a)
+    if spec.passive == "amse":
+        return ((p - spec.a * one_hot) ** 2).sum(dim=1) / K
+    if spec.passive == "nnce":
+        shifted = -math.log(spec.min_prob) + p.clamp(min=spec.min_prob, max=1.0).log()
+        return 1 - _at_label(shifted, target) / shifted.sum(dim=1)
+    if spec.passive == "nnfl":
+        log_min = math.log(spec.min_prob)
+        A = -(1 - spec.min_prob) ** spec.gamma * log_min
+        clamped_log_p = log_p.clamp(min=log_min)
+        focal = -_focal_weight(clamped_log_p, spec.gamma, spec.grad) * clamped_log_p
+        return 1 - (A - _at_label(focal, target)) / (K * A - focal.sum(dim=1))
     if spec.passive == "mae":
         return 1 - p_y
     if spec.passive == "nmae":
@@ -83,8 +137,8 @@ def reference_loss_rows(logits: torch.Tensor, target: torch.Tensor, spec: LossSp
     one_hot = torch.nn.functional.one_hot(target, K).to(z.dtype)
     log_p_y = log_p.gather(1, target[:, None]).squeeze(1)
     p_y = p.gather(1, target[:, None]).squeeze(1)
-    active = _active(spec, log_p, p, log_p_y, p_y, K)
-    passive = _passive(spec, p, p_y, one_hot, K)
+    active = _active(spec, log_p, p, log_p_y, p_y, target, K)
+    passive = _passive(spec, log_p, p, p_y, one_hot, target, K)
     loss = 0
     if active is not None:
         loss = loss + spec.alpha * active

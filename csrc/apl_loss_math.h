@@ -37,8 +37,18 @@
 
 namespace apl {
 
-enum ActiveTerm : int { kActiveNone = 0, kCE = 1, kFL = 2, kNCE = 3, kNFL = 4, kGCE = 5, kNGCE = 6 };
-enum PassiveTerm : int { kPassiveNone = 0, kMAE = 1, kRCE = 2, kNMAE = 3, kNRCE = 4 };
+// The term codes, once (X-macros: the enums here, the code tables that
+// apl_ops.cpp exports for the test against apl_kernels/spec.py, the range checks).
+#define APL_ACTIVE_TERMS(X) \
+  X(kActiveNone, "none", 0) X(kCE, "ce", 1) X(kFL, "fl", 2) X(kNCE, "nce", 3) X(kNFL, "nfl", 4) X(kGCE, "gce", 5) \
+  X(kNGCE, "ngce", 6) X(kECE, "ece", 7) X(kTaylor, "taylor", 8)
+#define APL_PASSIVE_TERMS(X) \
+  X(kPassiveNone, "none", 0) X(kMAE, "mae", 1) X(kRCE, "rce", 2) X(kNMAE, "nmae", 3) X(kNRCE, "nrce", 4) \
+  X(kAGCE, "agce", 5) X(kAUL, "aul", 6) X(kAEL, "ael", 7) X(kNNCE, "nnce", 8) X(kNNFL, "nnfl", 9) X(kAMSE, "amse", 10)
+#define APL_TERM_ENUM(id, name, code) id = code,
+enum ActiveTerm : int { APL_ACTIVE_TERMS(APL_TERM_ENUM) kActiveEnd };
+enum PassiveTerm : int { APL_PASSIVE_TERMS(APL_TERM_ENUM) kPassiveEnd };
+#undef APL_TERM_ENUM
 enum GradMode : int { kOfficial = 0, kExact = 1 };
 enum Reduction : int { kReduceNone = 0, kReduceMean = 1, kReduceSum = 2 };
 
@@ -50,7 +60,13 @@ struct LossParams {
   int passive;
   double alpha, beta, gamma, q, A;
   int grad_mode;
+  double a;         // agce, aul, ael, amse
+  double m;         // ece
+  int t;            // taylor order
+  double min_prob;  // nnce, nnfl clamp
 };
+
+constexpr int kMaxTaylorOrder = 1000;  // spec.py's MAX_TAYLOR_ORDER
 
 // Math overloads that resolve to the float or double routine on host and device.
 // CUDA kernels may define APL_CUDA_FAST_EXP: float exp is then __expf (ex2.approx,

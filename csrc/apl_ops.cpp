@@ -12,7 +12,8 @@
 TORCH_LIBRARY(apl_kernels, m) {
   m.def(
       "fused_loss(Tensor logits, Tensor target, int active, int passive, float alpha, float beta, float gamma, "
-      "float q, float A, int grad_mode, int reduction, int ignore_index, bool compute_grad) "
+      "float q, float A, int grad_mode, float a, float m, int t, float min_prob, int reduction, int ignore_index, "
+      "bool compute_grad) "
       "-> (Tensor loss, Tensor grad)");
 }
 
@@ -43,18 +44,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
                                      "arch list, torch version");
   // The codes of csrc/apl_loss_math.h, for the test that they equal apl_kernels/spec.py's.
   pybind11::dict active, passive, grad_modes, reductions;
-  active["none"] = int(apl::kActiveNone);
-  active["ce"] = int(apl::kCE);
-  active["fl"] = int(apl::kFL);
-  active["nce"] = int(apl::kNCE);
-  active["nfl"] = int(apl::kNFL);
-  active["gce"] = int(apl::kGCE);
-  active["ngce"] = int(apl::kNGCE);
-  passive["none"] = int(apl::kPassiveNone);
-  passive["mae"] = int(apl::kMAE);
-  passive["rce"] = int(apl::kRCE);
-  passive["nmae"] = int(apl::kNMAE);
-  passive["nrce"] = int(apl::kNRCE);
+#define APL_ADD_ACTIVE(id, name, code) active[name] = int(apl::id);
+#define APL_ADD_PASSIVE(id, name, code) passive[name] = int(apl::id);
+  APL_ACTIVE_TERMS(APL_ADD_ACTIVE)
+  APL_PASSIVE_TERMS(APL_ADD_PASSIVE)
+#undef APL_ADD_ACTIVE
+#undef APL_ADD_PASSIVE
   grad_modes["official"] = int(apl::kOfficial);
   grad_modes["exact"] = int(apl::kExact);
   reductions["none"] = int(apl::kReduceNone);

@@ -141,3 +141,58 @@ def test_autocast_keeps_half_logits():
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     loss.backward()
     assert seen["grad"] == torch.bfloat16 and lin.weight.grad is not None
+
+
+@pytest.mark.parametrize("name,active,passive", [
+    ("nce+agce", "nce", "agce"), ("agce+nce", "nce", "agce"), ("nfl+nnfl", "nfl", "nnfl"), ("ece+mae", "ece", "mae"),
+    ("poly1", "ce", "mae"), ("taylor", "taylor", "none"), ("nnce", "none", "nnce"), ("taylor+amse", "taylor", "amse"),
+    (" NCE+AMSE ", "nce", "amse"),
+])
+def test_new_terms_parse(name, active, passive):
+    s = LossSpec.from_name(name)
+    assert (s.active, s.passive) == (active, passive)
+
+
+def test_new_parameters_reach_the_spec():
+    s = LossSpec.from_name("nce+aul", a=6.3, q=1.5, beta=4.0)
+    assert (s.a, s.q, s.beta) == (6.3, 1.5, 4.0)
+    assert LossSpec.from_name("ece+mae", m=1e3).m == 1e3
+    assert LossSpec.from_name("taylor", t=6).t == 6
+    assert LossSpec.from_name("nfl+nnfl", min_prob=1e-5, gamma=2.0).op_args()[-1] == 1e-5
+    crit = APLLoss("nce+agce", a=6.0, q=1.5, backend="reference")
+    assert (crit.spec.a, crit.spec.q) == (6.0, 1.5) and "a=6.0" in repr(crit)
+    # The op arguments in the schema's order (csrc/apl_ops.cpp).
+    assert LossSpec.from_name("ece", m=2.0, t=3, min_prob=1e-4, a=5.0).op_args()[8:] == (5.0, 2.0, 3, 1e-4)
+
+
+def test_unset_parameters_take_their_terms_defaults():
+    assert LossSpec.from_name("gce").q == 0.7 and LossSpec.from_name("agce").q == 2.0
+    assert LossSpec.from_name("aul").q == 0.9 and LossSpec.from_name("aul").a == 1.5
+    assert LossSpec.from_name("nce+ael").a == 3.0 and LossSpec.from_name("nce+amse").a == 30.0
+    assert LossSpec.from_name("ece+mae").m == 1e5 and LossSpec.from_name("taylor").t == 2
+    assert LossSpec().q == 0.7 and LossSpec().gamma == 0.5  # nce+rce: nothing reads them; the old defaults
+
+
+@pytest.mark.parametrize("name,params,match", [
+    ("ngce+agce", {}, "both terms read q"),
+    ("gce+aul", {}, "both terms read q"),
+    ("gce+agce", dict(q=2.0), r"q must lie in \(0, 1\] for gce"),
+    ("agce", dict(q=0.0), "q must be > 0 for agce"),
+    ("aul", dict(a=1.0), "a must be > 1 for aul"),
+    ("ael", dict(a=-1.0), "a must be > 0 for ael"),
+    ("amse", dict(a=0.0), "a must be > 0 for amse"),
+    ("ece", dict(m=-1.0), "m must be >= 0"),
+    ("taylor", dict(t=0), r"t \(the Taylor order\) must lie in"),
+    ("taylor", dict(t=2.5), "must be an integer"),
+    ("taylor", dict(t=True), "must be an integer"),
+    ("nnce", dict(min_prob=1.0), r"min_prob must lie in \(0, 1\)"),
+    ("nnfl", dict(min_prob=0.0), r"min_prob must lie in \(0, 1\)"),
+    ("nce+agce", dict(a=float("nan")), "a must be a finite number"),
+    ("nnce+nnfl", {}, "cannot parse"),
+    ("ece+taylor", {}, "cannot parse"),
+])
+def test_new_parameters_are_validated(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        LossSpec.from_name(name, **params)
+    with pytest.raises(ValueError, match=match):
+        apl_loss(*_inputs(), name, backend="reference", **params)

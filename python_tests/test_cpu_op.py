@@ -18,8 +18,9 @@ def _call(x, y, spec=LossSpec(), reduction="mean", ignore_index=-100, compute_gr
 def test_schema():
     schema = str(op._schema)
     assert schema.startswith("apl_kernels::fused_loss(Tensor logits, Tensor target, int active, int passive, "
-                             "float alpha, float beta, float gamma, float q, float A, int grad_mode, int reduction, "
-                             "int ignore_index, bool compute_grad) -> (Tensor loss, Tensor grad)")
+                             "float alpha, float beta, float gamma, float q, float A, int grad_mode, float a, "
+                             "float m, int t, float min_prob, int reduction, int ignore_index, bool compute_grad) "
+                             "-> (Tensor loss, Tensor grad)")
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32, torch.float64), ids=str)
@@ -113,12 +114,17 @@ def test_cpp_argument_checks():
         _call(x, y[:3])
     with pytest.raises(RuntimeError, match="K >= 2"):
         _call(x[:, :1], y)
+    extra = (1.0, 0.0, 1, 1e-7)  # a, m, t, min_prob
     with pytest.raises(RuntimeError, match="active"):
-        op(x, y, 9, 0, 1.0, 1.0, 0.5, 0.7, -9.2, 0, 1, -100, True)
+        op(x, y, 9, 0, 1.0, 1.0, 0.5, 0.7, -9.2, 0, *extra, 1, -100, True)
+    with pytest.raises(RuntimeError, match="passive"):
+        op(x, y, 0, 11, 1.0, 1.0, 0.5, 0.7, -9.2, 0, *extra, 1, -100, True)
     with pytest.raises(RuntimeError, match="both terms"):
-        op(x, y, 0, 0, 1.0, 1.0, 0.5, 0.7, -9.2, 0, 1, -100, True)
+        op(x, y, 0, 0, 1.0, 1.0, 0.5, 0.7, -9.2, 0, *extra, 1, -100, True)
     with pytest.raises(RuntimeError, match="reduction"):
-        op(x, y, 3, 2, 1.0, 1.0, 0.5, 0.7, -9.2, 0, 5, -100, True)
+        op(x, y, 3, 2, 1.0, 1.0, 0.5, 0.7, -9.2, 0, *extra, 5, -100, True)
+    with pytest.raises(RuntimeError, match="Taylor order"):
+        op(x, y, 1, 0, 1.0, 1.0, 0.5, 0.7, -9.2, 0, 1.0, 0.0, 0, 1e-7, 1, -100, True)
 
 
 def test_large_k_half():

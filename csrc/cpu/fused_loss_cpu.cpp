@@ -116,10 +116,11 @@ double run(const at::Tensor& logits, const at::Tensor& target, const apl::LossPa
 
 std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, const at::Tensor& target,
                                                   int64_t active, int64_t passive, double alpha, double beta,
-                                                  double gamma, double q, double A, int64_t grad_mode,
-                                                  int64_t reduction, int64_t ignore_index, bool compute_grad) {
+                                                  double gamma, double q, double A, int64_t grad_mode, double a,
+                                                  double m, int64_t taylor_t, double min_prob, int64_t reduction,
+                                                  int64_t ignore_index, bool compute_grad) {
   const apl::LossParams P = apl::checked_loss_params(logits, target, active, passive, alpha, beta, gamma, q, A,
-                                                   grad_mode, reduction);
+                                                   grad_mode, a, m, taylor_t, min_prob, reduction);
   const int64_t N = logits.size(0), K = logits.size(1);
   const at::Tensor t = target.contiguous();
   int64_t kept = 0;
