@@ -64,7 +64,9 @@ def canonical_loss(name: str) -> str:
 
 
 def loss_label(loss: str) -> str:
-    return {"ce+rce": "SCE"}.get(loss, loss.upper())
+    """SCE for ce+rce, upper case, parameters that tell rows apart kept as written."""
+    name, _, params = loss.partition(" (")
+    return {"ce+rce": "SCE"}.get(name, name.upper()) + (f" ({params}" if params else "")
 
 
 def identity(run: dict) -> dict:
@@ -133,6 +135,7 @@ def published(setup: dict, noise: str, loss: str, rate: float):
     if setup.get("dataset", "cifar10") != "cifar10":
         return None
     base = noise.split("-")[0]
+    loss = loss.partition(" (")[0]
     for name in (loss, "sce" if loss == "ce+rce" else None):
         if name is not None:
             value = paper_accuracy(base, name, rate)
