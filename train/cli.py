@@ -1,7 +1,7 @@
 """One run: ``python -m train --loss nce+rce --noise sym --rate 0.4 ...``.
 
 Reads top to bottom as the run does: parse flags, set up the device (and
-torch.distributed under torchrun), load CIFAR-10, corrupt the training labels,
+torch.distributed under torchrun), load CIFAR-10/100, corrupt the training labels,
 build model, loss and optimiser, resume if asked, then per epoch train, evaluate,
 checkpoint and log; finally write result.json.
 """
@@ -21,7 +21,8 @@ import torch
 from . import data as data_mod
 from . import engine
 from .models import MODELS, build_model
-from .noise import NOISE_TYPES, RECIPES, make_noisy_labels, noise_record
+from .noise import (HUMAN_LABEL_SETS, NOISE_TYPES, RECIPES, HumanLabelError, find_human_labels, load_human_labels,
+                    make_noisy_labels, noise_record)
 
 CHECKPOINT, RESULT, CONFIG, METRICS = "checkpoint.pt", "result.json", "config.json", "metrics.jsonl"
 
@@ -38,18 +39,26 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train", formatter_class=HelpFormatter,
-        description="Train on CIFAR-10 with synthetic label noise and a loss of apl_kernels; log accuracy "
-                    "and per-epoch time. Several GPUs: torchrun --nproc_per_node N -m train ...")
+        description="Train on CIFAR-10 or CIFAR-100 with synthetic or human (CIFAR-N) label noise and a loss of "
+                    "apl_kernels; log accuracy and per-epoch time. Several GPUs: torchrun --nproc_per_node N -m train ...")
     g = p.add_argument_group("loss and noise")
     g.add_argument("--loss", default="nce+rce",
                    help="loss of apl_kernels: ce fl nce nfl gce ngce mae rce, pairs such as nce+rce nfl+mae, sce")
     g.add_argument("--noise", required=True, choices=NOISE_TYPES,
-                   help="label noise type: sym (uniform over the other classes) or asym (CIFAR-10 class pairs); "
+                   help="label noise type: sym (uniform over the other classes), asym (CIFAR-10 class pairs; CIFAR-100: "
+                        "next class in each group of five) or human (CIFAR-10N/100N labels, see --label-set); "
                         "always explicit and recorded")
-    g.add_argument("--rate", type=float, required=True, help="noise rate eta in [0, 1]")
+    g.add_argument("--rate", type=float, default=None, help="noise rate eta in [0, 1] (sym and asym; required there)")
+    g.add_argument("--label-set", default=None,
+                   help="human noise: which CIFAR-N labels; CIFAR-10: aggre (9.0%% noisy), random1 random2 random3 "
+                        "(~17-18%%), worse (40.2%%); CIFAR-100: noisy (40.2%%)")
+    g.add_argument("--human-labels", default=None, metavar="PATH",
+                   help="human noise: the CIFAR-N label file (CIFAR-10_human.pt or CIFAR-100_human.pt); default: that "
+                        "file in --data or --data/cifar-n")
     g.add_argument("--noise-recipe", default="exact", choices=RECIPES,
                    help="asym only: 'exact' flips int(eta*n) clean samples per source class; 'official' flips the "
-                        "pairs sequentially on already-noisy labels as the released code (cat->dog ~ eta(1-eta))")
+                        "pairs sequentially on already-noisy labels as the released code (cat->dog ~ eta(1-eta)); on "
+                        "CIFAR-100 'official' flips each sample independently with probability eta, as the released code")
     g.add_argument("--noise-seed", type=int, default=None, help="seed of the label noise (default: --seed)")
     g.add_argument("--alpha", type=float, default=None, help="weight of the active term (default: official config)")
     g.add_argument("--beta", type=float, default=None, help="weight of the passive term (default: official config)")
@@ -62,23 +71,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apl_kernels backend computing the loss (auto: fastest available)")
 
     g = p.add_argument_group("model and recipe")
-    g.add_argument("--model", default="cnn8", choices=MODELS, help="network: cnn8 (8-layer CNN of the official code) or resnet18 (CIFAR variant)")
-    g.add_argument("--epochs", type=int, default=120, help="epochs (the cosine schedule spans them)")
+    g.add_argument("--model", default=None, choices=MODELS,
+                   help="network: cnn8 (8-layer CNN of the official code), resnet18 or resnet34 (CIFAR variants) "
+                        "(default: cnn8 on CIFAR-10, resnet34 on CIFAR-100)")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="epochs, the cosine schedule spans them (default: 120 on CIFAR-10, 200 on CIFAR-100)")
     g.add_argument("--batch-size", type=int, default=128,
                    help="global batch size (divided among torchrun processes); the last partial batch is kept")
-    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    g.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.01 on CIFAR-10, 0.1 on CIFAR-100)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="SGD weight decay (default: 1e-4 on CIFAR-10, 1e-5 on CIFAR-100)")
     g.add_argument("--clip-grad", type=float, default=5.0, help="gradient-norm clipping threshold (0: off)")
     g.add_argument("--amp", default="bf16", choices=tuple(engine.AMP_DTYPES),
                    help="mixed precision; fp16 uses a GradScaler")
     g.add_argument("--seed", type=int, default=0, help="training seed: initialisation, data order, augmentation")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="./data", help="folder holding (or to receive) cifar-10-batches-py")
-    g.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
+    g.add_argument("--dataset", default="cifar10", choices=tuple(data_mod.DATASETS),
+                   help="cifar10 or cifar100 (its 100 fine labels); sets the recipe defaults of Ma et al.")
+    g.add_argument("--data", default="./data",
+                   help="folder holding (or to receive) cifar-10-batches-py or cifar-100-python")
+    g.add_argument("--no-download", action="store_true", help="never try to download the data set")
     g.add_argument("--synthetic", type=int, nargs="?", const=50000, default=None, metavar="N",
-                   help="random CIFAR-shaped data instead of CIFAR-10, N training images (50,000 if N is omitted) and "
+                   help="random CIFAR-shaped data instead of the data set, N training images (50,000 if N is omitted) and "
                         "N/5 test images: times the full pipeline on a machine without the data; accuracies mean nothing")
     g.add_argument("--loader", default="device", choices=("device", "classic"),
                    help="device: whole uint8 set on the device, augmentation there; classic: DataLoader + "
@@ -102,13 +118,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def resolve_dataset_defaults(args) -> None:
+    """Fill the flags left unset (None) with the data set's official recipe, and
+    check the noise flags: --rate belongs to sym/asym, --label-set to human."""
+    for key, value in data_mod.dataset_info(args.dataset).recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.noise == "human":
+        sets = HUMAN_LABEL_SETS.get(args.dataset, {})
+        if args.label_set not in sets:
+            raise UsageError(f"--noise human needs --label-set, one of {', '.join(sets)} for {args.dataset}"
+                             + (f" (got {args.label_set!r})" if args.label_set else ""))
+        if args.rate is not None:
+            raise UsageError("--rate is for sym and asym noise; human noise has the rate of its --label-set")
+    else:
+        if args.rate is None:
+            raise UsageError(f"--noise {args.noise} needs --rate")
+        if args.label_set is not None or args.human_labels is not None:
+            raise UsageError("--label-set and --human-labels are for --noise human")
+
+
 def run_name(args) -> str:
     """Default run folder name; the sweep uses it to find finished runs."""
     if args.run_name:
         return args.run_name
+    resolve_dataset_defaults(args)  # the name holds the model, which the data set's recipe may set
     noise = args.noise + ("-official" if args.noise == "asym" and args.noise_recipe == "official" else "")
+    noise = f"human-{args.label_set}" if args.noise == "human" else f"{noise}{args.rate:g}"
     loss = args.loss.strip().lower().replace("+", "_")
-    parts = [args.model, loss, f"{noise}{args.rate:g}", f"s{args.seed}"]
+    parts = ([] if args.dataset == "cifar10" else [args.dataset]) + [args.model, loss, noise, f"s{args.seed}"]
     if args.noise_seed is not None and args.noise_seed != args.seed:
         parts.append(f"ns{args.noise_seed}")
     if args.backend != "auto":
@@ -155,6 +193,7 @@ def _read_metrics(path: str, up_to_epoch: int) -> list:
 
 
 def run(args) -> int:
+    resolve_dataset_defaults(args)
     rank, world, device = _setup_distributed(args)
     main_process = rank == 0
     say = print if main_process else (lambda *a, **k: None)
@@ -169,11 +208,13 @@ def _run(args, rank, world, device, main_process, say) -> int:
     from apl_kernels import backends
     if args.epochs < 1 or args.batch_size < world:
         raise UsageError("--epochs must be >= 1 and --batch-size at least the number of processes")
-    if not 0.0 <= args.rate <= 1.0:
+    if args.rate is not None and not 0.0 <= args.rate <= 1.0:
         raise UsageError(f"--rate must lie in [0, 1], got {args.rate}")
     try:
         backend = backends.resolve(args.backend, device)
-        criterion = engine.make_criterion(args.loss, args.noise, backend, alpha=args.alpha, beta=args.beta,
+        # CIFAR-N has no official APL config: its runs take the symmetric-noise settings.
+        settings_noise = "sym" if args.noise == "human" else args.noise
+        criterion = engine.make_criterion(args.loss, settings_noise, backend, alpha=args.alpha, beta=args.beta,
                                           gamma=args.gamma, q=args.q, A=args.A, grad=args.grad)
     except (RuntimeError, ValueError) as error:  # unknown loss, bad parameter, backend unavailable
         raise UsageError(str(error)) from None
@@ -197,22 +238,32 @@ def _run(args, rank, world, device, main_process, say) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            cifar = (_synthetic(args.synthetic) if args.synthetic else
-                     data_mod.load_cifar10(args.data, download=not args.no_download))
+            cifar = (data_mod.synthetic_dataset(args.dataset, args.synthetic) if args.synthetic else
+                     data_mod.load_dataset(args.dataset, args.data, download=not args.no_download))
         except data_mod.DataError as error:
             raise UsageError(str(error)) from None
     for w in caught:
         say(f"warning: {w.message}", file=sys.stderr)
 
-    # Label noise, from its own seed.
+    # Label noise: from the CIFAR-N file, or synthetic from its own seed.
     noise_seed = args.seed if args.noise_seed is None else args.noise_seed
-    noisy = make_noisy_labels(cifar.train_labels, args.noise, args.rate, noise_seed, recipe=args.noise_recipe)
-    noise = {"type": args.noise, "rate": args.rate, "recipe": args.noise_recipe if args.noise == "asym" else None,
-             "seed": noise_seed, **noise_record(cifar.train_labels, noisy)}
+    if args.noise == "human":
+        try:
+            label_file = find_human_labels(args.dataset, args.human_labels, args.data)
+            noisy = load_human_labels(label_file, args.dataset, args.label_set, cifar.train_labels)
+        except HumanLabelError as error:
+            raise UsageError(str(error)) from None
+        noise = {"type": "human", "rate": None, "label_set": args.label_set, "file": os.path.abspath(label_file)}
+    else:
+        noisy = make_noisy_labels(cifar.train_labels, args.noise, args.rate, noise_seed, cifar.num_classes,
+                                  recipe=args.noise_recipe)
+        noise = {"type": args.noise, "rate": args.rate, "recipe": args.noise_recipe if args.noise == "asym" else None,
+                 "seed": noise_seed}
+    noise.update(noise_record(cifar.train_labels, noisy, cifar.num_classes))
 
     # Model, optimiser, schedule, scaler.
     _seed_everything(args.seed)
-    model = build_model(args.model).to(device)
+    model = build_model(args.model, cifar.num_classes).to(device)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     train_model = torch.compile(model) if args.compile else model
@@ -224,7 +275,8 @@ def _run(args, rank, world, device, main_process, say) -> int:
 
     # Loaders: training shards per process; every process evaluates the whole test set.
     Loader = data_mod.DeviceLoader if args.loader == "device" else data_mod.ClassicLoader
-    extra = {} if args.loader == "device" else {"num_workers": args.workers}
+    extra = {"mean": cifar.info.mean, "std": cifar.info.std}
+    extra.update({} if args.loader == "device" else {"num_workers": args.workers})
     train_loader = Loader(cifar.train_images, (noisy, cifar.train_labels), batch_size=args.batch_size // world,
                           train=True, device=device, seed=args.seed, rank=rank, world_size=world, **extra)
     test_loader = Loader(cifar.test_images, cifar.test_labels, batch_size=max(args.batch_size, 512), train=False,
@@ -244,7 +296,7 @@ def _run(args, rank, world, device, main_process, say) -> int:
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
               "world_size": world, "loss_spec": engine.spec_record(criterion),
               "loss_in_amp_dtype": engine.loss_takes_amp_dtype(criterion, device),
-              "data": {"folder": cifar.folder, "differing_from_release": cifar.differing_files,
+              "data": {"dataset": args.dataset, "folder": cifar.folder, "differing_from_release": cifar.differing_files,
                        "train": len(cifar.train_labels), "test": len(cifar.test_labels)},
               "noise": noise, "versions": _versions()}
     if main_process:
@@ -257,7 +309,8 @@ def _run(args, rank, world, device, main_process, say) -> int:
             open(paths["metrics"], "w").close()
         else:
             _rewrite_metrics(paths["metrics"], history)
-    say(f"{run_dir}: {args.model} {criterion.spec.name} on {args.noise} noise rate {args.rate} "
+    noise_text = f"human noise {args.label_set}" if args.noise == "human" else f"{args.noise} noise rate {args.rate}"
+    say(f"{run_dir}: {args.dataset} {args.model} {criterion.spec.name} on {noise_text} "
         f"(realised {noise['realised_rate']:.4f}), backend {backend}, amp {args.amp}, device {device}"
         + (f" x{world}" if world > 1 else ""))
 
@@ -314,13 +367,6 @@ def _run(args, rank, world, device, main_process, say) -> int:
             f"first epoch {result['timing']['first_epoch_s']:.2f}s, median of the rest "
             + (f"{result['timing']['median_epoch_s']:.2f}s" if result["timing"]["median_epoch_s"] else "n/a"))
     return 0
-
-
-def _synthetic(n: int) -> data_mod.Cifar10:
-    train_x, train_y = data_mod.synthetic_cifar(n, seed=0)
-    test_x, test_y = data_mod.synthetic_cifar(max(n // 5, 1), seed=1)
-    return data_mod.Cifar10(train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy(),
-                            [f"class{i}" for i in range(10)], "synthetic", [])
 
 
 def _rewrite_metrics(path: str, rows: list) -> None:
