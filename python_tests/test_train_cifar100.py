@@ -184,3 +184,39 @@ def test_a_cifar100_run_writes_its_data_set_and_noise(tmp_path):
     assert all(counts[source, target] == 1 for source, target in NEXT.items())
     with open(os.path.join(run_dir, "result.json")) as f:
         assert 0.0 <= json.load(f)["final"]["test_acc"] <= 100.0
+
+
+def test_rotation_matches_torchvision():
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    images = torch.randint(0, 256, (3, 3, 32, 32)).float()
+    angles = torch.tensor([15.0, -20.0, 7.3])
+    rotated = data.rotate_images(images, angles)
+    for image, angle, got in zip(images, angles, rotated):
+        expected = TF.rotate(image[None], float(angle), interpolation=InterpolationMode.NEAREST)[0]
+        assert torch.equal(got, expected)
+
+
+def test_cifar100_training_batches_are_rotated_by_up_to_20_degrees():
+    """Each augmented image is a rotation, by an angle in [-20, 20], of a zero-padded
+    crop/flip of its source image; the angles differ between images."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+    images, _ = data.synthetic_cifar(6, seed=3)
+    ids = torch.arange(6)
+    rotating = data.DeviceLoader(images, ids, batch_size=6, train=True, device="cpu", seed=5,
+                                 rotate_degrees=data.DATASETS["cifar100"].rotate_degrees, mean=(0, 0, 0), std=(1, 1, 1))
+    plain = data.DeviceLoader(images, ids, batch_size=6, train=True, device="cpu", seed=5, mean=(0, 0, 0), std=(1, 1, 1))
+    x_rot, y_rot = next(iter(rotating))
+    x_plain, y_plain = next(iter(plain))
+    assert torch.equal(y_rot, y_plain)  # same order and crops: rotation draws come last
+    x_rot, x_plain = x_rot * 255, x_plain * 255
+    best_angles = []
+    for got, unrotated in zip(x_rot, x_plain):
+        scores = {a: (TF.rotate(unrotated[None], a, interpolation=InterpolationMode.NEAREST)[0].round() == got.round())
+                  .float().mean().item() for a in np.arange(-20, 20.01, 0.5)}
+        best = max(scores, key=scores.get)
+        assert scores[best] > 0.97, (best, scores[best])
+        best_angles.append(best)
+    assert np.ptp(best_angles) > 5  # the angles vary
+    assert data.DATASETS["cifar10"].rotate_degrees == 0  # CIFAR-10 keeps the official crop and flip only

@@ -278,7 +278,8 @@ def _run(args, rank, world, device, main_process, say) -> int:
     extra = {"mean": cifar.info.mean, "std": cifar.info.std}
     extra.update({} if args.loader == "device" else {"num_workers": args.workers})
     train_loader = Loader(cifar.train_images, (noisy, cifar.train_labels), batch_size=args.batch_size // world,
-                          train=True, device=device, seed=args.seed, rank=rank, world_size=world, **extra)
+                          train=True, device=device, seed=args.seed, rank=rank, world_size=world,
+                          rotate_degrees=cifar.info.rotate_degrees, **extra)
     test_loader = Loader(cifar.test_images, cifar.test_labels, batch_size=max(args.batch_size, 512), train=False,
                          device=device, **extra)
 

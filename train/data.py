@@ -48,6 +48,7 @@ class DatasetInfo:
     std: Tuple[float, float, float]
     archive: str              # where the official archive is
     torchvision_class: str    # the torchvision.datasets class that knows the md5 sums
+    rotate_degrees: float     # training augmentation: random rotation by up to this angle (0: none)
     # The official recipe of Ma et al. (ICML 2020) for this data set: the CLI's
     # defaults.  Both use SGD momentum 0.9, batch 128, cosine over the epochs, clip 5.
     recipe: Dict[str, object]
@@ -72,13 +73,13 @@ DATASETS = {
         "cifar10", "CIFAR-10", "cifar-10-batches-py", tuple(f"data_batch_{i}" for i in range(1, 6)),
         ("test_batch",), "batches.meta", b"labels", b"label_names", 10,
         (0.49139968, 0.48215827, 0.44653124), (0.24703233, 0.24348505, 0.26158768),
-        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "CIFAR10",
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "CIFAR10", 0.0,
         {"model": "cnn8", "epochs": 120, "lr": 0.01, "weight_decay": 1e-4}),
-    # Mean and std as in the official code's CIFAR-100 transforms.
+    # Mean, std and the rotation by up to 20 degrees as in the official code's CIFAR-100 transforms.
     "cifar100": DatasetInfo(
         "cifar100", "CIFAR-100", "cifar-100-python", ("train",), ("test",), "meta", b"fine_labels",
         b"fine_label_names", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762),
-        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "CIFAR100",
+        "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "CIFAR100", 20.0,
         {"model": "resnet34", "epochs": 200, "lr": 0.1, "weight_decay": 1e-5}),
 }
 CIFAR10 = DATASETS["cifar10"]
@@ -297,8 +298,10 @@ class DeviceLoader:
     labels: one label tensor [N], or a tuple of them (e.g. noisy and clean);
         each batch is ``(x, *labels)`` with x float32 [B, 3, 32, 32] normalised,
         in channels_last memory format.
-    train: shuffle, random crop (pad 4, zero fill) and horizontal flip;
-        otherwise the data in order, unaugmented.
+    train: shuffle, random crop (pad 4, zero fill) and horizontal flip, then,
+        when rotate_degrees > 0, a rotation by an angle uniform in
+        [-rotate_degrees, rotate_degrees] (nearest pixel, zero fill, as
+        torchvision's RandomRotation); otherwise the data in order, unaugmented.
     The last partial batch is kept (in training, a last batch of one sample
     joins the previous batch, as BatchNorm needs two).  ``set_epoch(e)`` must be called before
     each training epoch: epoch e's order and augmentation come from (seed, e).
@@ -308,8 +311,10 @@ class DeviceLoader:
     """
 
     def __init__(self, images, labels: LabelArg, *, batch_size: int, train: bool, device, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, mean=CIFAR10.mean, std=CIFAR10.std):
+                 rank: int = 0, world_size: int = 1, mean=CIFAR10.mean, std=CIFAR10.std,
+                 rotate_degrees: float = 0.0):
         self.device = torch.device(device)
+        self.rotate_degrees = rotate_degrees
         images = torch.as_tensor(images)
         if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (32, 32, 3):
             raise ValueError(f"images must be uint8 [N, 32, 32, 3], got {images.dtype} {list(images.shape)}")
@@ -331,25 +336,27 @@ class DeviceLoader:
         self.epoch = epoch
 
     def _epoch_plan(self):
-        """This rank's sample indices and their crop offsets and flips, on the device."""
+        """This rank's sample indices and their crop offsets, flips and rotation angles (None without rotation)."""
         if not self.train:
-            return _shard(torch.arange(self.n), self.rank, self.world_size).to(self.device), None, None, None
+            return _shard(torch.arange(self.n), self.rank, self.world_size).to(self.device), None, None, None, None
         g = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(self.n, generator=g)
         total = len(order)
         dy = torch.randint(0, 2 * self.pad + 1, (total,), generator=g)
         dx = torch.randint(0, 2 * self.pad + 1, (total,), generator=g)
         flip = torch.randint(0, 2, (total,), generator=g).bool()
+        # Drawn last and only when asked: without rotation the draws above are unchanged.
+        angle = (torch.rand(total, generator=g) * 2 - 1) * self.rotate_degrees if self.rotate_degrees else None
         # The augmentation belongs to a position in the epoch, so shard it alike.
         plan = [_shard(t, self.rank, self.world_size).to(self.device) for t in (order, dy, dx, flip)]
-        return tuple(plan)
+        return tuple(plan) + (None if angle is None else _shard(angle, self.rank, self.world_size).to(self.device),)
 
     def __len__(self) -> int:
         per_rank = -(-self.n // self.world_size) if self.world_size > 1 else self.n
         return len(batch_bounds(per_rank, self.batch_size, self.train)) - 1
 
     def __iter__(self):
-        order, dy, dx, flip = self._epoch_plan()
+        order, dy, dx, flip, angle = self._epoch_plan()
         span = torch.arange(32, device=self.device)
         bounds = batch_bounds(len(order), self.batch_size, self.train)
         for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -362,8 +369,22 @@ class DeviceLoader:
             else:
                 x = self.images[idx]
             # NHWC uint8 -> NCHW view with channels_last strides; float ops keep them.
-            x = (x.permute(0, 3, 1, 2).float() - self.mean) * self.inv_std
+            x = x.permute(0, 3, 1, 2).float()
+            if angle is not None:
+                x = rotate_images(x, angle[start:start + len(idx)])
+            x = (x - self.mean) * self.inv_std
             yield (x,) + tuple(y[idx] for y in self.labels)
+
+
+def rotate_images(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each image of [B, C, H, W] counter-clockwise by its angle (degrees [B])
+    about its centre: nearest pixel, zero fill, as torchvision's ``rotate``."""
+    rad = torch.deg2rad(degrees.to(images.dtype))
+    cos, sin, zero = torch.cos(rad), torch.sin(rad), torch.zeros_like(rad)
+    # Output -> input sampling positions in [-1, 1] coordinates (y pointing down).
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
 class _ArrayDataset(torch.utils.data.Dataset):
@@ -386,9 +407,11 @@ class ClassicLoader:
     """
 
     def __init__(self, images, labels: LabelArg, *, batch_size: int, train: bool, device, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, num_workers: int = 2, mean=CIFAR10.mean, std=CIFAR10.std):
+                 rank: int = 0, world_size: int = 1, num_workers: int = 2, mean=CIFAR10.mean, std=CIFAR10.std,
+                 rotate_degrees: float = 0.0):
         from torchvision import transforms as T
         steps = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
+        steps += [T.RandomRotation(rotate_degrees)] if train and rotate_degrees else []
         transform = T.Compose(steps + [T.ToTensor(), T.Normalize(mean, std)])
         images = np.asarray(images.cpu() if isinstance(images, torch.Tensor) else images)
         self.dataset = _ArrayDataset(images, _as_label_tuple(labels), transform)
