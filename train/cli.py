@@ -1,7 +1,7 @@
 """One run: ``python -m train --loss nce+rce --noise sym --rate 0.4 ...``.
 
 Reads top to bottom as the run does: parse flags, set up the device (and
-torch.distributed under torchrun), load CIFAR-10, corrupt the training labels,
+torch.distributed under torchrun), load CIFAR-10/100, corrupt the training labels,
 build model, loss and optimiser, resume if asked, then per epoch train, evaluate,
 checkpoint and log; finally write result.json.
 """
@@ -24,7 +24,8 @@ import torch
 from . import data as data_mod
 from . import engine, provenance
 from .models import MODELS, build_model
-from .noise import NOISE_TYPES, RECIPES, make_noisy_labels, noise_record
+from .noise import (HUMAN_LABEL_SETS, NOISE_TYPES, RECIPES, HumanLabelError, find_human_labels, load_human_labels,
+                    make_noisy_labels, noise_record)
 
 CHECKPOINT, RESULT, CONFIG, METRICS = "checkpoint.pt", "result.json", "config.json", "metrics.jsonl"
 
@@ -42,8 +43,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train", formatter_class=HelpFormatter,
-        description="Train on CIFAR-10 with synthetic label noise and a loss of apl_kernels; log accuracy\n"
-                    "and per-epoch time. Several GPUs: torchrun --nproc_per_node N -m train ...",
+        description="Train on CIFAR-10 or CIFAR-100 with synthetic or human (CIFAR-N) label noise and a loss of\n"
+                    "apl_kernels; log accuracy and per-epoch time. Several GPUs: torchrun --nproc_per_node N -m train ...",
         epilog=engine.settings_help())
     g = p.add_argument_group("loss and noise")
     g.add_argument("--loss", default="nce+rce",
@@ -51,14 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "pairs such as nce+rce nfl+mae nce+agce nce+nnce nfl+nnfl nce+amse ece+mae, sce; the "
                         "spelling is canonical in the run's name (rce+nce is nce+rce)")
     g.add_argument("--noise", required=True, choices=NOISE_TYPES,
-                   help="label noise type: sym (uniform over the other classes) or asym (CIFAR-10 class pairs); "
+                   help="label noise type: sym (uniform over the other classes), asym (CIFAR-10 class pairs; CIFAR-100: "
+                        "next class in each group of five) or human (CIFAR-10N/100N labels, see --label-set); "
                         "always explicit and recorded")
-    g.add_argument("--rate", type=float, required=True,
-                   help="noise rate eta in [0, 1]; asym: the fraction flipped in each flipped class (a warning "
-                        "above 0.5, where the wrong label outnumbers the true one)")
+    g.add_argument("--rate", type=float, default=None,
+                   help="noise rate eta in [0, 1], for sym and asym noise (required there); asym: the fraction flipped "
+                        "in each flipped class (a warning above 0.5, where the wrong label outnumbers the true one)")
+    g.add_argument("--label-set", default=None,
+                   help="human noise: which CIFAR-N labels; CIFAR-10: aggre (9.0%% noisy), random1 random2 random3 "
+                        "(~17-18%%), worse (40.2%%); CIFAR-100: noisy (40.2%%)")
+    g.add_argument("--human-labels", default=None, metavar="PATH",
+                   help="human noise: the CIFAR-N label file (CIFAR-10_human.pt or CIFAR-100_human.pt); default: that "
+                        "file in --data or --data/cifar-n. The run's identity holds the file's md5, not its path")
     g.add_argument("--noise-recipe", default="exact", choices=RECIPES,
                    help="asym only: 'exact' flips int(eta*n) clean samples per source class; 'official' flips the "
-                        "pairs sequentially on already-noisy labels as the released code (cat->dog ~ eta(1-eta))")
+                        "pairs sequentially on already-noisy labels as the released code (cat->dog ~ eta(1-eta)); on "
+                        "CIFAR-100 'official' flips each sample independently with probability eta, as the released code")
     g.add_argument("--noise-seed", type=int, default=None, help="seed of the label noise (default: --seed)")
     g.add_argument("--alpha", type=float, default=None, help="weight of the active term (default: official config)")
     g.add_argument("--beta", type=float, default=None, help="weight of the passive term (default: official config)")
@@ -77,11 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apl_kernels backend computing the loss (auto: fastest available)")
 
     g = p.add_argument_group("model and recipe")
-    g.add_argument("--model", default="cnn8", choices=MODELS, help="network: cnn8 (8-layer CNN of the official code) or resnet18 (CIFAR variant)")
-    g.add_argument("--epochs", type=int, default=120, help="epochs (the cosine schedule spans them)")
+    g.add_argument("--model", default=None, choices=MODELS,
+                   help="network: cnn8 (8-layer CNN of the official code), resnet18 or resnet34 (CIFAR variants) "
+                        "(default: cnn8 on CIFAR-10, resnet34 on CIFAR-100)")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="epochs, the cosine schedule spans them (default: 120 on CIFAR-10, 200 on CIFAR-100)")
     g.add_argument("--batch-size", type=int, default=128,
                    help="global batch size (divided among torchrun processes); the last partial batch is kept")
-    g.add_argument("--lr", type=float, default=0.01, help="SGD learning rate")
+    g.add_argument("--lr", type=float, default=None, help="SGD learning rate (default: 0.01 on CIFAR-10, 0.1 on CIFAR-100)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=None,
                    help="SGD (L2) weight decay (default: official: 1e-4 on CIFAR-10, 1e-5 on CIFAR-100; 0 for "
@@ -96,12 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="training seed: initialisation, data order, augmentation")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="./data", help="folder holding (or to receive) cifar-10-batches-py")
-    g.add_argument("--no-download", action="store_true", help="never try to download CIFAR-10")
+    g.add_argument("--dataset", default="cifar10", choices=tuple(data_mod.DATASETS),
+                   help="cifar10 or cifar100 (its 100 fine labels); sets the recipe defaults of Ma et al.")
+    g.add_argument("--data", default="./data",
+                   help="folder holding (or to receive) cifar-10-batches-py or cifar-100-python")
+    g.add_argument("--no-download", action="store_true", help="never try to download the data set")
     g.add_argument("--synthetic", type=int, nargs="?", const=50000, default=None, metavar="N",
-                   help="random CIFAR-shaped data instead of CIFAR-10, N >= 2 training images (50,000 if N is omitted) "
-                        "and N/5 test images: times the full pipeline on a machine without the data; accuracies mean "
-                        "nothing")
+                   help="random CIFAR-shaped data instead of the data set, N >= 2 training images (50,000 if N is "
+                        "omitted) and N/5 test images: times the full pipeline on a machine without the data; accuracies "
+                        "mean nothing")
     g.add_argument("--loader", default="device", choices=("device", "classic"),
                    help="device: whole uint8 set on the device, augmentation there; classic: DataLoader + "
                         "torchvision transforms")
@@ -127,6 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms (bit-reproducible where the backends allow it)")
     return p
+
+
+def resolve_dataset_defaults(args) -> None:
+    """Fill the flags left unset (None) with the data set's official recipe, and
+    check the noise flags: --rate belongs to sym/asym, --label-set to human."""
+    for key, value in data_mod.dataset_info(args.dataset).recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.noise == "human":
+        sets = HUMAN_LABEL_SETS.get(args.dataset, {})
+        if args.label_set not in sets:
+            raise UsageError(f"--noise human needs --label-set, one of {', '.join(sets)} for {args.dataset}"
+                             + (f" (got {args.label_set!r})" if args.label_set else ""))
+        if args.rate is not None:
+            raise UsageError("--rate is for sym and asym noise; human noise has the rate of its --label-set")
+    else:
+        if args.rate is None:
+            raise UsageError(f"--noise {args.noise} needs --rate")
+        if args.label_set is not None or args.human_labels is not None:
+            raise UsageError("--label-set and --human-labels are for --noise human")
 
 
 class UsageError(Exception):
@@ -192,7 +227,18 @@ def identity(args, criterion, backend: str, device: torch.device, world: int = 1
     ident["world_size"] = world
     if args.noise != "asym":
         ident["noise_recipe"] = None  # only asymmetric noise has recipes
+    if args.noise == "human":  # the labels are the file's content, wherever it lies
+        ident["human_labels_md5"] = human_labels_md5(args)
     return json.loads(json.dumps(ident))
+
+
+def human_labels_md5(args) -> str:
+    """md5 of the CIFAR-N label file that --noise human reads (--human-labels or the data folder's)."""
+    try:
+        path = find_human_labels(args.dataset, args.human_labels, args.data)
+    except HumanLabelError as error:
+        raise UsageError(str(error)) from None
+    return data_mod.file_md5(path)
 
 
 def run_hash(ident: dict) -> str:
@@ -227,6 +273,7 @@ def run_name(args, ident: dict) -> str:
 
 def plan_run(args, device: torch.device = None, world: int = 1):
     """(criterion, backend, identity, run folder) of parsed flags; the sweep uses it to find runs."""
+    resolve_dataset_defaults(args)  # the data set's recipe fills the flags left unset, before the identity
     device = device if device is not None else resolve_device(args.device)
     criterion, backend = make_criterion(args, device)
     ident = identity(args, criterion, backend, device, world)
@@ -335,6 +382,7 @@ def _read_metrics(path: str, up_to_epoch: int) -> list:
 
 
 def run(args) -> int:
+    resolve_dataset_defaults(args)  # before the identity: the data set's recipe fills unset flags
     device = resolve_device(args.device)  # before torch.distributed: a missing GPU is a usage error
     rank, world, device = _setup_distributed(args, device)
     main_process = rank == 0
@@ -363,12 +411,12 @@ def _check_flags(args, world: int) -> None:
 def _load_data(args, say):
     """The data set, checked; a failure leaves behind no folder that it created."""
     if args.synthetic is not None:
-        return _synthetic(args.synthetic)
+        return data_mod.synthetic_dataset(args.dataset, args.synthetic)
     created = _first_missing(args.data)
     with warnings.catch_warnings(record=True) as caught:  # the md5 warning is shown once and recorded
         warnings.simplefilter("always")
         try:
-            data = data_mod.load_cifar10(args.data, download=not args.no_download)
+            data = data_mod.load_dataset(args.dataset, args.data, download=not args.no_download)
         except data_mod.DataError as error:
             if created is not None:
                 _remove_if_empty(created)  # e.g. the folder torchvision made for a download that failed
@@ -405,7 +453,7 @@ def data_record(data, args) -> dict:
     if args.synthetic is None and (len(data.train_labels), len(data.test_labels)) != (50000, 10000):
         deviations.append(f"subset: {len(data.train_labels)} training and {len(data.test_labels)} test images "
                           f"(the release has 50000 and 10000)")
-    return {"folder": data.folder, "differing_from_release": data.differing_files, "train": len(data.train_labels),
+    return {"dataset": args.dataset, "folder": data.folder, "differing_from_release": data.differing_files, "train": len(data.train_labels),
             "test": len(data.test_labels), "official": not deviations, "deviations": deviations}
 
 
@@ -457,11 +505,22 @@ def _run(args, rank, world, device, main_process, say) -> int:
     cifar = _load_data(args, say)
     data = data_record(cifar, args)
 
-    # Label noise, from its own seed.
+    # Label noise: from the CIFAR-N file, or synthetic from its own seed.
     noise_seed = ident["noise_seed"]
-    noisy = make_noisy_labels(cifar.train_labels, args.noise, args.rate, noise_seed, recipe=args.noise_recipe)
-    noise = {"type": args.noise, "rate": args.rate, "recipe": args.noise_recipe if args.noise == "asym" else None,
-             "seed": noise_seed, **noise_record(cifar.train_labels, noisy)}
+    if args.noise == "human":
+        try:
+            label_file = find_human_labels(args.dataset, args.human_labels, args.data)
+            noisy = load_human_labels(label_file, args.dataset, args.label_set, cifar.train_labels)
+        except HumanLabelError as error:
+            raise UsageError(str(error)) from None
+        noise = {"type": "human", "rate": None, "label_set": args.label_set, "file": os.path.abspath(label_file),
+                 "file_md5": ident["human_labels_md5"]}
+    else:
+        noisy = make_noisy_labels(cifar.train_labels, args.noise, args.rate, noise_seed, cifar.num_classes,
+                                  recipe=args.noise_recipe)
+        noise = {"type": args.noise, "rate": args.rate, "recipe": args.noise_recipe if args.noise == "asym" else None,
+                 "seed": noise_seed}
+    noise.update(noise_record(cifar.train_labels, noisy, cifar.num_classes))
     noise.update(noise_summary(args.noise, args.rate, noise))
     if args.noise == "asym" and args.rate > 0.5:
         say(f"warning: --rate {args.rate:g} > 0.5 under asymmetric noise: in each flipped class the wrong label is "
@@ -470,7 +529,7 @@ def _run(args, rank, world, device, main_process, say) -> int:
     # Model, optimiser, schedule, scaler.
     reg = engine.regularisation(args, criterion.spec)
     _seed_everything(args.seed)
-    model = build_model(args.model).to(device)
+    model = build_model(args.model, cifar.num_classes).to(device)
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     train_model = torch.compile(model) if args.compile else model
@@ -482,9 +541,11 @@ def _run(args, rank, world, device, main_process, say) -> int:
 
     # Loaders: training shards per process; every process evaluates the whole test set.
     Loader = data_mod.DeviceLoader if args.loader == "device" else data_mod.ClassicLoader
-    extra = {} if args.loader == "device" else {"num_workers": args.workers}
+    extra = {"mean": cifar.info.mean, "std": cifar.info.std}
+    extra.update({} if args.loader == "device" else {"num_workers": args.workers})
     train_loader = Loader(cifar.train_images, (noisy, cifar.train_labels), batch_size=args.batch_size // world,
-                          train=True, device=device, seed=args.seed, rank=rank, world_size=world, **extra)
+                          train=True, device=device, seed=args.seed, rank=rank, world_size=world,
+                          rotate_degrees=cifar.info.rotate_degrees, **extra)
     test_loader = Loader(cifar.test_images, cifar.test_labels, batch_size=max(args.batch_size, 512), train=False,
                          device=device, **extra)
 
@@ -523,10 +584,15 @@ def _run(args, rank, world, device, main_process, say) -> int:
             open(paths["metrics"], "w").close()
         else:
             _rewrite_metrics(paths["metrics"], history)
-    rate_note = (f"realised {noise['realised_rate']:.4f} overall, {noise['rate_among_flipped_classes']:.4f} among "
-                 f"the {len(noise['flipped_classes'])} flipped classes" if args.noise == "asym"
-                 else f"realised {noise['realised_rate']:.4f}")
-    say(f"{run_dir}: {args.model} {criterion.spec.name} on {args.noise} noise rate {args.rate} ({rate_note}), "
+    if args.noise == "human":
+        noise_text = f"human noise {args.label_set} (realised {noise['realised_rate']:.4f})"
+    elif args.noise == "asym":
+        noise_text = (f"asym noise rate {args.rate} (realised {noise['realised_rate']:.4f} overall, "
+                      f"{noise['rate_among_flipped_classes']:.4f} among the {len(noise['flipped_classes'])} flipped "
+                      f"classes)")
+    else:
+        noise_text = f"{args.noise} noise rate {args.rate} (realised {noise['realised_rate']:.4f})"
+    say(f"{run_dir}: {args.dataset} {args.model} {criterion.spec.name} on {noise_text}, "
         f"backend {backend}, amp {args.amp}, device {device}" + (f" x{world}" if world > 1 else ""))
     if not data["official"]:
         say(f"note: not the official data ({'; '.join(data['deviations'])}): the report marks these results")
@@ -620,13 +686,6 @@ def _train_epochs(args, s: dict) -> int:
             say(f"stopped after epoch {epoch} (--stop-after); continue with --resume")
             return epoch
     return epoch
-
-
-def _synthetic(n: int) -> data_mod.Cifar10:
-    train_x, train_y = data_mod.synthetic_cifar(n, seed=0)
-    test_x, test_y = data_mod.synthetic_cifar(max(n // 5, 1), seed=1)
-    return data_mod.Cifar10(train_x.numpy(), train_y.numpy(), test_x.numpy(), test_y.numpy(),
-                            [f"class{i}" for i in range(10)], "synthetic", [])
 
 
 def _rewrite_metrics(path: str, rows: list) -> None:
