@@ -16,15 +16,17 @@ SUBSET = {"folder": "/data/small", "differing_from_release": [], "train": 500, "
           "deviations": ["subset: 500 training and 100 test images (the release has 50000 and 10000)"]}
 
 
-def make_run(root, name, *, loss="nce+rce", alpha=1.0, rate=0.2, seed=0, lr=0.01, data=OFFICIAL, acc=50.0):
+def make_run(root, name, *, loss="nce+rce", alpha=1.0, rate=0.2, seed=0, lr=0.01, data=OFFICIAL, acc=50.0,
+             dataset="cifar10", noise="sym", label_set=None, realised=None):
     identity = {"model": "cnn8", "epochs": 2, "amp": "bf16", "backend": "cpu", "lr": lr, "batch_size": 128,
-                "dataset": "cifar10", "loss": {"name": loss, "alpha": alpha, "beta": 1.0}, "rate": rate,
-                "seed": seed, "noise_seed": seed, "noise": "sym", "noise_recipe": None}
+                "dataset": dataset, "loss": {"name": loss, "alpha": alpha, "beta": 1.0}, "rate": rate,
+                "seed": seed, "noise_seed": seed, "noise": noise, "noise_recipe": None, "label_set": label_set}
     curve = [{"epoch": e, "test_acc": acc - 2 + e, "clean_acc": 40.0 + e, "noisy_acc": 30.0 + 5 * e,
               "train_loss": 2.0 / e, "epoch_time_s": 1.0, "eval_time_s": 0.1} for e in (1, 2)]
     result = {"identity": identity, "loss": loss, "model": "cnn8", "epochs": 2, "amp": "bf16", "backend": "cpu",
               "seed": seed, "device": "cpu", "device_name": "cpu", "data": copy.deepcopy(data),
-              "noise": {"type": "sym", "rate": rate, "recipe": None}, "final": {"test_acc": acc},
+              "noise": {"type": noise, "rate": rate, "recipe": None, "label_set": label_set,
+                        "realised_rate": rate if realised is None else realised}, "final": {"test_acc": acc},
               "timing": {"median_epoch_s": 1.0, "first_epoch_s": 1.0}}
     folder = os.path.join(root, name)
     os.makedirs(folder)
@@ -108,3 +110,28 @@ def test_license_and_citation_files():
                   "Joint Asymmetric Loss for Learning with Noisy Labels",
                   "Approximating One-Hot Vectors for Mitigating Label Noise"):
         assert paper in titles and paper in readme, paper
+
+
+def test_published_numbers_are_those_of_the_run_data_set(tmp_path):
+    """CIFAR-100 results sit beside the CIFAR-100 table of Ma et al., CIFAR-10 beside
+    CIFAR-10's; CIFAR-N runs (no published numbers) get columns at their realised rates."""
+    root = str(tmp_path / "runs")
+    make_run(root, "c10", rate=0.4, acc=70.0)
+    make_run(root, "c100", rate=0.4, acc=50.0, dataset="cifar100")
+    make_run(root, "c100_asym", rate=0.3, acc=40.0, dataset="cifar100", noise="asym", loss="nfl+rce")
+    for label_set, realised in (("aggre", 0.0901), ("worse", 0.4021)):
+        make_run(root, f"n_{label_set}", rate=None, noise="human", label_set=label_set, realised=realised, acc=60.0)
+    written = report.make_report(root, str(tmp_path / "report"))
+    tables = {os.path.basename(p): read_csv(p) for p in written["tables"] if p.endswith(".csv")}
+    (c10,) = [t for name, t in tables.items() if name.startswith("table_sym_cnn8")]
+    (c100,) = [t for name, t in tables.items() if name.startswith("table_sym_cifar100_")]
+    (c100_asym,) = [t for name, t in tables.items() if name.startswith("table_asym_cifar100_")]
+    (human,) = [t for name, t in tables.items() if name.startswith("table_human_")]
+    # Published values (Ma et al.: CIFAR-10 sym 0.4 NCE+RCE 86.02; CIFAR-100 sym 0.4 59.48, asym 0.3 NFL+RCE 54.72).
+    assert c10["nce+rce"][2:6] == ["70.00", "0.00", "1", "86.02"]
+    assert c100["nce+rce"][2:6] == ["50.00", "0.00", "1", "59.48"]
+    assert c100_asym["nfl+rce"][2:6] == ["40.00", "0.00", "1", "54.72"]
+    # Both label sets of one CIFAR-N file in one table, a column each, nothing published beside.
+    assert human["loss"][2:] == ["0.0901_mean", "0.0901_std", "0.0901_n", "0.0901_paper",
+                                 "0.4021_mean", "0.4021_std", "0.4021_n", "0.4021_paper"]
+    assert human["nce+rce"][2:] == ["60.00", "0.00", "1", "", "60.00", "0.00", "1", ""]

@@ -30,8 +30,9 @@ import numpy as np
 from .paper_results import SYMMETRIC, paper_accuracy
 
 PAPER_ORDER = list(SYMMETRIC)
-# Identity keys that are a table's axes or averaged over, not part of its setup.
-AXES = ("loss", "rate", "seed", "noise_seed", "noise", "noise_recipe")
+# Identity keys that are a table's axes or averaged over, not part of its setup
+# (the CIFAR-N label sets of one file share a table: its columns).
+AXES = ("loss", "rate", "seed", "noise_seed", "noise", "noise_recipe", "label_set")
 NOISE_WORDS = {"sym": "symmetric", "asym": "asymmetric", "human": "human (CIFAR-N)"}
 DATASET_WORDS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 NOT_OFFICIAL = "NOT THE OFFICIAL DATA"
@@ -93,6 +94,12 @@ def data_deviations(run: dict) -> list:
     return out
 
 
+def noise_rate(run: dict) -> float:
+    """The run's column: --rate, or for human noise (no --rate) its label set's realised rate."""
+    noise = run["noise"]
+    return round(noise["rate"], 6) if noise.get("rate") is not None else round(noise["realised_rate"], 4)
+
+
 def noise_label(run: dict) -> str:
     noise = run["noise"]
     return noise["type"] + ("-official" if noise.get("recipe") == "official" else "")
@@ -131,14 +138,14 @@ def _mean_std(values) -> tuple:
 
 
 def published(setup: dict, noise: str, loss: str, rate: float):
-    """Ma et al.'s published CIFAR-10 accuracy for a cell, or None."""
-    if setup.get("dataset", "cifar10") != "cifar10":
-        return None
+    """Ma et al.'s published accuracy for a cell, from the table of the setup's
+    data set (CIFAR-10 or CIFAR-100, never the other's), or None."""
+    dataset = setup.get("dataset", "cifar10")
     base = noise.split("-")[0]
     loss = loss.partition(" (")[0]
     for name in (loss, "sce" if loss == "ce+rce" else None):
         if name is not None:
-            value = paper_accuracy(base, name, rate)
+            value = paper_accuracy(base, name, rate, dataset)
             if value is not None:
                 return value
     return None
@@ -177,7 +184,7 @@ def accuracy_tables(runs: list) -> dict:
         names = _row_names(members)
         cells = defaultdict(list)
         for run in members:
-            cells[(names[id(run)], round(run["noise"]["rate"], 6))].append(run["final"]["test_acc"])
+            cells[(names[id(run)], noise_rate(run))].append(run["final"]["test_acc"])
         setup = setup_of(members[0])
         tables[(noise, label)] = {
             "rates": sorted({rate for _, rate in cells}), "losses": _loss_order({loss for loss, _ in cells}),
@@ -292,7 +299,7 @@ def plot_learning_curves(table: dict, noise: str, setup: str, path: str) -> None
     curves = defaultdict(list)
     for run in table["runs"]:
         if run["curve"]:
-            curves[(table["names"][id(run)], round(run["noise"]["rate"], 6))].append(run["curve"])
+            curves[(table["names"][id(run)], noise_rate(run))].append(run["curve"])
     rates = sorted({r for _, r in curves})
     losses = _loss_order({l for l, _ in curves})
     if not rates:
