@@ -205,3 +205,30 @@ def test_released_files_have_their_published_noise_rates(dataset, label_set, per
     assert len(clean) == 50000
     noisy = load_human_labels(path, dataset, label_set, clean)
     assert round(100 * float((noisy != clean).mean()), 2) == percent
+
+
+def test_run_identity_holds_the_data_set_label_set_and_label_file_content(tmp_path):
+    """The folder's hash changes with --dataset, --label-set and the label file's
+    content, not with where the file lies."""
+    clean = np.arange(50) % 10
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    write_cifar10n(str(a / "CIFAR-10_human.pt"), clean, seed=0)
+    write_cifar10n(str(b / "copy.pt"), clean, seed=0)  # the same labels under another name
+    write_cifar10n(str(b / "other.pt"), clean, seed=1)  # other noisy labels
+
+    def folder(*flags):
+        argv = ["--out", "o", "--device", "cpu", "--backend", "reference", "--synthetic", "50", *flags]
+        return os.path.basename(cli.plan_run(cli.build_parser().parse_args(argv))[3])
+
+    worse = folder("--noise", "human", "--label-set", "worse", "--data", str(a))
+    assert worse.startswith("cnn8_nce+rce_human-worse_s0_reference_synthetic50-")
+    assert folder("--noise", "human", "--label-set", "worse", "--human-labels", str(b / "copy.pt")) == worse
+    others = {folder("--noise", "human", "--label-set", "worse", "--human-labels", str(b / "other.pt")),
+              folder("--noise", "human", "--label-set", "aggre", "--data", str(a))}
+    assert len(others) == 2 and worse not in others
+    sym10 = folder("--noise", "sym", "--rate", "0.2", "--model", "cnn8", "--epochs", "120", "--lr", "0.01")
+    sym100 = folder("--noise", "sym", "--rate", "0.2", "--model", "cnn8", "--epochs", "120", "--lr", "0.01",
+                    "--dataset", "cifar100")
+    assert sym100 == "cifar100_" + sym10.rsplit("-", 1)[0] + "-" + sym100.rsplit("-", 1)[1]
+    assert sym100.rsplit("-", 1)[1] != sym10.rsplit("-", 1)[1]

@@ -25,7 +25,7 @@ from . import data as data_mod
 from . import engine, provenance
 from .models import MODELS, build_model
 from .noise import (HUMAN_LABEL_SETS, NOISE_TYPES, RECIPES, HumanLabelError, find_human_labels, load_human_labels,
-                    make_noisy_labels, noise_record)
+                    make_noisy_labels, noise_record, read_human_label_file)
 
 CHECKPOINT, RESULT, CONFIG, METRICS = "checkpoint.pt", "result.json", "config.json", "metrics.jsonl"
 
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(~17-18%%), worse (40.2%%); CIFAR-100: noisy (40.2%%)")
     g.add_argument("--human-labels", default=None, metavar="PATH",
                    help="human noise: the CIFAR-N label file (CIFAR-10_human.pt or CIFAR-100_human.pt); default: that "
-                        "file in --data or --data/cifar-n. The run's identity holds the file's md5, not its path")
+                        "file in --data or --data/cifar-n. The run's identity holds the md5 of its labels, not its "
+                        "path")
     g.add_argument("--noise-recipe", default="exact", choices=RECIPES,
                    help="asym only: 'exact' flips int(eta*n) clean samples per source class; 'official' flips the "
                         "pairs sequentially on already-noisy labels as the released code (cat->dog ~ eta(1-eta)); on "
@@ -233,12 +234,18 @@ def identity(args, criterion, backend: str, device: torch.device, world: int = 1
 
 
 def human_labels_md5(args) -> str:
-    """md5 of the CIFAR-N label file that --noise human reads (--human-labels or the data folder's)."""
+    """md5 of the labels that --noise human reads: the file's clean labels and its
+    --label-set, as int64.  Not the file's bytes: torch.save writes the file's
+    name into them, so a renamed copy would be another run."""
     try:
         path = find_human_labels(args.dataset, args.human_labels, args.data)
+        labels = read_human_label_file(path)
     except HumanLabelError as error:
         raise UsageError(str(error)) from None
-    return data_mod.file_md5(path)
+    digest = hashlib.md5()
+    for key in ("clean_label", HUMAN_LABEL_SETS[args.dataset][args.label_set]):
+        digest.update(key.encode() + np.ascontiguousarray(labels.get(key, np.zeros(0, np.int64))).tobytes())
+    return digest.hexdigest()
 
 
 def run_hash(ident: dict) -> str:
@@ -514,7 +521,7 @@ def _run(args, rank, world, device, main_process, say) -> int:
         except HumanLabelError as error:
             raise UsageError(str(error)) from None
         noise = {"type": "human", "rate": None, "label_set": args.label_set, "file": os.path.abspath(label_file),
-                 "file_md5": ident["human_labels_md5"]}
+                 "labels_md5": ident["human_labels_md5"]}
     else:
         noisy = make_noisy_labels(cifar.train_labels, args.noise, args.rate, noise_seed, cifar.num_classes,
                                   recipe=args.noise_recipe)
