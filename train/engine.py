@@ -119,6 +119,7 @@ def settings_help() -> str:
         lines.append(f"    {dataset} {noise}: {rates}, beta {2 * beta:g}, m {m:g} [eps]")
     lines.append("  weight decay: L2 1e-4 (CIFAR-100 1e-5), except losses with amse/nnce/nnfl: no L2 and\n"
                  "  --l1 5e-5 (CIFAR-100: amse 5e-6, nnce/nnfl 5e-7) [anl, jal]")
+    lines.append("  human noise (CIFAR-N): the symmetric-noise settings (no official ones exist)")
     lines.append("Sources:")
     lines += [f"  [{k}] {v}" for k, v in SETTINGS_SOURCES.items()]
     return "\n".join(lines)
