@@ -126,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run control")
     g.add_argument("--out", default="runs", help="parent folder of the run folder")
     g.add_argument("--run-name", default=None,
-                   help="run folder name (default: <model>_<loss>_<noise><rate>_s<seed>[...]-<hash>, the hash of "
-                        "every setting that changes the result, so another config is another run)")
+                   help="run folder name (default: [<dataset>_]<model>_<loss>_<noise><rate>_s<seed>[...]-<hash>, the "
+                        "hash of every setting that changes the result, so another config is another run)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (under torchrun each process takes cuda:LOCAL_RANK)")
     g.add_argument("--resume", action="store_true",
@@ -172,7 +172,7 @@ class UsageError(Exception):
 # --------------------------------------------------------------------------- run identity
 #
 # A run is every setting that changes its result.  Its folder is named
-# "<model>_<loss>_<noise><rate>_s<seed>[...]-<hash>", the hash of the resolved
+# "[<dataset>_]<model>_<loss>_<noise><rate>_s<seed>[...]-<hash>", the hash of the resolved
 # settings (official per-loss values filled in, "auto" backend resolved, loss
 # name canonical: rce+nce is nce+rce), so a different config is a different run
 # and equivalent spellings are one.  Every flag counts unless listed here as

@@ -130,6 +130,13 @@ def measured_epoch_seconds(out: str, model: str):
     return (statistics.median(times), len(times)) if times else (None, 0)
 
 
+def _model_of(argv) -> str:
+    """The model a run trains: --model, else its data set's default (cnn8, resnet34)."""
+    args = cli.build_parser().parse_args(argv)
+    cli.resolve_dataset_defaults(args)
+    return args.model
+
+
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
@@ -156,8 +163,8 @@ def main(argv=None) -> int:
         for argv_, run_dir, _ in runs:
             print(f"  [{state_of(run_dir):8s}] {run_dir}: python -m train {' '.join(argv_)}")
         out = cli.build_parser().parse_args(runs[0][0]).out if runs else "runs"
-        for model in sorted({cli.build_parser().parse_args(a).model for a, _, _ in todo}):
-            epochs = sum(e - epochs_done(d) for a, d, e in todo if cli.build_parser().parse_args(a).model == model)
+        for model in sorted({_model_of(a) for a, _, _ in todo}):
+            epochs = sum(e - epochs_done(d) for a, d, e in todo if _model_of(a) == model)
             seconds, n = measured_epoch_seconds(out, model)
             if seconds is None:
                 print(f"cost: {epochs} {model} epochs to run; no epoch time measured under {out} yet (a run with "
