@@ -201,4 +201,5 @@ def test_synthetic_run_needs_no_data(tmp_path):
     (run_dir,) = os.listdir(tmp_path)
     assert "synthetic40" in run_dir  # never mistaken for a CIFAR-10 run
     with open(os.path.join(tmp_path, run_dir, "result.json")) as f:
-        assert json.load(f)["data"] == {"folder": "synthetic", "differing_from_release": [], "train": 40, "test": 8}
+        assert json.load(f)["data"] == {"dataset": "cifar10", "folder": "synthetic", "differing_from_release": [],
+                                        "train": 40, "test": 8}
