@@ -211,6 +211,6 @@ def test_synthetic_run_needs_no_data(tmp_path):
     assert "synthetic40" in run_dir  # never mistaken for a CIFAR-10 run
     with open(os.path.join(tmp_path, run_dir, "result.json")) as f:
         data = json.load(f)["data"]
-    assert {k: data[k] for k in ("folder", "train", "test", "official")} == {
-        "folder": "synthetic", "train": 40, "test": 8, "official": False}
+    assert {k: data[k] for k in ("dataset", "folder", "train", "test", "official")} == {
+        "dataset": "cifar10", "folder": "synthetic", "train": 40, "test": 8, "official": False}
     assert data["deviations"] == ["synthetic (random images)"]
