@@ -161,10 +161,10 @@ def test_clear_errors_leave_no_folders(tmp_path, capsys, flags, message):
 
 
 def test_a_failed_download_leaves_no_empty_folder(tmp_path, monkeypatch, capsys):
-    def download_fails(root, download=True):
+    def download_fails(name, root, download=True):
         os.makedirs(root, exist_ok=True)  # as torchvision does before its download fails
         raise data_mod.DataError("CIFAR-10 was not found (offline)")
-    monkeypatch.setattr(data_mod, "load_cifar10", download_fails)
+    monkeypatch.setattr(data_mod, "load_dataset", download_fails)
     assert cli.main(["--noise", "sym", "--rate", "0.2", "--data", str(tmp_path / "new" / "data"), "--out",
                      str(tmp_path / "runs"), "--device", "cpu", "--backend", "reference"]) == 2
     assert "offline" in capsys.readouterr().err and os.listdir(tmp_path) == []
