@@ -48,7 +48,10 @@ KERNEL_KEYS = ("kind", "loss", "B", "K", "dtype", "backend", "pass", "ms", "gbps
 EPOCH_KEYS = ("kind", "loss", "model", "amp", "backend", "data", "epoch_s_median", "speedup_vs_reference")
 META_KEYS = ("gpu", "torch", "triton", "cuda", "command", "date", "copy_gbps")
 
+# The published measurements (tracked); a run writes there only when --out says so.
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Where a run's results go by default: untracked (.gitignore), under the current directory.
+DEFAULT_RESULTS_DIR = "bench-results"
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -104,13 +107,14 @@ def slug(text: str) -> str:
 
 
 def default_results_path(device: torch.device, quick: bool = False) -> str:
-    """bench/results/<gpu-or-cpu-name>-<date>.json; smoke runs (--quick) go to the
-    temporary directory instead, to keep bench/results for real measurements."""
+    """bench-results/<gpu-or-cpu-name>-<date>.json under the current directory,
+    never the tracked bench/results (pass --out to publish there); smoke runs
+    (--quick) go to the temporary directory."""
     if device.type == "cuda":
         name = slug(torch.cuda.get_device_name(device))
     else:
         name = "cpu-" + slug(cpu_name())
-    folder = os.path.join(tempfile.gettempdir(), "apl_bench_quick") if quick else RESULTS_DIR
+    folder = os.path.join(tempfile.gettempdir(), "apl_bench_quick") if quick else os.path.abspath(DEFAULT_RESULTS_DIR)
     return os.path.join(folder, f"{name}-{datetime.date.today().isoformat()}.json")
 
 
@@ -163,9 +167,19 @@ def base_meta(device: torch.device, module: str) -> dict:
         "host_cpu": cpu_name(),
         "apl_kernels_build": build_info(),
         "git": git_state(),
+        # The whole tree's commit and dirty flag, the start time and load (train records hold the same).
+        "provenance": _provenance(),
         # Other processes on the machine make the numbers noisy; say how busy it was.
         "loadavg_start": _loadavg(),
     }
+
+
+def _provenance() -> Optional[dict]:
+    try:
+        from train import provenance
+    except ImportError:  # bench run from outside the repository
+        return None
+    return provenance.record()
 
 
 def _loadavg() -> Optional[list]:
@@ -451,8 +465,8 @@ def _merged(old: Optional[dict], meta: dict, records: list, replace_meta: bool) 
     date, copy bandwidth and machine load.
     """
     meta = copy.deepcopy(meta)
-    run = {k: meta[k] for k in ("command", "date", "copy_gbps", "threads", "loadavg_start", "loadavg_end",
-                                "kernel_seconds", "epoch_seconds") if k in meta}
+    run = {k: meta[k] for k in ("command", "date", "provenance", "copy_gbps", "threads", "loadavg_start",
+                                "loadavg_end", "kernel_seconds", "epoch_seconds") if k in meta}
     if old is None:
         data = {"meta": dict(meta), "records": []}
         data["meta"]["commands"] = [meta["command"]]

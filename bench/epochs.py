@@ -15,8 +15,11 @@ train their own copy of the same initial model in one process, alternating
 epoch by epoch (and which goes first), so a change in the machine's load hits
 both alike.  The figure is the median epoch time over the epochs after the
 first (which carries compilation and warm-up), and reference / auto.
-Records are merged into the results JSON of the kernel benchmark
-(bench/results/<gpu-or-cpu-name>-<date>.json unless --out).
+The spread (min-max over those epochs of the per-epoch ratio) is printed
+and kept in meta["epoch_details"].  Records are merged into the results JSON
+of the kernel benchmark (bench-results/<gpu-or-cpu-name>-<date>.json under the
+current directory unless --out; bench/results/ holds the published runs).
+`python -m bench.plots <results.json>` draws the epoch records.
 """
 from __future__ import annotations
 
@@ -116,6 +119,7 @@ def run(args) -> dict:
           f"steps per backend; backend 'auto' resolves to {auto_is!r}")
     if auto_is == "reference":
         print("note: no fused backend is available here, so 'auto' runs the reference too")
+    print("epoch 0 is warm-up (compilation, caches): left out of the median and the spread")
     print(f"results -> {out_path}\n")
 
     records, details = [], []
@@ -156,14 +160,17 @@ def run(args) -> dict:
             base = None
         medians = {b: statistics.median(r["times"][1:]) for b, r in runs.items()}
         speedup = medians["reference"] / medians["auto"]
-        print(f"\n  median epoch: reference {medians['reference']:.4g} s, auto ({auto_is}) {medians['auto']:.4g} s, "
-              f"speedup {speedup:.3f}x   [{time.perf_counter() - t_start:.0f} s elapsed]", flush=True)
+        spread = speedup_spread(runs["reference"]["times"], runs["auto"]["times"])
+        print(f"\n  median epoch (epochs 1-{epochs - 1}): reference {medians['reference']:.4g} s, auto ({auto_is}) "
+              f"{medians['auto']:.4g} s, speedup {speedup:.3f}x (min {spread[0]:.3f}x, max {spread[1]:.3f}x)   "
+              f"[{time.perf_counter() - t_start:.0f} s elapsed]", flush=True)
         for backend in ("reference", "auto"):
             records.append({"kind": "epoch", "loss": loss, "model": model_name, "amp": amp, "backend": backend,
                             "data": data_kind, "epoch_s_median": common.sig(medians[backend], 5),
                             "speedup_vs_reference": 1.0 if backend == "reference" else round(speedup, 4)})
         details.append({"loss": loss, "model": model_name, "amp": amp,
-                        "epoch_s": {b: [round(t, 5) for t in r["times"]] for b, r in runs.items()}})
+                        "epoch_s": {b: [round(t, 5) for t in r["times"]] for b, r in runs.items()},
+                        "speedup_min": round(spread[0], 4), "speedup_max": round(spread[1], 4)})
         runs = None
         if gpu:
             torch.cuda.empty_cache()
@@ -182,15 +189,25 @@ def run(args) -> dict:
     data["meta"]["goals"] = goals
     common.write_json_atomic(out_path, data)
 
-    print(f"\n{'loss':<10} {'model':<9} {'amp':<5} {'reference s':>12} {'auto s':>9} {'speedup':>8}")
+    print(f"\n{'loss':<10} {'model':<9} {'amp':<5} {'reference s':>12} {'auto s':>9} {'speedup':>8} {'min-max':>15}"
+          f"   (medians and spread over epochs 1-{epochs - 1}; epoch 0 is warm-up)")
+    spreads = {(d["loss"], d["model"], d["amp"]): (d["speedup_min"], d["speedup_max"]) for d in details
+               if "speedup_min" in d}
     for ref, auto in zip(records[0::2], records[1::2]):
+        low, high = spreads[(ref["loss"], ref["model"], ref["amp"])]
         print(f"{ref['loss']:<10} {ref['model']:<9} {ref['amp']:<5} {ref['epoch_s_median']:>12.4g} "
-              f"{auto['epoch_s_median']:>9.4g} {auto['speedup_vs_reference']:>7.3f}x")
+              f"{auto['epoch_s_median']:>9.4g} {auto['speedup_vs_reference']:>7.3f}x {low:>6.3f}-{high:.3f}x")
     print(f"\n{len(records)} epoch records written to {out_path} ({meta['epoch_seconds']} s); data: {data_kind}")
     print("Epoch goals (stated for the H200, cnn8, batch 128, AMP bf16):")
     for goal in goals[:2]:
         print("  " + format_goal(goal))
     return data
+
+
+def speedup_spread(reference_times, auto_times) -> tuple:
+    """(min, max) over the epochs after the warm-up epoch 0 of reference time / auto time."""
+    ratios = [r / a for r, a in zip(reference_times[1:], auto_times[1:])]
+    return min(ratios), max(ratios)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--synthetic", action="store_true", help="synthetic data even when CIFAR-10 is present")
     parser.add_argument("--n-train", type=int, default=0,
                         help="synthetic images (default 50000 for full epochs, else steps x batch)")
-    parser.add_argument("--out", help="results JSON to merge into (default bench/results/<name>-<date>.json)")
+    parser.add_argument("--out", help="results JSON to merge into (default bench-results/<name>-<date>.json under "
+                                      "the current directory; bench/results/ is for published runs)")
     parser.add_argument("--threads", type=int, default=0, help="CPU: torch.set_num_threads (default: torch's)")
     return parser
 

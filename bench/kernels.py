@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.kernels",
         description=__doc__.split("\n\n", 1)[0] + " Prints a table per configuration, writes the results "
-                    "JSON (bench/results/<gpu-or-cpu-name>-<date>.json unless --out) and PNG plots next to it.",
+                    "JSON (bench-results/<gpu-or-cpu-name>-<date>.json under the current directory unless --out; "
+                    "bench/results/ holds the published runs) and PNG plots next to it.",
         epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda or cpu (default: cuda if available).  The CPU matrix uses shapes "

@@ -1,9 +1,12 @@
-"""PNG plots of a results file: time and % of copy bandwidth vs K, per backend.
+"""PNG plots of a results file: the kernel records (time and % of copy bandwidth
+vs K, per backend) and the epoch records (epoch time per loss, reference vs auto).
 
-    python -m bench.plots bench/results/<name>.json     # writes <name>-time.png and <name>-bw.png
+    python -m bench.plots bench/results/<name>.json     # writes <name>-time.png, <name>-bw.png, <name>-epochs.png
 
-One panel per (dtype, loss); x is K (the shape's B is in the tick label), solid
-lines fwd+bwd, dashed fwd.  matplotlib is imported lazily: without it the
+Kernels: one panel per (dtype, loss); x is K (the shape's B is in the tick
+label), solid lines fwd+bwd, dashed fwd.  Epochs: one panel per (model, AMP),
+bars of the median epoch time per loss and backend, the speed-up written above
+with its min-max over the epochs (meta["epoch_details"]).  matplotlib is imported lazily: without it the
 benchmarks still run and say that the plots were skipped.
 """
 from __future__ import annotations
@@ -27,12 +30,12 @@ def plot_results(data: dict, stem: str) -> list:
     except ImportError as error:
         print(f"plots skipped: matplotlib is not available ({error})")
         return []
+    paths = plot_epochs(data, stem, plt)
     kernels = [r for r in data["records"] if r.get("kind") == "kernel" and r.get("ms") is not None]
     if not kernels:
-        return []
+        return paths
     dtypes = sorted({r["dtype"] for r in kernels})
     losses = [l for l in dict.fromkeys(r["loss"] for r in kernels)]
-    paths = []
     for metric, ylabel, suffix, log_y in (("ms", "median time (ms)", "time", True),
                                           ("pct_copy_bw", "% of copy bandwidth", "bw", False)):
         fig, axes = plt.subplots(len(dtypes), len(losses), squeeze=False, sharex=True,
@@ -84,6 +87,48 @@ def plot_results(data: dict, stem: str) -> list:
     return paths
 
 
+def plot_epochs(data: dict, stem: str, plt) -> list:
+    """<stem>-epochs.png from the epoch records ([] when there are none)."""
+    epochs = [r for r in data["records"] if r.get("kind") == "epoch" and r.get("epoch_s_median") is not None]
+    if not epochs:
+        return []
+    spreads = {(d["loss"], d["model"], d["amp"]): (d["speedup_min"], d["speedup_max"])
+               for d in data["meta"].get("epoch_details", []) if "speedup_min" in d}
+    panels = list(dict.fromkeys((r["model"], r["amp"]) for r in epochs))
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False, figsize=(10, 4.5 * len(panels) + 0.8))
+    for ax, (model, amp) in zip(axes[:, 0], panels):
+        rows = [r for r in epochs if (r["model"], r["amp"]) == (model, amp)]
+        losses = list(dict.fromkeys(r["loss"] for r in rows))
+        seconds = {(r["loss"], r["backend"]): r["epoch_s_median"] for r in rows}
+        for i, backend in enumerate(("reference", "auto")):
+            xs = [j + (i - 0.5) * 0.4 for j in range(len(losses))]
+            ax.bar(xs, [seconds.get((l, backend), float("nan")) for l in losses], 0.4,
+                   color=COLORS["reference"] if backend == "reference" else "tab:blue", label=backend)
+        for j, loss in enumerate(losses):
+            ref, auto = seconds.get((loss, "reference")), seconds.get((loss, "auto"))
+            if ref and auto:
+                low, high = spreads.get((loss, model, amp), (None, None))
+                text = f"{ref / auto:.2f}x" + (f"\n({low:.2f}-{high:.2f})" if low is not None else "")
+                ax.annotate(text, (j, max(ref, auto)), ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(range(len(losses)), losses, rotation=20)
+        ax.set_ylabel("median epoch time (s)")
+        ax.set_title(f"{model}, AMP {amp}: training epoch time, reference against auto "
+                     f"(speed-up above, min-max over epochs)", fontsize=10)
+        ax.margins(y=0.2)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=9)
+    meta = data["meta"]
+    settings = meta.get("epoch_settings", {})
+    fig.suptitle(f"Epoch time per loss on {meta.get('gpu')}, torch {meta.get('torch')}, "
+                 f"{str(meta.get('date'))[:10]}; data: {settings.get('data', '?')}, batch "
+                 f"{settings.get('batch_size', '?')}; epoch 0 (warm-up) left out", fontsize=10)
+    fig.tight_layout()
+    path = f"{stem}-epochs.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.plots",
                                      description="Redraw the PNG plots of a results JSON.")
@@ -93,7 +138,11 @@ def main(argv=None) -> int:
     if data is None:
         print(f"cannot read {args.results}", file=sys.stderr)
         return 2
-    for path in plot_results(data, os.path.splitext(args.results)[0]):
+    paths = plot_results(data, os.path.splitext(args.results)[0])
+    if not paths:
+        print(f"{args.results} holds no kernel or epoch records to draw", file=sys.stderr)
+        return 1
+    for path in paths:
         print(path)
     return 0
 

@@ -63,6 +63,8 @@ def test_kernel_and_epoch_cli_write_valid_results(tmp_path):
 
     stdout = _run(["bench.epochs", "--quick", "--device", "cpu", "--out", str(out)])
     assert "epoch records written" in stdout
+    assert "epoch 0 is warm-up (compilation, caches): left out of the median and the spread" in stdout
+    assert "min-max" in stdout
     data = json.loads(out.read_text())
     _check_format(data)
     epochs = [r for r in data["records"] if r["kind"] == "epoch"]
@@ -72,9 +74,28 @@ def test_kernel_and_epoch_cli_write_valid_results(tmp_path):
     # The epoch run was appended: the kernel records are still there.
     assert len([r for r in data["records"] if r["kind"] == "kernel"]) == len(kernel)
     assert len(data["meta"]["commands"]) == 2
+    (detail,) = data["meta"]["epoch_details"]
+    ratios = [r / a for r, a in zip(detail["epoch_s"]["reference"][1:], detail["epoch_s"]["auto"][1:])]
+    assert detail["speedup_min"] == pytest.approx(min(ratios), rel=1e-3)
+    assert detail["speedup_max"] == pytest.approx(max(ratios), rel=1e-3)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    for run in data["meta"]["runs"]:  # each run's commit, dirty flag, start time and load
+        assert run["provenance"]["git"]["commit"] == head and len(run["provenance"]["load_average"]) == 3
+
+    stdout = _run(["bench.plots", str(out)])  # draws the epoch records too
+    epochs_png = tmp_path / "results-epochs.png"
+    assert str(epochs_png) in stdout and epochs_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     stdout = _run(["bench.goals", str(out)])
     assert len([line for line in stdout.splitlines() if line.startswith("  ")]) == len(goals.evaluate(data))
+
+
+def test_default_results_stay_out_of_the_tracked_tree(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    path = common.default_results_path(torch.device("cpu"))
+    assert not path.startswith(common.RESULTS_DIR)
+    ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO)
+    assert ignored.returncode == 0, f"{path} would be tracked by git"
 
 
 def test_unavailable_extension_is_skipped_with_reason(tmp_path, monkeypatch):

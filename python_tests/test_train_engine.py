@@ -100,3 +100,44 @@ def test_first_epoch_is_reported_apart():
     t = engine.timing_summary([9.0, 1.0, 3.0, 2.0], [0.5, 0.1, 0.2, 0.3])
     assert t["first_epoch_s"] == 9.0 and t["median_epoch_s"] == 2.0 and t["median_eval_s"] == 0.2
     assert engine.timing_summary([4.0], [1.0])["median_epoch_s"] is None
+
+
+@pytest.mark.parametrize("loss, noise, expected", [
+    # Ma et al.'s CIFAR-100 yaml files (HanxunH/Active-Passive-Losses configs/cifar100/sym/*.yaml)
+    ("nce+rce", "sym", dict(alpha=10.0, beta=0.1)),
+    ("nfl+rce", "asym", dict(alpha=10.0, beta=0.1, gamma=0.5)),
+    ("nce+mae", "sym", dict(alpha=10.0, beta=1.0)),
+    ("sce", "sym", dict(alpha=6.0, beta=0.1)),
+    ("ngce", "sym", dict(q=0.7)),
+    ("nfl", "sym", dict(alpha=1.0)),  # CIFAR-100's nfl.yaml: scale 1 (CIFAR-10 symmetric: 10)
+])
+def test_official_settings_cifar100(loss, noise, expected):
+    spec = engine.make_criterion(loss, noise, "reference", dataset="cifar100").spec
+    for key, value in expected.items():
+        assert getattr(spec, key) == value, key
+
+
+def test_official_regularisation_is_l2_for_ma_et_al_losses():
+    from apl_kernels import LossSpec
+    assert engine.official_regularisation(LossSpec.from_name("nce+rce"), "cifar10") == {"weight_decay": 1e-4, "l1": 0.0}
+    assert engine.official_regularisation(LossSpec.from_name("ce"), "cifar100") == {"weight_decay": 1e-5, "l1": 0.0}
+
+
+def test_l1_penalty_adds_delta_sign_theta_to_each_step():
+    """One SGD step (lr 1, no momentum, no clipping) with l1 = delta moves every
+    weight by -delta * sign(theta) more than the same step without it."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 10)
+    x, y = torch.randn(8, 6), torch.randint(0, 10, (8,))
+    delta = 1e-3
+    moved = {}
+    for l1 in (0.0, delta):
+        model = nn.Linear(6, 10)
+        model.load_state_dict(base.state_dict())
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        metrics = engine.train_one_epoch(model, [(x, y)], engine.make_criterion("ce", "sym", "reference"), optimizer,
+                                         device="cpu", amp="off", clip_grad=0, l1=l1)
+        moved[l1] = ([p.detach().clone() for p in model.parameters()], metrics["train_loss"])
+    for before, without, with_l1 in zip(base.parameters(), moved[0.0][0], moved[delta][0]):
+        assert torch.allclose(with_l1 - without, -delta * torch.sign(before.detach()), atol=1e-7)
+    assert moved[0.0][1] == moved[delta][1]  # train_loss is the loss without the penalty

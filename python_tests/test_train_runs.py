@@ -1,5 +1,6 @@
 """Whole runs on a fabricated CIFAR-10, on the CPU: every model for 2 epochs,
 bit-exact resume, the CLI, the sweep and report, and a 2-process gloo DDP run."""
+import csv
 import json
 import math
 import os
@@ -102,7 +103,7 @@ def test_two_epoch_run(cifar, small_cifar, tmp_path, capsys, model, amp, loss, b
     assert result["final"]["test_acc"] == rows[-1]["test_acc"] and result["timing"]["epochs_timed"] == 2
     assert result["timing"]["first_epoch_s"] == rows[0]["epoch_time_s"]
     resolved = backends.resolve(backend, torch.device("cpu"))
-    assert result["backend"] == resolved and result["model"] == model
+    assert result["backend"] == resolved and result["model"] == model and result["loss"] == loss
     with open(os.path.join(run_dir, "config.json")) as f:
         assert json.load(f)["loss_in_amp_dtype"] == (resolved != "reference")
     expected = {"nfl+rce": dict(alpha=1.0, beta=1.0, gamma=0.5), "gce": dict(q=0.7)}[loss]
@@ -147,9 +148,11 @@ def test_sweep_skips_finished_runs_then_report(cifar, tmp_path, capsys):
     assert sweep.main(grid + ["--dry-run"] + flags) == 0
     listing = capsys.readouterr().out
     assert "6 runs, 4 finished, 2 to run" in listing and listing.count("[finished]") == 4
+    # The cost comes from the epochs measured so far: each finished run's second epoch.
+    assert "cost: 4 cnn8 epochs x" in listing and "median of 4 measured epochs" in listing
     assert sweep.main(grid + ["--workers", "2"] + flags) == 0  # the two seed-2 runs, as subprocesses
     progress = capsys.readouterr().out
-    assert progress.count(": ok in") == 2 and "s2" in progress
+    assert progress.count(": test accuracy ") == 2 and "s2" in progress and "; ETA " in progress
 
     written = report.make_report(out)
     finals = {}
@@ -161,15 +164,21 @@ def test_sweep_skips_finished_runs_then_report(cifar, tmp_path, capsys):
     assert sorted(len(v) for v in finals.values()) == [3, 3]
     (csv_path,) = [p for p in written["tables"] if p.endswith(".csv")]
     with open(csv_path) as f:
-        rows = {line.split(",")[0]: line.strip().split(",") for line in f}
-    assert rows["loss"] == ["loss", "0.4_mean", "0.4_std", "0.4_n", "0.4_paper"]
+        rows = {row[0]: row for row in csv.reader(f)}
+    assert rows["loss"] == ["loss", "official_data", "0.4_mean", "0.4_std", "0.4_n", "0.4_paper"]
     for loss, paper in (("ce", "60.28"), ("nce+rce", "86.02")):  # published, Ma et al. Table
-        _, mean, std, n, published = rows[loss]
+        _, official, mean, std, n, published = rows[loss]
+        # The fabricated data are marked: not the release's files, and a subset.
+        assert official.startswith("no: md5 mismatch: data_batch_1") and "subset: 50 training" in official
         assert float(mean) == pytest.approx(np.mean(finals[loss]), abs=0.006)
         assert float(std) == pytest.approx(np.std(finals[loss], ddof=1), abs=0.006)
         assert n == "3" and published == paper
     with open([p for p in written["tables"] if p.endswith(".md")][0]) as f:
-        assert "| NCE+RCE |" in f.read()
+        markdown = f.read()
+    assert "| NCE+RCE |" in markdown and "NOT THE OFFICIAL DATA" in markdown
+    for line in markdown.splitlines():  # no number of ours beside a published one without the mark
+        if "[" in line and line.startswith("| "):
+            assert line.count("†") == line.count("["), line
     assert len(written["plots"]) == 3
     for png in written["plots"]:
         with open(png, "rb") as f:
@@ -201,4 +210,7 @@ def test_synthetic_run_needs_no_data(tmp_path):
     (run_dir,) = os.listdir(tmp_path)
     assert "synthetic40" in run_dir  # never mistaken for a CIFAR-10 run
     with open(os.path.join(tmp_path, run_dir, "result.json")) as f:
-        assert json.load(f)["data"] == {"folder": "synthetic", "differing_from_release": [], "train": 40, "test": 8}
+        data = json.load(f)["data"]
+    assert {k: data[k] for k in ("dataset", "folder", "train", "test", "official")} == {
+        "dataset": "cifar10", "folder": "synthetic", "train": 40, "test": 8, "official": False}
+    assert data["deviations"] == ["synthetic (random images)"]

@@ -1,6 +1,7 @@
-"""The two networks: ``cnn8`` of the official code and the CIFAR ResNet-18.
+"""The networks: ``cnn8`` of the official code (CIFAR-10) and the CIFAR ResNets
+(ResNet-18; ResNet-34, the CIFAR-100 network of Ma et al.).
 
-``build_model(name, num_classes)`` is the entry point; both models are returned
+``build_model(name, num_classes)`` is the entry point; every model is returned
 in channels_last memory format.
 """
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODELS = ("cnn8", "resnet18")
+MODELS = ("cnn8", "resnet18", "resnet34")
+RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 
 
 def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -61,18 +63,27 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
-    """ResNet-18, CIFAR variant: 3x3 stride-1 stem, no max-pool, [2, 2, 2, 2] blocks."""
+class ResNet(nn.Module):
+    """ResNet with basic blocks, CIFAR variant: 3x3 stride-1 stem, no max-pool,
+    stages of 64, 128, 256, 512 channels with ``blocks`` blocks each, global
+    average pool, FC.  ResNet-18: (2, 2, 2, 2); ResNet-34: (3, 4, 6, 3).
+    Initialised as the official code: Kaiming-uniform convolutions,
+    Xavier-uniform FC weights."""
 
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, blocks=(2, 2, 2, 2), num_classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU(inplace=True))
         layers, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+        for (cout, stride), count in zip(((64, 1), (128, 2), (256, 2), (512, 2)), blocks):
+            layers += [BasicBlock(cin, cout, stride)] + [BasicBlock(cout, cout, 1) for _ in range(count - 1)]
             cin = cout
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(512, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.layers(self.stem(x))
@@ -80,15 +91,15 @@ class ResNet18(nn.Module):
 
 
 def build_model(name: str, num_classes: int = 10) -> nn.Module:
-    """A fresh model ("cnn8" or "resnet18") for 3x32x32 inputs, in channels_last.
+    """A fresh model ("cnn8", "resnet18" or "resnet34") for 3x32x32 inputs, in channels_last.
 
     Initialisation draws from torch's global RNG: seed it first for a
     reproducible model.
     """
     if name == "cnn8":
         model = CNN8(num_classes)
-    elif name == "resnet18":
-        model = ResNet18(num_classes)
+    elif name in RESNET_BLOCKS:
+        model = ResNet(RESNET_BLOCKS[name], num_classes)
     else:
         raise ValueError(f"unknown model {name!r}; expected one of {MODELS}")
     return model.to(memory_format=torch.channels_last)

@@ -1,20 +1,25 @@
 """``python -m train.report runs/``: tables and plots from finished runs.
 
-Collects every result.json under the folder (with its metrics.jsonl), averages
-the last-epoch test accuracy over seeds and writes, into ``--out`` (default
-``<runs>/report``):
-  table_<noise>_<setup>.csv / .md  the paper's layout: a row per loss, a column
-                                   per noise rate, mean ± std (n runs), with the
-                                   published number beside;
-  accuracy_vs_rate_<noise>_<setup>.png, learning_curves_<noise>_<setup>.png,
-  epoch_time.png (median epoch time per loss and backend), report.md.
-A setup is model, epochs, AMP and backend: runs differing in those are never
-averaged together.
+Collects every result.json under the folder (with its metrics.jsonl) and
+averages the last-epoch test accuracy over seeds.  Runs are grouped by their
+full identity (config.json's "identity": every setting that changes a result)
+apart from the table's own axes (loss, noise rate) and the seed, so runs that
+differ in anything else are never averaged together.  Writes, into ``--out``
+(default ``<runs>/report``), per group ``<noise>_<setup>``:
+  table_*.csv / .md         a row per loss, a column per noise rate, mean ± std
+                            (n runs), the published number of Ma et al. beside;
+  accuracy_vs_rate_*.png    test accuracy against the noise rate;
+  learning_curves_*.png     test accuracy, training accuracy on the clean and on
+                            the noisy labels (memorisation), training loss;
+and epoch_time.png, report.md.  Results on data that differ from the official
+release (synthetic, subsets, md5 mismatch) are marked wherever they appear,
+published numbers included.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import sys
@@ -25,6 +30,12 @@ import numpy as np
 from .paper_results import SYMMETRIC, paper_accuracy
 
 PAPER_ORDER = list(SYMMETRIC)
+# Identity keys that are a table's axes or averaged over, not part of its setup
+# (the CIFAR-N label sets of one file share a table: its columns).
+AXES = ("loss", "rate", "seed", "noise_seed", "noise", "noise_recipe", "label_set")
+NOISE_WORDS = {"sym": "symmetric", "asym": "asymmetric", "human": "human (CIFAR-N)"}
+DATASET_WORDS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+NOT_OFFICIAL = "NOT THE OFFICIAL DATA"
 
 
 def collect(runs_dir: str) -> list:
@@ -44,17 +55,81 @@ def collect(runs_dir: str) -> list:
     return runs
 
 
+def canonical_loss(name: str) -> str:
+    """nce+rce for rce+nce, ce+rce for sce: the name runs are grouped by."""
+    from apl_kernels import LossSpec
+    try:
+        return LossSpec.from_name(name).name
+    except ValueError:
+        return name
+
+
+def loss_label(loss: str) -> str:
+    """SCE for ce+rce, upper case, parameters that tell rows apart kept as written."""
+    name, _, params = loss.partition(" (")
+    return {"ce+rce": "SCE"}.get(name, name.upper()) + (f" ({params}" if params else "")
+
+
+def identity(run: dict) -> dict:
+    """The run's identity; runs written before identities existed get theirs from their fields."""
+    if "identity" in run:
+        return run["identity"]
+    return {"model": run["model"], "epochs": run["epochs"], "amp": run["amp"], "backend": run["backend"],
+            "loss": dict(run["loss_spec"], name=canonical_loss(run["loss"])), "seed": run["seed"],
+            "rate": run["noise"]["rate"], "noise": run["noise"]["type"], "noise_recipe": run["noise"].get("recipe")}
+
+
+def data_deviations(run: dict) -> list:
+    """How the run's data differ from the official release ([] when they do not)."""
+    data = run.get("data", {})
+    if "deviations" in data:
+        return data["deviations"]
+    out = []
+    if data.get("folder") == "synthetic":
+        out.append("synthetic (random images)")
+    if data.get("differing_from_release"):
+        out.append(f"md5 mismatch: {', '.join(data['differing_from_release'])}")
+    if data.get("folder") != "synthetic" and (data.get("train"), data.get("test")) != (50000, 10000):
+        out.append(f"subset: {data.get('train')} training and {data.get('test')} test images")
+    return out
+
+
+def noise_rate(run: dict) -> float:
+    """The run's column: --rate, or for human noise (no --rate) its label set's realised rate."""
+    noise = run["noise"]
+    return round(noise["rate"], 6) if noise.get("rate") is not None else round(noise["realised_rate"], 4)
+
+
 def noise_label(run: dict) -> str:
     noise = run["noise"]
     return noise["type"] + ("-official" if noise.get("recipe") == "official" else "")
 
 
+def setup_of(run: dict) -> dict:
+    """The settings shared by a table's runs: the identity less its axes, plus the data's deviations."""
+    setup = {k: v for k, v in identity(run).items() if k not in AXES}
+    setup["data_deviations"] = data_deviations(run)
+    return setup
+
+
 def setup_label(run: dict) -> str:
-    return f"{run['model']}_e{run['epochs']}_{run['amp']}_{run['backend']}"
+    """A file-name-safe label: model, epochs, AMP, backend and a hash of the whole setup."""
+    setup = setup_of(run)
+    digest = hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:6]
+    dataset = setup.get("dataset", "cifar10")
+    return (f"{dataset + '_' if dataset != 'cifar10' else ''}{setup['model']}_e{setup['epochs']}_{setup['amp']}_"
+            f"{setup['backend']}{'_NOT-OFFICIAL-DATA' if setup['data_deviations'] else ''}_{digest}")
+
+
+def setup_words(setup: dict) -> str:
+    """The setup in words, for titles."""
+    dataset = DATASET_WORDS.get(setup.get("dataset", "cifar10"), setup.get("dataset"))
+    return f"{dataset}, {setup['model']}, {setup['epochs']} epochs, AMP {setup['amp']}, backend {setup['backend']}"
 
 
 def _loss_order(losses) -> list:
-    return [l for l in PAPER_ORDER if l in losses] + sorted(l for l in losses if l not in PAPER_ORDER)
+    paper = [canonical_loss(l) for l in PAPER_ORDER]
+    return [l for l in paper if l in losses] + sorted(l for l in losses if l not in paper)
 
 
 def _mean_std(values) -> tuple:
@@ -62,20 +137,59 @@ def _mean_std(values) -> tuple:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
-def accuracy_tables(runs: list) -> dict:
-    """{(noise, setup): {"rates": [...], "losses": [...], "cells": {(loss, rate): (mean, std, n, paper)}}}."""
-    groups = defaultdict(lambda: defaultdict(list))
+def published(setup: dict, noise: str, loss: str, rate: float):
+    """Ma et al.'s published accuracy for a cell, from the table of the setup's
+    data set (CIFAR-10 or CIFAR-100, never the other's), or None."""
+    dataset = setup.get("dataset", "cifar10")
+    base = noise.split("-")[0]
+    loss = loss.partition(" (")[0]
+    for name in (loss, "sce" if loss == "ce+rce" else None):
+        if name is not None:
+            value = paper_accuracy(base, name, rate, dataset)
+            if value is not None:
+                return value
+    return None
+
+
+def _row_names(runs: list) -> dict:
+    """{id(run): row name}: the canonical loss name, plus the parameters that
+    tell apart runs of the same loss with other parameters in one table."""
+    params = defaultdict(dict)
     for run in runs:
-        key = (noise_label(run), setup_label(run))
-        groups[key][(run["loss"], round(run["noise"]["rate"], 6))].append(run["final"]["test_acc"])
+        spec = {k: v for k, v in identity(run)["loss"].items() if k != "name"}
+        params[identity(run)["loss"]["name"]][json.dumps(spec, sort_keys=True)] = spec
+    names = {}
+    for run in runs:
+        loss = identity(run)["loss"]
+        variants = list(params[loss["name"]].values())
+        differing = sorted(k for k in variants[0] if len({json.dumps(v.get(k)) for v in variants}) > 1)
+        names[id(run)] = loss["name"] + (" (" + ", ".join(f"{k}={loss[k]:g}" if isinstance(loss[k], float)
+                                                          else f"{k}={loss[k]}" for k in differing) + ")"
+                                         if differing else "")
+    return names
+
+
+def groups(runs: list) -> dict:
+    """{(noise, setup label): [runs]}."""
+    out = defaultdict(list)
+    for run in runs:
+        out[(noise_label(run), setup_label(run))].append(run)
+    return out
+
+
+def accuracy_tables(runs: list) -> dict:
+    """{(noise, setup): {"rates", "losses", "setup", "deviations", "cells": {(loss, rate): (mean, std, n, paper)}}}."""
     tables = {}
-    for (noise, setup), cells in groups.items():
-        rates = sorted({rate for _, rate in cells})
-        losses = _loss_order({loss for loss, _ in cells})
-        base = noise.split("-")[0]
-        tables[(noise, setup)] = {
-            "rates": rates, "losses": losses,
-            "cells": {k: _mean_std(v) + (paper_accuracy(base, k[0], k[1]),) for k, v in cells.items()}}
+    for (noise, label), members in groups(runs).items():
+        names = _row_names(members)
+        cells = defaultdict(list)
+        for run in members:
+            cells[(names[id(run)], noise_rate(run))].append(run["final"]["test_acc"])
+        setup = setup_of(members[0])
+        tables[(noise, label)] = {
+            "rates": sorted({rate for _, rate in cells}), "losses": _loss_order({loss for loss, _ in cells}),
+            "setup": setup, "deviations": setup["data_deviations"], "runs": members, "names": names,
+            "cells": {k: _mean_std(v) + (published(setup, noise, k[0], k[1]),) for k, v in cells.items()}}
     return tables
 
 
@@ -84,32 +198,45 @@ def _fmt(cell) -> str:
     return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
 
 
+def title(table: dict, noise: str) -> str:
+    words = NOISE_WORDS.get(noise.split("-")[0], noise) + (" (released code's recipe)" if "-official" in noise else "")
+    text = f"{setup_words(table['setup'])}, {words} label noise"
+    if table["deviations"]:
+        text = f"{NOT_OFFICIAL} ({'; '.join(table['deviations'])}): " + text
+    return text
+
+
 def write_table(table: dict, noise: str, setup: str, out: str) -> tuple:
-    """CSV (mean, std, n, paper per rate) and Markdown ("mean ± std (paper p)") of one table."""
+    """CSV (mean, std, n, paper per rate) and Markdown ("mean ± std (n) [paper]") of one table."""
     stem = os.path.join(out, f"table_{noise}_{setup}")
     rates, losses, cells = table["rates"], table["losses"], table["cells"]
+    official = not table["deviations"]
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["loss"] + [f"{r:g}_{field}" for r in rates for field in ("mean", "std", "n", "paper")])
+        w.writerow(["loss", "official_data"] + [f"{r:g}_{field}" for r in rates
+                                                for field in ("mean", "std", "n", "paper")])
         for loss in losses:
-            row = [loss]
+            row = [loss, "yes" if official else "no: " + "; ".join(table["deviations"])]
             for r in rates:
-                mean, std, n, paper = cells.get((loss, r), (None, None, 0, paper_accuracy(noise.split("-")[0], loss, r)))
+                mean, std, n, paper = cells.get((loss, r), (None, None, 0, published(table["setup"], noise, loss, r)))
                 row += ["" if mean is None else f"{mean:.2f}", "" if std is None else f"{std:.2f}", n,
                         "" if paper is None else f"{paper:.2f}"]
             w.writerow(row)
-    lines = [f"**CIFAR-10, {noise} noise, {setup}**: last-epoch test accuracy (%), mean ± std over seeds "
-             f"(n runs), published value of Ma et al. in brackets.", "",
-             "| Loss | " + " | ".join(f"η = {r:g}" for r in rates) + " |",
-             "|---|" + "---|" * len(rates)]
+    mark = "" if official else "†"
+    lines = [f"**{title(table, noise)}**: last-epoch test accuracy (%), mean ± std over seeds (n runs), "
+             f"published value of Ma et al. in brackets.", ""]
+    if not official:
+        lines += [f"† {NOT_OFFICIAL}: these runs used {'; '.join(table['deviations'])}. They are not comparable "
+                  f"with the published numbers, which were measured on the official CIFAR release.", ""]
+    lines += ["| Loss | " + " | ".join(f"η = {r:g}" for r in rates) + " |", "|---|" + "---|" * len(rates)]
     for loss in losses:
         row = []
         for r in rates:
             cell = cells.get((loss, r))
-            paper = paper_accuracy(noise.split("-")[0], loss, r)
-            text = "–" if cell is None else f"{_fmt(cell)} ({cell[2]})"
+            paper = published(table["setup"], noise, loss, r)
+            text = "–" if cell is None else f"{_fmt(cell)}{mark} ({cell[2]})"
             row.append(text + (f" [{paper:.2f}]" if paper is not None else ""))
-        lines.append(f"| {loss.upper()} | " + " | ".join(row) + " |")
+        lines.append(f"| {loss_label(loss)} | " + " | ".join(row) + " |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     return stem + ".csv", stem + ".md", "\n".join(lines)
@@ -121,40 +248,64 @@ def _colors(n):
     return [cmap(i % cmap.N) for i in range(n)]
 
 
+def _style():
+    import matplotlib
+    matplotlib.rcParams.update({"font.size": 11, "axes.titlesize": 12, "axes.labelsize": 11, "legend.fontsize": 10,
+                                "xtick.labelsize": 10, "ytick.labelsize": 10})
+
+
+def _wrap(text: str, width: int = 90) -> str:
+    import textwrap
+    return "\n".join(textwrap.wrap(text, width))
+
+
 def plot_accuracy_vs_rate(table: dict, noise: str, setup: str, path: str) -> None:
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    base = noise.split("-")[0]
+    _style()
+    fig, ax = plt.subplots(figsize=(10, 6))
     for color, loss in zip(_colors(len(table["losses"])), table["losses"]):
         rates = [r for r in table["rates"] if (loss, r) in table["cells"]]
         means = [table["cells"][(loss, r)][0] for r in rates]
         stds = [table["cells"][(loss, r)][1] for r in rates]
-        ax.errorbar(rates, means, yerr=stds, marker="o", capsize=3, color=color, label=loss.upper())
-        paper = [(r, paper_accuracy(base, loss, r)) for r in table["rates"]]
+        ax.errorbar(rates, means, yerr=stds, marker="o", capsize=3, color=color, label=loss_label(loss))
+        paper = [(r, published(table["setup"], noise, loss, r)) for r in table["rates"]]
         paper = [(r, p) for r, p in paper if p is not None]
         if paper:
             ax.plot(*zip(*paper), linestyle=":", marker="x", color=color, alpha=0.7)
+    ax.set_xticks(table["rates"], [f"{r:g}" for r in table["rates"]])  # only the rates that were run
     ax.set_xlabel("noise rate η")
     ax.set_ylabel("test accuracy (%), last epoch")
-    ax.set_title(f"CIFAR-10, {noise} noise ({setup}); dotted ×: published")
+    ax.set_title(_wrap("Test accuracy against noise rate: " + title(table, noise)
+                       + ". Dotted ×: published (Ma et al.)"))
     ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=9)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
-def plot_learning_curves(runs: list, noise: str, setup: str, path: str) -> None:
-    """Per rate: test accuracy and accuracy on the noisy training labels against the epoch, mean over seeds."""
+CURVE_PANELS = (("test_acc", "test accuracy (%)"), ("clean_acc", "train accuracy (%)\non the clean labels"),
+                ("noisy_acc", "train accuracy (%)\non the noisy labels"), ("train_loss", "training loss"))
+
+
+def plot_learning_curves(table: dict, noise: str, setup: str, path: str) -> None:
+    """Per rate (columns), against the epoch, mean over seeds: test accuracy;
+    training accuracy on the clean labels and on the noisy ones (when the network
+    memorises the noisy labels the first falls while the second climbs); the
+    training loss."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+    _style()
     curves = defaultdict(list)
-    for run in runs:
-        if noise_label(run) == noise and setup_label(run) == setup and run["curve"]:
-            curves[(run["loss"], round(run["noise"]["rate"], 6))].append(run["curve"])
+    for run in table["runs"]:
+        if run["curve"]:
+            curves[(table["names"][id(run)], noise_rate(run))].append(run["curve"])
     rates = sorted({r for _, r in curves})
     losses = _loss_order({l for l, _ in curves})
-    fig, axes = plt.subplots(2, len(rates), figsize=(3.6 * len(rates) + 1.8, 6.4), squeeze=False, sharey="row")
+    if not rates:
+        return
+    fig, axes = plt.subplots(len(CURVE_PANELS), len(rates), figsize=(4.2 * len(rates) + 2.6, 11),
+                             squeeze=False, sharex="col", sharey="row")
     for col, rate in enumerate(rates):
         for color, loss in zip(_colors(len(losses)), losses):
             if (loss, rate) not in curves:
@@ -162,26 +313,29 @@ def plot_learning_curves(runs: list, noise: str, setup: str, path: str) -> None:
             group = curves[(loss, rate)]
             length = min(len(c) for c in group)
             epochs = [row["epoch"] for row in group[0][:length]]
-            for row_i, field in enumerate(("test_acc", "noisy_acc")):
-                values = np.mean([[row[field] for row in c[:length]] for c in group], axis=0)
-                axes[row_i][col].plot(epochs, values, color=color, label=loss.upper(), marker="." if length < 10 else None)
-        axes[0][col].set_title(f"η = {rate:g}")
-        axes[1][col].set_xlabel("epoch")
+            for row_i, (field, _) in enumerate(CURVE_PANELS):
+                values = [[row.get(field) for row in c[:length]] for c in group]
+                if any(v is None for vals in values for v in vals):
+                    continue
+                axes[row_i][col].plot(epochs, np.mean(values, axis=0), color=color, label=loss_label(loss),
+                                      marker="." if length < 10 else None)
+        axes[0][col].set_title(f"noise rate η = {rate:g}")
+        axes[-1][col].set_xlabel("epoch")
         for ax in axes[:, col]:
             ax.grid(alpha=0.3)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0][0].set_ylabel("test accuracy (%)")
-    axes[1][0].set_ylabel("train acc. on noisy labels (%)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    for ax in axes[0][1:]:
+    for row_i, (_, label) in enumerate(CURVE_PANELS):
+        axes[row_i][0].set_ylabel(label)
+    handles, labels = [], []
+    for ax in axes.flat:
         for h, l in zip(*ax.get_legend_handles_labels()):
             if l not in labels:
                 handles.append(h)
                 labels.append(l)
-    fig.legend(handles, labels, loc="center right", fontsize=9)
-    fig.suptitle(f"Learning curves, CIFAR-10, {noise} noise ({setup})")
-    fig.tight_layout(rect=(0, 0, 1 - 1.6 / fig.get_figwidth(), 1))
-    fig.savefig(path, dpi=100)
+    fig.legend(handles, labels, loc="center right")
+    fig.suptitle(_wrap("Learning curves: " + title(table, noise), 110))
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / fig.get_figwidth(), 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -190,18 +344,20 @@ def epoch_times(runs: list) -> dict:
 
     A run's epoch time is the median of its epochs after the first (the first
     alone when the run had one epoch)."""
-    groups = defaultdict(lambda: defaultdict(list))
+    groups_ = defaultdict(lambda: defaultdict(list))
     for run in runs:
         t = run["timing"]
         seconds = t["median_epoch_s"] if t["median_epoch_s"] is not None else t["first_epoch_s"]
-        groups[(run["model"], run.get("device_name") or run["device"])][(run["loss"], f"{run['backend']} {run['amp']}")].append(seconds)
-    return {k: {kk: float(np.median(v)) for kk, v in g.items()} for k, g in groups.items()}
+        groups_[(run["model"], run.get("device_name") or run["device"])][
+            (canonical_loss(run["loss"]), f"{run['backend']} {run['amp']}")].append(seconds)
+    return {k: {kk: float(np.median(v)) for kk, v in g.items()} for k, g in groups_.items()}
 
 
 def plot_epoch_time(runs: list, path: str) -> dict:
     import matplotlib.pyplot as plt
+    _style()
     times = epoch_times(runs)
-    fig, axes = plt.subplots(len(times), 1, figsize=(10, 4.2 * len(times)), squeeze=False)
+    fig, axes = plt.subplots(len(times), 1, figsize=(11, 4.8 * len(times)), squeeze=False)
     for ax, ((model, device), cells) in zip(axes[:, 0], sorted(times.items())):
         losses = _loss_order({l for l, _ in cells})
         variants = sorted({v for _, v in cells})
@@ -209,13 +365,14 @@ def plot_epoch_time(runs: list, path: str) -> dict:
         for i, (color, variant) in enumerate(zip(_colors(len(variants)), variants)):
             xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(losses))]
             ax.bar(xs, [cells.get((l, variant), np.nan) for l in losses], width, color=color, label=variant)
-        ax.set_xticks(range(len(losses)), [l.upper() for l in losses], rotation=30, ha="right")
+        ax.set_xticks(range(len(losses)), [loss_label(l) for l in losses], rotation=30, ha="right")
         ax.set_ylabel("median epoch time (s)")
-        ax.set_title(f"{model} on {device}: epoch time per loss and backend (first epoch excluded)")
+        ax.set_title(_wrap(f"Training time per epoch of {model} on {device}, per loss and backend "
+                           f"(first epoch left out)"))
         ax.grid(alpha=0.3, axis="y")
-        ax.legend(title="backend amp", fontsize=9)
+        ax.legend(title="backend, AMP")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return times
 
@@ -230,16 +387,19 @@ def make_report(runs_dir: str, out: str = None) -> dict:
         raise SystemExit(f"no finished runs (result.json) under {runs_dir}")
     os.makedirs(out, exist_ok=True)
     written = {"tables": [], "plots": []}
-    sections = [f"# CIFAR-10 noisy-label results ({len(runs)} runs from {runs_dir})", ""]
+    sections = [f"# Noisy-label results ({len(runs)} runs from {runs_dir})", "",
+                "Each table holds runs of one setup: the same settings apart from loss, noise rate and seed.", ""]
     for (noise, setup), table in sorted(accuracy_tables(runs).items()):
         csv_path, md_path, markdown = write_table(table, noise, setup, out)
         written["tables"] += [csv_path, md_path]
         acc_png = os.path.join(out, f"accuracy_vs_rate_{noise}_{setup}.png")
         curves_png = os.path.join(out, f"learning_curves_{noise}_{setup}.png")
         plot_accuracy_vs_rate(table, noise, setup, acc_png)
-        plot_learning_curves(runs, noise, setup, curves_png)
+        plot_learning_curves(table, noise, setup, curves_png)
         written["plots"] += [acc_png, curves_png]
-        sections += [markdown, "", f"![accuracy vs rate]({os.path.basename(acc_png)})",
+        settings = ", ".join(f"{k} {json.dumps(v)}" for k, v in sorted(table["setup"].items()))
+        sections += [markdown, "", f"Setup `{setup}`: {settings}", "",
+                     f"![accuracy vs rate]({os.path.basename(acc_png)})",
                      f"![learning curves]({os.path.basename(curves_png)})", ""]
     time_png = os.path.join(out, "epoch_time.png")
     times = plot_epoch_time(runs, time_png)
@@ -259,7 +419,7 @@ def make_report(runs_dir: str, out: str = None) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.report",
                                 description="Aggregate finished runs into the paper's tables (CSV, Markdown) "
-                                            "and PNG plots.")
+                                            "and PNG plots, one set per setup.")
     p.add_argument("runs", nargs="?", default="runs", help="folder searched for result.json files")
     p.add_argument("--out", default=None, help="output folder (default: <runs>/report)")
     args = p.parse_args(argv)
