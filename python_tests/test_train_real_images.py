@@ -32,7 +32,7 @@ def real_cifar10(request, tmp_path_factory):
     """A folder holding cifar-10-batches-py with the real subset, built once per machine."""
     with open(BUILDER, "rb") as f:
         key = hashlib.md5(f.read() + f"{os.path.getsize(ARCHIVE)} {TRAIN_PER_CLASS} {TEST_PER_CLASS}".encode())
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     parent = cache.mkdir("real-cifar10") if cache is not None else tmp_path_factory.mktemp("real-cifar10")
     folder = os.path.join(parent, key.hexdigest()[:12])
     if not os.path.isfile(os.path.join(folder, "cifar-10-batches-py", "test_batch")):
