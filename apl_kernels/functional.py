@@ -55,6 +55,26 @@ def _functorch_transforming() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def validate_check_targets(check_targets) -> None:
+    if not (isinstance(check_targets, bool) or check_targets == "sync"):
+        raise ValueError(f"check_targets must be True, False or 'sync', got {check_targets!r}")
+
+
+def _host_label_check(check_targets: Union[bool, str], device: torch.device) -> bool:
+    """Whether the labels' range is checked on the host before the kernels run.
+
+    True checks on the host where that is free (CPU and other non-CUDA tensors); on
+    CUDA tensors the kernels check each label themselves (a device-side assert, as
+    F.cross_entropy), so the default path never waits for the GPU.  "sync" checks on
+    the host on every device (one host sync on CUDA) for an exception that names the label.
+    """
+    if check_targets is False:
+        return False
+    if check_targets == "sync":
+        return True
+    return device.type != "cuda"
+
+
 def _check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     # Compare in int64, as the kernels do: in uint8, ignore_index=-100 wraps to
     # 156 and would excuse a label 156.
@@ -83,14 +103,15 @@ def _check_overwrite(logits: torch.Tensor, backend: str) -> str:
 
 
 def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *, reduction: str = "mean",
-               ignore_index: int = -100, backend: str = "auto", check_targets: bool = True,
+               ignore_index: int = -100, backend: str = "auto", check_targets: Union[bool, str] = True,
                overwrite_logits: bool = False) -> torch.Tensor:
     """``apl_loss`` with a ready ``LossSpec``; see ``apl_loss`` for the arguments."""
     _check_inputs(logits, target, reduction, ignore_index)
+    validate_check_targets(check_targets)
     if overwrite_logits:
         backend = _check_overwrite(logits, backend)
     num_classes = logits.shape[1]
-    if check_targets and _targets_checkable(target):
+    if _host_label_check(check_targets, target.device) and _targets_checkable(target):
         _check_target_range(target, num_classes, ignore_index)
     if _functorch_transforming():
         if backend not in ("auto", "reference"):
@@ -123,7 +144,7 @@ def apl_loss(logits: torch.Tensor, target: torch.Tensor, loss: Union[str, LossSp
              alpha: Optional[float] = None, beta: Optional[float] = None, gamma: Optional[float] = None,
              q: Optional[float] = None, A: Optional[float] = None, reduction: str = "mean",
              ignore_index: int = -100, grad: Optional[str] = None, backend: str = "auto",
-             check_targets: bool = True, overwrite_logits: bool = False, a: Optional[float] = None,
+             check_targets: Union[bool, str] = True, overwrite_logits: bool = False, a: Optional[float] = None,
              m: Optional[float] = None, t: Optional[int] = None, min_prob: Optional[float] = None) -> torch.Tensor:
     """Active-passive loss ``alpha * active + beta * passive`` of logits, fused with the softmax.
 
@@ -136,11 +157,20 @@ def apl_loss(logits: torch.Tensor, target: torch.Tensor, loss: Union[str, LossSp
         reduction: ``"mean"`` (over rows not ignored), ``"sum"`` or ``"none"``.
         ignore_index: label whose rows get zero loss and zero gradient.
         backend: ``"auto"``, ``"reference"``, ``"cpu"``, ``"cuda"`` or ``"triton"``.
-        check_targets: raise ValueError for a label outside [0, K) (compared
-            in int64, whatever the labels' dtype).  On CUDA tensors this costs
-            one host sync; it is skipped inside CUDA-graph capture, under
-            torch.compile (where such a row's loss is NaN), on meta tensors and
-            under torch.func transforms (where the reference rejects the label).
+        check_targets: how a label outside [0, K) that is not ``ignore_index``
+            is reported (labels compared in int64, whatever their dtype):
+            ``True`` (default): on CPU tensors a ValueError naming the label
+            (checked on the host, which costs nothing there); on CUDA tensors
+            the kernel checks each label and raises a device-side assert, as
+            ``F.cross_entropy`` does: no host sync, the error surfaces at the
+            next synchronizing call and, as after any device-side assert, the
+            CUDA context cannot be used any more.  ``"sync"``: the ValueError on
+            every device, at the cost of one host sync on CUDA.  ``False``: no
+            host check (the CPU kernels give the row a NaN loss; the CUDA and
+            Triton kernels still assert).  The host check is skipped inside
+            CUDA-graph capture, under torch.compile (where such a row's loss is
+            NaN on the CPU), on meta tensors and under torch.func transforms
+            (where the reference rejects the label).
         overwrite_logits: write the gradient over ``logits`` instead of a new
             [N, K] buffer (backend "triton" only; "auto" picks it).  Needs 2-D
             logits with unit class stride that are a non-leaf nothing else uses

@@ -1,11 +1,11 @@
 """``APLLoss``: the nn.Module face of ``apl_loss``, used like ``nn.CrossEntropyLoss``."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from .functional import fused_loss
+from .functional import fused_loss, validate_check_targets
 from .spec import REDUCTIONS, LossSpec
 
 
@@ -21,7 +21,7 @@ class APLLoss(torch.nn.Module):
     def __init__(self, loss: str = "nce+rce", *, alpha: Optional[float] = None, beta: Optional[float] = None,
                  gamma: Optional[float] = None, q: Optional[float] = None, A: Optional[float] = None,
                  reduction: str = "mean", ignore_index: int = -100, grad: Optional[str] = None,
-                 backend: str = "auto", check_targets: bool = True, overwrite_logits: bool = False,
+                 backend: str = "auto", check_targets: Union[bool, str] = True, overwrite_logits: bool = False,
                  a: Optional[float] = None, m: Optional[float] = None, t: Optional[int] = None,
                  min_prob: Optional[float] = None):
         super().__init__()
@@ -32,6 +32,7 @@ class APLLoss(torch.nn.Module):
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.backend = backend
+        validate_check_targets(check_targets)
         self.check_targets = check_targets
         self.overwrite_logits = overwrite_logits  # Triton only: the gradient replaces the logits
 

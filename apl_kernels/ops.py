@@ -11,7 +11,9 @@ Every fused backend is one op with this schema (defined in C++ in
 
     logits  [N, K], float16/bfloat16/float32/float64, stride(1) == 1, any row stride.
     target  [N] int64; rows equal to ignore_index get zero loss and gradient; a
-            label outside [0, K) gives a NaN loss row and is never read out of bounds.
+            label outside [0, K) is never read out of bounds: the CPU kernel gives
+            its row a NaN loss, the GPU kernels (CUDA, Triton) raise a device-side
+            assert, as F.cross_entropy (the functional API's check_targets).
     The twelve spec arguments are ``LossSpec.op_args()``.
     loss    reduced as `reduction` (0 none -> [N], 1 mean, 2 sum -> []), float32
             (float64 for float64 logits).  mean over zero kept rows is 0.

@@ -7,7 +7,7 @@ Triton-specific ones in ``triton/test_triton_defects.py``.  Under a minute on 2 
 import pytest
 import torch
 
-from apl_kernels import LossSpec, apl_loss, backends
+from apl_kernels import APLLoss, LossSpec, apl_loss, backends, functional
 from apl_kernels.reference import reference_loss
 from apl_kernels.spec import REDUCTIONS
 
@@ -32,8 +32,10 @@ def test_narrow_label_dtypes_are_range_checked_in_int64(backend, dtype, label, i
     """
     logits = torch.randn(4, 10, device=backend.device)
     target = torch.tensor([1, 2, label, 3], dtype=dtype, device=backend.device)
+    # The host check is the default on the CPU; on CUDA the kernels assert and "sync" asks for it.
+    check = "sync" if backend.device == "cuda" else True
     with pytest.raises(ValueError, match=f"target value {label} is outside"):
-        apl_loss(logits, target, ignore_index=ignore_index, backend=backend.name)
+        apl_loss(logits, target, ignore_index=ignore_index, backend=backend.name, check_targets=check)
 
 
 # ------------------------------------------------------------------ 2. double backward
@@ -198,6 +200,40 @@ def test_meta_tensors_with_check_targets(reduction):
     logits = torch.randn(4, 3, device="meta", requires_grad=True)
     loss = apl_loss(logits, torch.zeros(4, dtype=torch.long, device="meta"), reduction=reduction)
     assert loss.device.type == "meta" and loss.shape == ((4,) if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("check_targets", (True, "sync"))
+def test_bad_label_on_cpu_raises_a_value_error_naming_it(check_targets):
+    """A label typo on the CPU: the default and "sync" both name the label before any kernel runs."""
+    with pytest.raises(ValueError, match=r"target value 10 is outside \[0, 10\)"):
+        apl_loss(torch.randn(3, 10), torch.tensor([0, 10, 2]), check_targets=check_targets)
+
+
+def test_check_targets_false_leaves_a_bad_label_to_the_kernel():
+    """check_targets=False: no host check; the CPU kernel gives the bad row a NaN loss, reads nothing out of bounds."""
+    loss = apl_loss(torch.randn(3, 10), torch.tensor([0, 10, 2]), reduction="none", check_targets=False,
+                    backend="cpu")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("value", ("yes", "async", 1, None))
+def test_check_targets_value_is_validated(value):
+    """A typo in check_targets is an error that lists the choices, not a silently skipped check."""
+    with pytest.raises(ValueError, match="check_targets must be True, False or 'sync'"):
+        apl_loss(torch.randn(2, 3), torch.tensor([0, 1]), check_targets=value)
+    with pytest.raises(ValueError, match="check_targets must be True, False or 'sync'"):
+        APLLoss("ce", check_targets=value)
+
+
+@pytest.mark.parametrize("check_targets, device, host", [
+    (True, "cpu", True), (True, "cuda", False), ("sync", "cpu", True), ("sync", "cuda", True),
+    (False, "cpu", False), (False, "cuda", False)])
+def test_default_label_check_never_syncs_on_cuda(check_targets, device, host):
+    """The default path of a CUDA training step has no host sync: the kernels check the labels.
+
+    (The kernels' device-side assert itself runs in the GPU tests, test_gpu_defects.py.)
+    """
+    assert functional._host_label_check(check_targets, torch.device(device)) is host
 
 
 def test_overwrite_logits_refuses_overlapping_rows():

@@ -227,3 +227,77 @@ def test_backward_of_grad_output_1_is_one_early_return_launch_without_sync(gpu_b
     assert len(ours) == 1 and "_scale_rows_kernel" in ours[0], kernels
     assert torch.cuda.memory_allocated() <= allocated, "the backward allocated a new gradient buffer"
     _check(loss.detach(), x.grad, logits, target, spec)
+
+
+# ------------------------------------------------------------------ the default path (issue 13)
+def test_small_batch_default_step_is_two_launches_without_sync(gpu_backend):
+    """A CIFAR-sized step, [128, 10] with default arguments: the forward kernel and the
+    backward's scale kernel, no host sync (the labels are checked inside the kernel)."""
+    logits, target = _inputs(128, 10, torch.float32)
+    x = logits.clone().requires_grad_()
+    apl_loss(x, target, "nce+rce", backend=gpu_backend).backward()     # compile / warm up
+    x.grad = None
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = apl_loss(x, target, "nce+rce", backend=gpu_backend)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ours = [name for name in kernels if "FillFunctor" not in name]   # autograd's ones_like grad_output
+    assert len(ours) <= 2, kernels
+    _check(loss.detach(), x.grad, logits, target, LossSpec.from_name("nce+rce"))
+
+
+def test_small_batch_default_step_is_graph_capturable(gpu_backend):
+    """The default-argument forward + backward captured in a CUDA graph and replayed on new data."""
+    spec = LossSpec.from_name("nce+rce")
+    logits, target = _inputs(128, 10, torch.float32)
+    static_x = logits.clone().requires_grad_()
+    static_y = target.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):                         # warm up (compiles) outside the capture
+        apl_loss(static_x, static_y, spec, backend=gpu_backend).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = apl_loss(static_x, static_y, spec, backend=gpu_backend)
+        static_loss.backward()
+    new_logits, new_target = _inputs(128, 10, torch.float32, seed=3)
+    with torch.no_grad():
+        static_x.copy_(new_logits)
+    static_y.copy_(new_target)
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(static_loss.detach(), static_x.grad, new_logits, new_target, spec, what="after replay")
+
+
+def test_bad_label_sync_check_names_it_on_cuda(gpu_backend):
+    """check_targets="sync": the host check, a ValueError that names the label (one host sync)."""
+    logits, target = _inputs(16, 10, torch.float32)
+    target[3] = 10
+    with pytest.raises(ValueError, match="target value 10 is outside"):
+        apl_loss(logits, target, backend=gpu_backend, check_targets="sync")
+
+
+def test_bad_label_default_is_a_device_side_assert(gpu_backend):
+    """The default on CUDA: the kernel itself stops on a bad label, as F.cross_entropy does.
+
+    A device-side assert leaves the CUDA context unusable, so it runs in a child process.
+    """
+    import subprocess
+    import sys
+    code = ("import torch; from apl_kernels import apl_loss\n"
+            "y = torch.tensor([0, 10, 2], device='cuda')\n"
+            f"loss = apl_loss(torch.randn(3, 10, device='cuda'), y, backend={gpu_backend!r})\n"
+            "torch.cuda.synchronize()\n"
+            "print('no error')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "no error" not in run.stdout, run.stdout + run.stderr
+    assert "assert" in run.stderr.lower(), run.stderr[-2000:]
