@@ -137,8 +137,9 @@ def _kernels_for(run, per_element, regs=128):
 
 
 def test_model_of_the_chunked_fwd_bwd_by_hand(monkeypatch):
-    """With a backward that multiplies out of place (one launch, a pass, a new buffer)."""
+    """With a backward that multiplies out of place (one launch, a pass, a new buffer) and a host label check."""
     monkeypatch.setitem(roofline.BACKWARD, "triton", {"launches": 1, "passes": 1, "buffers": 1, "host_syncs": 0})
+    monkeypatch.setattr(roofline, "CHECK_TARGETS", {"launches": 6, "host_syncs": 1})
     B, K = 8192, 131072
     L = B * K * 2                                             # bf16 logits: 2 GiB, far over L2
     run = roofline.KernelRun("k", 132, 16, "chunked", {"BLOCK_K": 8192, "NEEDS_PASS2": True})
@@ -276,3 +277,11 @@ def test_ci_subset_runs(tmp_path):
         assert 0 < r["predicted_pct_copy"] <= 100 and r["sass_per_element"] > 0
     for k in data["kernels"].values():
         assert k["registers"] > 0 and k["blocks_per_sm"] >= 1
+
+
+def test_default_arguments_add_no_label_check_launch_or_sync():
+    """check_targets=True on CUDA tensors leaves the labels to the kernels (functional._host_label_check)."""
+    import torch
+    from apl_kernels import functional
+    assert roofline.CHECK_TARGETS == {"launches": 0, "host_syncs": 0}
+    assert functional._host_label_check(True, torch.device("cuda")) is False
