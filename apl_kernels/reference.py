@@ -87,7 +87,7 @@ def _active(spec: LossSpec, log_p, p, log_p_y, p_y, target, K: int):
         return (1 - clamped_y ** spec.q) / (K - (p.clamp(min=P_MIN, max=1.0) ** spec.q).sum(dim=1))
     if spec.active == "ece":
         # The argmax is an index (first of ties, as torch.argmax): the m added there carries no gradient.
-        at_argmax = torch.nn.functional.one_hot(p.argmax(dim=1), K).to(p.dtype)
+        at_argmax = _one_hot(p.argmax(dim=1), K, p.dtype)
         eps_softmax = (p + spec.m * at_argmax) / (spec.m + 1)
         return -_at_label(eps_softmax.clamp(min=ECE_EPS).log(), target)
     if spec.active == "taylor":
@@ -128,13 +128,19 @@ def _passive(spec: LossSpec, log_p, p, p_y, one_hot, target, K: int):
     raise AssertionError(spec.passive)
 
 
+def _one_hot(index: torch.Tensor, K: int, dtype: torch.dtype) -> torch.Tensor:
+    # A comparison, not F.one_hot, whose range check reads values (vmap cannot);
+    # gather below still rejects a label outside [0, K).
+    return (index[:, None] == torch.arange(K, device=index.device)).to(dtype)
+
+
 def reference_loss_rows(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec) -> torch.Tensor:
     """Per-row loss of 2-D logits [N, K] with labels [N] in [0, K)."""
     K = logits.shape[1]
     z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     log_p = torch.log_softmax(z, dim=1)
     p = log_p.exp()
-    one_hot = torch.nn.functional.one_hot(target, K).to(z.dtype)
+    one_hot = _one_hot(target, K, z.dtype)
     log_p_y = log_p.gather(1, target[:, None]).squeeze(1)
     p_y = p.gather(1, target[:, None]).squeeze(1)
     active = _active(spec, log_p, p, log_p_y, p_y, target, K)

@@ -180,6 +180,23 @@ def test_torch_func_transforms():
     assert_close(grads[1], _reference_grad(2 * z, y, spec), torch.float64, "vmap of grad")
 
 
+@pytest.mark.parametrize("loss", ("nce+rce", "ece+mae", "nce+amse"))
+def test_per_sample_gradients_with_batched_labels(loss):
+    """vmap(grad) over samples AND their labels (per-example gradients for noise detection).
+
+    F.one_hot read the labels' values for its range check, which vmap cannot do.
+    """
+    spec = LossSpec.from_name(loss)
+    z = torch.randn(5, 4, 10, dtype=torch.float64)
+    y = torch.randint(0, 10, (5, 4))
+    y[1, 2] = -100
+    grads = torch.func.vmap(torch.func.grad(lambda t, labels: apl_loss(t, labels, spec)))(z, y)
+    for i in range(5):
+        assert_close(grads[i], _reference_grad(z[i], y[i], spec), torch.float64, f"sample batch {i}")
+    with pytest.raises(RuntimeError, match="out of bounds"):   # a bad label is still refused under a transform
+        torch.func.grad(lambda t: apl_loss(t, torch.tensor([0, 12, 1, 2]), spec))(torch.randn(4, 10))
+
+
 def test_torch_func_with_an_explicit_fused_backend_names_the_limitation():
     y = torch.tensor([0, 1])
     with pytest.raises(RuntimeError, match="does not support torch.func transforms"):
