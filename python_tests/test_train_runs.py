@@ -149,7 +149,7 @@ def test_sweep_skips_finished_runs_then_report(cifar, tmp_path, capsys):
     listing = capsys.readouterr().out
     assert "6 runs, 4 finished, 2 to run" in listing and listing.count("[finished]") == 4
     # The cost comes from the epochs measured so far: each finished run's second epoch.
-    assert "cost: 4 cnn8 epochs x" in listing and "median of 4 measured epochs" in listing
+    assert "cost: 4 cnn8 cifar10 cpu epochs x" in listing and "median of 4 measured epochs" in listing
     assert sweep.main(grid + ["--workers", "2"] + flags) == 0  # the two seed-2 runs, as subprocesses
     progress = capsys.readouterr().out
     assert progress.count(": test accuracy ") == 2 and "s2" in progress and "; ETA " in progress
@@ -214,3 +214,19 @@ def test_synthetic_run_needs_no_data(tmp_path):
     assert {k: data[k] for k in ("dataset", "folder", "train", "test", "official")} == {
         "dataset": "cifar10", "folder": "synthetic", "train": 40, "test": 8, "official": False}
     assert data["deviations"] == ["synthetic (random images)"]
+
+
+def test_sweep_cost_uses_epochs_of_the_same_model_data_set_and_device(tmp_path):
+    """A CIFAR-100 or GPU run's epoch time does not price a CIFAR-10 CPU sweep."""
+    def fake_run(name, model, dataset, device, seconds):
+        d = tmp_path / name
+        d.mkdir()
+        (d / cli.CONFIG).write_text(json.dumps({"identity": {"model": model, "dataset": dataset, "device": device}}))
+        rows = [{"epoch_time_s": seconds, "eval_time_s": 1.0}] * 3     # the first epoch is left out
+        (d / cli.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fake_run("a", "cnn8", "cifar10", "cpu", 10.0)
+    fake_run("b", "cnn8", "cifar100", "cpu", 50.0)
+    fake_run("c", "cnn8", "cifar10", "cuda", 2.0)
+    assert sweep.measured_epoch_seconds(str(tmp_path), ("cnn8", "cifar10", "cpu")) == (11.0, 2)
+    assert sweep.measured_epoch_seconds(str(tmp_path), ("cnn8", "cifar100", "cpu")) == (51.0, 2)
+    assert sweep.measured_epoch_seconds(str(tmp_path), ("resnet34", "cifar10", "cpu")) == (None, 0)

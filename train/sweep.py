@@ -111,16 +111,24 @@ def epochs_done(run_dir: str) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def measured_epoch_seconds(out: str, model: str):
-    """Median seconds of a training epoch plus its evaluation, over every run of
-    ``model`` under ``out`` (first epochs left out), and how many epochs; (None, 0) if none."""
+# What an epoch's time depends on most: a run's measured epochs estimate only runs with the same of these.
+COST_KEYS = ("model", "dataset", "device")
+
+
+def cost_key(identity: dict) -> tuple:
+    return tuple(identity.get(k) for k in COST_KEYS)
+
+
+def measured_epoch_seconds(out: str, key: tuple):
+    """Median seconds of a training epoch plus its evaluation, over every run under
+    ``out`` whose cost_key is ``key`` (first epochs left out), and how many epochs; (None, 0) if none."""
     times = []
     if os.path.isdir(out):
         for name in os.listdir(out):
             config = os.path.join(out, name, cli.CONFIG)
             try:
                 with open(config) as f:
-                    if json.load(f).get("identity", {}).get("model") != model:
+                    if cost_key(json.load(f).get("identity", {})) != key:
                         continue
                 with open(os.path.join(out, name, cli.METRICS)) as f:
                     rows = [json.loads(line) for line in f if line.strip()]
@@ -130,11 +138,10 @@ def measured_epoch_seconds(out: str, model: str):
     return (statistics.median(times), len(times)) if times else (None, 0)
 
 
-def _model_of(argv) -> str:
-    """The model a run trains: --model, else its data set's default (cnn8, resnet34)."""
-    args = cli.build_parser().parse_args(argv)
-    cli.resolve_dataset_defaults(args)
-    return args.model
+def _cost_key_of(argv) -> tuple:
+    """cost_key of the run that `python -m train argv` would start."""
+    _, _, ident, _ = cli.plan_run(cli.build_parser().parse_args(argv))
+    return cost_key(ident)
 
 
 def _hours(seconds: float) -> str:
@@ -163,16 +170,18 @@ def main(argv=None) -> int:
         for argv_, run_dir, _ in runs:
             print(f"  [{state_of(run_dir):8s}] {run_dir}: python -m train {' '.join(argv_)}")
         out = cli.build_parser().parse_args(runs[0][0]).out if runs else "runs"
-        for model in sorted({_model_of(a) for a, _, _ in todo}):
-            epochs = sum(e - epochs_done(d) for a, d, e in todo if _model_of(a) == model)
-            seconds, n = measured_epoch_seconds(out, model)
+        keys = {d: _cost_key_of(a) for a, d, _ in todo}
+        for key in sorted(set(keys.values()), key=str):
+            what = " ".join(str(v) for v in key)   # e.g. "cnn8 cifar10 cpu"
+            epochs = sum(e - epochs_done(d) for _, d, e in todo if keys[d] == key)
+            seconds, n = measured_epoch_seconds(out, key)
             if seconds is None:
-                print(f"cost: {epochs} {model} epochs to run; no epoch time measured under {out} yet (a run with "
+                print(f"cost: {epochs} {what} epochs to run; no epoch time measured under {out} yet (a run with "
                       f"--epochs 2, or python -m bench.epochs, measures one)")
             else:
-                print(f"cost: {epochs} {model} epochs x {seconds:.2f} s (median of {n} measured epochs with their "
-                      f"evaluation under {out}) = {_hours(epochs * seconds)} on one slot, "
-                      f"{_hours(epochs * seconds / len(slots))} on {len(slots)}")
+                print(f"cost: {epochs} {what} epochs x {seconds:.2f} s (median of {n} measured epochs with their "
+                      f"evaluation under {out}, same {'/'.join(COST_KEYS)}) = {_hours(epochs * seconds)} on one "
+                      f"slot, {_hours(epochs * seconds / len(slots))} on {len(slots)}")
         return 0
     return _run_all(todo, slots)
 
