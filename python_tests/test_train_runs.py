@@ -165,9 +165,10 @@ def test_sweep_skips_finished_runs_then_report(cifar, tmp_path, capsys):
     (csv_path,) = [p for p in written["tables"] if p.endswith(".csv")]
     with open(csv_path) as f:
         rows = {row[0]: row for row in csv.reader(f)}
-    assert rows["loss"] == ["loss", "official_data", "0.4_mean", "0.4_std", "0.4_n", "0.4_paper"]
+    assert rows["loss"] == ["loss", "official_data", "0.4_mean", "0.4_std", "0.4_n", "0.4_paper", "0.4_eps_softmax",
+                            "0.4_eps_softmax_std"]
     for loss, paper in (("ce", "60.28"), ("nce+rce", "86.02")):  # published, Ma et al. Table
-        _, official, mean, std, n, published = rows[loss]
+        _, official, mean, std, n, published = rows[loss][:6]
         # The fabricated data are marked: not the release's files, and a subset.
         assert official.startswith("no: md5 mismatch: data_batch_1") and "subset: 50 training" in official
         assert float(mean) == pytest.approx(np.mean(finals[loss]), abs=0.006)

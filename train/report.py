@@ -7,7 +7,9 @@ apart from the table's own axes (loss, noise rate) and the seed, so runs that
 differ in anything else are never averaged together.  Writes, into ``--out``
 (default ``<runs>/report``), per group ``<noise>_<setup>``:
   table_*.csv / .md         a row per loss, a column per noise rate, mean ± std
-                            (n runs), the published number of Ma et al. beside;
+                            (n runs), the published numbers beside: Ma et al.'s
+                            and the epsilon-softmax paper's Table 2 (its own
+                            reruns of the baselines), where they have the cell;
   accuracy_vs_rate_*.png    test accuracy against the noise rate;
   learning_curves_*.png     test accuracy, training accuracy on the clean and on
                             the noisy labels (memorisation), training loss;
@@ -27,7 +29,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from .paper_results import SYMMETRIC, paper_accuracy
+from .paper_results import SOURCES, SYMMETRIC, published_entry
 
 PAPER_ORDER = list(SYMMETRIC)
 # Identity keys that are a table's axes or averaged over, not part of its setup
@@ -36,6 +38,10 @@ AXES = ("loss", "rate", "seed", "noise_seed", "noise", "noise_recipe", "label_se
 NOISE_WORDS = {"sym": "symmetric", "asym": "asymmetric", "human": "human (CIFAR-N)"}
 DATASET_WORDS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
 NOT_OFFICIAL = "NOT THE OFFICIAL DATA"
+# The CSV columns of each source of published numbers, per rate ("paper" is Ma et al.'s).
+CSV_COLUMNS = {"ma": ("paper",), "eps-softmax": ("eps_softmax", "eps_softmax_std")}
+# How each source's numbers are drawn in the accuracy-vs-rate plot.
+PLOT_STYLES = {"ma": dict(linestyle=":", marker="x"), "eps-softmax": dict(linestyle="--", marker="+")}
 
 
 def collect(runs_dir: str) -> list:
@@ -137,18 +143,32 @@ def _mean_std(values) -> tuple:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
-def published(setup: dict, noise: str, loss: str, rate: float):
-    """Ma et al.'s published accuracy for a cell, from the table of the setup's
-    data set (CIFAR-10 or CIFAR-100, never the other's), or None."""
+def published(setup: dict, noise: str, loss: str, rate: float, source: str = "ma"):
+    """(mean, std) published by ``source`` (paper_results.SOURCES; std None where
+    it prints none) for a cell, from its table of the setup's data set (CIFAR-10
+    or CIFAR-100, never the other's), or None."""
     dataset = setup.get("dataset", "cifar10")
     base = noise.split("-")[0]
     loss = loss.partition(" (")[0]
     for name in (loss, "sce" if loss == "ce+rce" else None):
         if name is not None:
-            value = paper_accuracy(base, name, rate, dataset)
-            if value is not None:
-                return value
+            entry = published_entry(base, name, rate, dataset, source)
+            if entry is not None:
+                return entry
     return None
+
+
+def published_cell(setup: dict, noise: str, loss: str, rate: float) -> dict:
+    """{source: (mean, std)} of every source with a number for the cell."""
+    cell = {source: published(setup, noise, loss, rate, source) for source in SOURCES}
+    return {source: entry for source, entry in cell.items() if entry is not None}
+
+
+def _published_text(entries: dict) -> str:
+    """" [Ma 89.22; ε-softmax 88.41 ± 0.24]", or "" when no source has the cell."""
+    parts = [f"{SOURCES[s]['label']} {mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
+             for s, (mean, std) in entries.items()]
+    return f" [{'; '.join(parts)}]" if parts else ""
 
 
 def _row_names(runs: list) -> dict:
@@ -178,7 +198,7 @@ def groups(runs: list) -> dict:
 
 
 def accuracy_tables(runs: list) -> dict:
-    """{(noise, setup): {"rates", "losses", "setup", "deviations", "cells": {(loss, rate): (mean, std, n, paper)}}}."""
+    """{(noise, setup): {"rates", "losses", "setup", "deviations", "cells": {(loss, rate): (mean, std, n)}}}."""
     tables = {}
     for (noise, label), members in groups(runs).items():
         names = _row_names(members)
@@ -189,12 +209,12 @@ def accuracy_tables(runs: list) -> dict:
         tables[(noise, label)] = {
             "rates": sorted({rate for _, rate in cells}), "losses": _loss_order({loss for loss, _ in cells}),
             "setup": setup, "deviations": setup["data_deviations"], "runs": members, "names": names,
-            "cells": {k: _mean_std(v) + (published(setup, noise, k[0], k[1]),) for k, v in cells.items()}}
+            "cells": {k: _mean_std(v) for k, v in cells.items()}}
     return tables
 
 
 def _fmt(cell) -> str:
-    mean, std, n, _ = cell
+    mean, std, n = cell
     return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
 
 
@@ -207,24 +227,30 @@ def title(table: dict, noise: str) -> str:
 
 
 def write_table(table: dict, noise: str, setup: str, out: str) -> tuple:
-    """CSV (mean, std, n, paper per rate) and Markdown ("mean ± std (n) [paper]") of one table."""
+    """CSV (per rate: mean, std, n, then each source's published columns, CSV_COLUMNS)
+    and Markdown ("mean ± std (n) [Ma 89.22; ε-softmax 88.41 ± 0.24]") of one table."""
     stem = os.path.join(out, f"table_{noise}_{setup}")
     rates, losses, cells = table["rates"], table["losses"], table["cells"]
     official = not table["deviations"]
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["loss", "official_data"] + [f"{r:g}_{field}" for r in rates
-                                                for field in ("mean", "std", "n", "paper")])
+        w.writerow(["loss", "official_data"] + [f"{r:g}_{field}" for r in rates for field in
+                                                ("mean", "std", "n", *(c for s in SOURCES for c in CSV_COLUMNS[s]))])
         for loss in losses:
             row = [loss, "yes" if official else "no: " + "; ".join(table["deviations"])]
             for r in rates:
-                mean, std, n, paper = cells.get((loss, r), (None, None, 0, published(table["setup"], noise, loss, r)))
-                row += ["" if mean is None else f"{mean:.2f}", "" if std is None else f"{std:.2f}", n,
-                        "" if paper is None else f"{paper:.2f}"]
+                mean, std, n = cells.get((loss, r), (None, None, 0))
+                row += ["" if mean is None else f"{mean:.2f}", "" if std is None else f"{std:.2f}", n]
+                for source in SOURCES:
+                    entry = published(table["setup"], noise, loss, r, source) or (None, None)
+                    row += ["" if v is None else f"{v:.2f}" for v in entry[:len(CSV_COLUMNS[source])]]
             w.writerow(row)
     mark = "" if official else "†"
-    lines = [f"**{title(table, noise)}**: last-epoch test accuracy (%), mean ± std over seeds (n runs), "
-             f"published value of Ma et al. in brackets.", ""]
+    shown = {s for loss in losses for r in rates for s in published_cell(table["setup"], noise, loss, r)}
+    lines = [f"**{title(table, noise)}**: last-epoch test accuracy (%), mean ± std over seeds (n runs)"
+             + (", published values in brackets, from:" if shown else "."), ""]
+    lines += [f"- {SOURCES[s]['label']}: {SOURCES[s]['citation']}." for s in SOURCES if s in shown]
+    lines += [""] if shown else []
     if not official:
         lines += [f"† {NOT_OFFICIAL}: these runs used {'; '.join(table['deviations'])}. They are not comparable "
                   f"with the published numbers, which were measured on the official CIFAR release.", ""]
@@ -233,9 +259,8 @@ def write_table(table: dict, noise: str, setup: str, out: str) -> tuple:
         row = []
         for r in rates:
             cell = cells.get((loss, r))
-            paper = published(table["setup"], noise, loss, r)
             text = "–" if cell is None else f"{_fmt(cell)}{mark} ({cell[2]})"
-            row.append(text + (f" [{paper:.2f}]" if paper is not None else ""))
+            row.append(text + _published_text(published_cell(table["setup"], noise, loss, r)))
         lines.append(f"| {loss_label(loss)} | " + " | ".join(row) + " |")
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -263,20 +288,25 @@ def plot_accuracy_vs_rate(table: dict, noise: str, setup: str, path: str) -> Non
     import matplotlib.pyplot as plt
     _style()
     fig, ax = plt.subplots(figsize=(10, 6))
+    shown = set()
     for color, loss in zip(_colors(len(table["losses"])), table["losses"]):
         rates = [r for r in table["rates"] if (loss, r) in table["cells"]]
         means = [table["cells"][(loss, r)][0] for r in rates]
         stds = [table["cells"][(loss, r)][1] for r in rates]
         ax.errorbar(rates, means, yerr=stds, marker="o", capsize=3, color=color, label=loss_label(loss))
-        paper = [(r, published(table["setup"], noise, loss, r)) for r in table["rates"]]
-        paper = [(r, p) for r, p in paper if p is not None]
-        if paper:
-            ax.plot(*zip(*paper), linestyle=":", marker="x", color=color, alpha=0.7)
+        for source in SOURCES:
+            paper = [(r, published(table["setup"], noise, loss, r, source)) for r in table["rates"]]
+            paper = [(r, p[0]) for r, p in paper if p is not None]
+            if paper:
+                shown.add(source)
+                ax.plot(*zip(*paper), color=color, alpha=0.7, **PLOT_STYLES[source])
     ax.set_xticks(table["rates"], [f"{r:g}" for r in table["rates"]])  # only the rates that were run
     ax.set_xlabel("noise rate η")
     ax.set_ylabel("test accuracy (%), last epoch")
-    ax.set_title(_wrap("Test accuracy against noise rate: " + title(table, noise)
-                       + ". Dotted ×: published (Ma et al.)"))
+    styles = {":": "dotted", "--": "dashed"}
+    ax.set_title(_wrap("Test accuracy against noise rate: " + title(table, noise) + "".join(
+        f". {styles[PLOT_STYLES[s]['linestyle']].capitalize()} {PLOT_STYLES[s]['marker']}: published "
+        f"({SOURCES[s]['short']})" for s in SOURCES if s in shown)))
     ax.grid(alpha=0.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
