@@ -14,6 +14,11 @@ Passes (each timed separately; the loss is reduced with "mean"):
 Input validation is off (check_targets=False): it costs a host sync on the GPU
 and is not part of the loss.
 
+CPU clock and threads: by default wall clock (time.perf_counter) at torch's
+default thread count, the time a user sees.  A run with --threads or
+--clock cpu also times fwd+bwd that way, beside its own figures: one more line
+per configuration, and meta["default_wall_fwd_bwd"].
+
 Columns: median ms; GB/s on the minimal I/O (fwd: read the logits once; bwd:
 write the gradient once; fwd+bwd: both); % of the copy bandwidth measured in
 the same run (GPU: device-to-device copy of a 1 GiB buffer; CPU: fastest Tensor.copy_ of
@@ -179,6 +184,32 @@ def _time_pass(fns: dict, device, args, rows, skipped, config) -> dict:
     return ok
 
 
+def _time_default_wall(fns: dict, args, default_threads: int, meta: dict, config) -> str:
+    """fwd+bwd of the configuration's working backends in wall clock at torch's default
+    thread count, sampled in turn: kept in meta["default_wall_fwd_bwd"], returned as a line to print."""
+    loss, B, K, dtype_name = config
+    threads, clock = torch.get_num_threads(), common.cpu_clock
+    torch.set_num_threads(default_threads)
+    common.set_cpu_clock("wall")
+    try:
+        fb = {backend: f["fwd+bwd"] for backend, f in fns.items()}
+        for fn in fb.values():
+            common.warm_up(fn, torch.device("cpu"), max_s=0.1 if args.quick else 15.0)
+        ms = common.time_interleaved(fb, quick=args.quick, min_time_s=args.min_time)
+    except Exception as error:  # noqa: BLE001 - the run's own figures stand without it
+        return f"  fwd+bwd, wall clock, {default_threads} threads: failed: {type(error).__name__}: {error}"
+    finally:
+        torch.set_num_threads(threads)
+        common.cpu_clock = clock
+    meta["default_wall_fwd_bwd"][f"{loss} {B}x{K} {dtype_name}"] = {
+        "threads": default_threads, "loadavg": common._loadavg(), "ms": {b: common.sig(v) for b, v in ms.items()}}
+    cells = [f"{b} {v:.4g} ms" for b, v in ms.items()]
+    for base in ("compiled", "reference"):
+        if "cpu" in ms and base in ms:
+            cells.append(f"cpu {ms[base] / ms['cpu']:.2f}x {base}")
+    return f"  fwd+bwd, wall clock, {default_threads} threads: " + ", ".join(cells)
+
+
 HEADER = (f"{'backend':<16} {'fwd ms':>9} {'bwd ms':>9} {'f+b ms':>9} {'GB/s':>8} {'%copy':>6} "
           f"{'mem x':>6} {'lnch':>5} {'x ref':>7} {'x comp':>7}")
 
@@ -189,10 +220,13 @@ def run(args) -> dict:
         raise SystemExit("--device cuda but torch.cuda.is_available() is False")
     _import_package()
     _setup_compile(device)
+    default_threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     gpu = device.type == "cuda"
     common.set_cpu_clock(args.clock)
+    # Also the user's view (wall clock, torch's default threads) when the run times otherwise.
+    also_default_wall = not gpu and (args.clock != "wall" or torch.get_num_threads() != default_threads)
 
     losses = common.parse_list(args.losses, LOSSES + common.ALL_LOSSES, "loss") or \
         (["ce", "nce+rce"] if args.quick else list(LOSSES))
@@ -233,6 +267,15 @@ def run(args) -> dict:
         print(f"device-to-device copy bandwidth: {meta['copy_gbps']:.1f} GB/s")
     else:
         meta["copy_gbps_by_shape"] = {}
+    if not gpu:
+        threads = torch.get_num_threads()
+        meta["default_threads"] = default_threads
+        print(f"CPU timing: {'wall clock' if args.clock == 'wall' else 'CPU time of all threads'}, {threads} "
+              f"thread{'' if threads == 1 else 's'} ({'torch default' if threads == default_threads else '--threads'})"
+              + (f"; fwd+bwd also in wall clock at torch's default {default_threads} threads"
+                 if also_default_wall else ""))
+        if also_default_wall:
+            meta["default_wall_fwd_bwd"] = {}
     print(f"results -> {out_path}")
 
     configs = [(loss, shape, dtype) for dtype in dtypes for shape in shapes for loss in losses]
@@ -303,6 +346,8 @@ def run(args) -> dict:
                 for backend in list(fns):
                     if backend in rows and "failed" in rows[backend]:
                         fns.pop(backend)  # failed in this pass: not timed further
+            wall_line = _time_default_wall(fns, args, default_threads, meta, (loss, B, K, dtype_name)) \
+                if also_default_wall and "fwd+bwd" in passes and fns else None
             for backend, res in results.items():
                 records.extend(res.values())
                 if res and backend not in rows:
@@ -313,6 +358,8 @@ def run(args) -> dict:
                 torch.cuda.empty_cache()
             for backend in group:
                 _print_row(backend, rows, ref_ms=_fb(rows.get("reference")), compiled_ms=_fb(rows.get("compiled")))
+            if wall_line:
+                print(wall_line, flush=True)
         del logits, target
         meta["skipped"] = skipped
         meta["kernel_seconds"] = round(time.perf_counter() - t_start, 1)

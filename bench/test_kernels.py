@@ -5,7 +5,8 @@
 
 Each group is one (loss, shape, dtype) with one benchmark per backend, timing
 the training step fwd+bwd.  CPU: cpu vs reference vs compiled reference at
-[4096, 1000] and [128, 10] fp32.  GPU: every backend at the GPU shapes, bf16.
+[4096, 1000], [128, 10] and [1000000, 2] (with F.cross_entropy for ce) fp32.
+GPU: every backend at the GPU shapes, bf16.
 The full matrix with bandwidth, memory and launches is `python -m bench.kernels`.
 """
 from __future__ import annotations
@@ -22,6 +23,11 @@ CPU_CASES = [(loss, shape, backend)
              for loss in ("nce+rce", "nfl+rce")
              for shape in ((4096, 1000), (128, 10))
              for backend in ("cpu", "reference", "compiled")]
+# Many rows of very few classes (the kernel's small-K tile path): at least as fast as the references.
+CPU_CASES += [(loss, (1000000, 2), backend)
+              for loss in ("ce", "nce+rce")
+              for backend in ("cpu", "reference", "compiled", "F.cross_entropy")
+              if backend != "F.cross_entropy" or loss == "ce"]
 GPU_CASES = [(loss, shape, backend)
              for loss in ("ce", "nce+rce", "nfl+rce")
              for shape in GPU_SHAPES

@@ -377,7 +377,10 @@ APL_HD RowResult<T> finish_row(const SoftmaxStats<T>& s, const NormalizerSums<T>
   c.log_sum = s.log_sum();
   const T l_y = log_prob(z_target, c.max, c.log_sum);
   const T p_y = apl_exp(l_y);
-  const T one_minus_p_y = -apl_expm1(l_y);
+  // Only for the terms that read it: expm1 costs a CPU row of few classes as much as the rest of it.
+  const bool reads_u = P.active == kECE || P.active == kTaylor || P.passive == kMAE || P.passive == kNMAE ||
+                       P.passive == kAGCE || P.passive == kAUL || P.passive == kAMSE;
+  const T one_minus_p_y = reads_u ? -apl_expm1(l_y) : T(0);
   const T u = one_minus_p_y;
   const T gamma = T(P.gamma), q = T(P.q), a = T(P.a), Kf = T(K);
   const T alpha = T(P.alpha) * weight, beta = T(P.beta) * weight;

@@ -98,6 +98,22 @@ def test_default_results_stay_out_of_the_tracked_tree(tmp_path, monkeypatch):
     assert ignored.returncode == 0, f"{path} would be tracked by git"
 
 
+def test_cpu_run_at_other_threads_also_reports_default_wall_clock(tmp_path):
+    """--threads 1 --clock cpu: fwd+bwd is also timed as users see it (wall clock, torch's default threads)."""
+    out = tmp_path / "threads.json"
+    stdout = _run(["bench.kernels", "--quick", "--device", "cpu", "--threads", "1", "--clock", "cpu",
+                   "--losses", "ce", "--shapes", "8x10", "--backends", "reference,F.cross_entropy",
+                   "--passes", "fwd+bwd", "--no-plots", "--out", str(out)])
+    data = json.loads(out.read_text())
+    _check_format(data)
+    default = torch.get_num_threads()
+    assert f"also in wall clock at torch's default {default} threads" in stdout
+    assert f"fwd+bwd, wall clock, {default} threads: reference" in stdout
+    wall = data["meta"]["default_wall_fwd_bwd"]["ce 8x10 fp32"]
+    assert wall["threads"] == default == data["meta"]["default_threads"]
+    assert set(wall["ms"]) == {"reference", "F.cross_entropy"} and min(wall["ms"].values()) > 0
+
+
 def test_unavailable_extension_is_skipped_with_reason(tmp_path, monkeypatch):
     """Without the C++ extension the kernel benchmark still writes valid results."""
     from apl_kernels import ops

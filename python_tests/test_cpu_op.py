@@ -1,12 +1,15 @@
 """The CPU op called directly: schema, dtypes, the gradient folded into the
-forward, threads, strides and the C++ argument checks."""
+forward, threads, strides, the C++ argument checks and the path of rows with few classes."""
+import math
+
 import pytest
 import torch
 
 from apl_kernels import LossSpec
 from apl_kernels.spec import REDUCTIONS
 
-from apl_testing import assert_close, compare_with_reference, make_inputs, reference_loss_and_grad
+from apl_testing import (ALL_LOSSES, assert_close, compare_with_reference, make_inputs, make_spec,
+                         reference_loss_and_grad)
 
 op = torch.ops.apl_kernels.fused_loss.default
 
@@ -134,3 +137,64 @@ def test_large_k_half():
     spec = LossSpec.from_name("nce+rce")
     loss, grad = _call(x, y, spec)
     compare_with_reference(loss, grad, x, y, spec, "mean", label="fp16 K=50257")
+
+
+# Rows of K <= 16 classes take the kernel's tile path (csrc/cpu/fused_rows_impl.h,
+# small_k_tile: 16 rows at a time, one per vector lane, from a transposed copy).
+# 37 rows leave a short last tile; the special rows sit inside tiles.
+SMALL_K_ROWS = 37
+
+
+def _small_k_inputs(k, dtype, row_stride_pad=0, non_finite=False):
+    """[37, k] logits (a column slice of a wider tensor if row_stride_pad) with
+    ignored rows, a masked class, and with non_finite NaN, +inf and all -inf rows."""
+    wide, target = make_inputs(SMALL_K_ROWS, k + row_stride_pad, torch.float64, seed=k, ignore_every=4)
+    wide[3, 0] = -math.inf  # a class with p = 0 (label elsewhere: make sure)
+    target[3] = 1
+    if non_finite:
+        wide[6, k - 1] = math.nan
+        wide[10, 0] = math.inf
+        wide[18, :k] = -math.inf  # second tile
+        wide[35, 1] = math.nan    # the short last tile
+    logits = wide.to(dtype)[:, :k]
+    target = target % k if row_stride_pad else target
+    target[::4] = -100
+    return logits, target
+
+
+@pytest.mark.parametrize("loss", ALL_LOSSES)
+def test_small_k_tiles_every_loss(loss):
+    """Every term and pair at K = 3 in fp64, special rows included, per row."""
+    spec = make_spec(loss, m=3.0) if loss.startswith("ece") else make_spec(loss)
+    x, y = _small_k_inputs(3, torch.float64, non_finite=True)
+    row_loss, grad = _call(x, y, spec, "none")
+    ref_loss, ref_grad = reference_loss_and_grad(x, y, spec, "none")
+    assert_close(row_loss, ref_loss, torch.float64, f"{loss} loss")
+    assert_close(grad, ref_grad, torch.float64, f"{loss} grad")
+    assert torch.isnan(row_loss[[6, 10, 18, 35]]).all() and torch.isnan(grad[[6, 10, 18, 35]]).all()
+
+
+@pytest.mark.parametrize("k", (2, 7, 16, 17))  # 17: the first K of the per-row path
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16, torch.float64), ids=str)
+@pytest.mark.parametrize("loss", ("ce", "nce+rce", "nfl+nnfl", "ngce+amse"))
+def test_small_k_tiles_dtypes_strides_reductions(k, dtype, loss):
+    spec = make_spec(loss)
+    for pad in (0, 5):
+        x, y = _small_k_inputs(k, dtype, row_stride_pad=pad)
+        for reduction in REDUCTIONS:
+            loss_value, grad = _call(x, y, spec, reduction)
+            compare_with_reference(loss_value, grad, x, y, spec, reduction,
+                                   label=f"{loss} K={k} {dtype} row stride {x.stride(0)} {reduction}")
+
+
+def test_small_k_out_of_range_labels():
+    """Unchecked bad labels inside a tile: their rows are NaN, the other rows unchanged."""
+    x, y = _small_k_inputs(4, torch.float32)
+    bad = y.clone()
+    bad[[2, 20]] = torch.tensor([4, -3])
+    spec = LossSpec.from_name("nce+rce")
+    row_loss, grad = _call(x, bad, spec, "none")
+    assert torch.isnan(row_loss[[2, 20]]).all() and torch.isnan(grad[[2, 20]]).all()
+    keep = torch.tensor([i for i in range(SMALL_K_ROWS) if i not in (2, 20)])
+    good_loss, good_grad = _call(x[keep], y[keep], spec, "none")
+    assert torch.equal(row_loss[keep], good_loss) and torch.equal(grad[keep], good_grad)

@@ -7,6 +7,9 @@
 //   3. the normaliser sums, only if apl::needs_second_pass (reads z and e)
 //   4. the gradient, weight of the reduction included (reads e, writes grad):
 //      a vectorised loop per family of losses (GradPass), a generic one else.
+// Rows of K <= 16 classes run passes 1 and 2 for 16 rows at once, one row per
+// vector lane (small_k_tile in cpu/fused_rows_impl.h): per row, those loops
+// would cost more in setup than in work.
 // Accumulation is in at::opmath_type: float for half/bfloat16/float, double
 // for double.  A reduced loss is summed in fixed blocks of rows (run()), so
 // the result does not depend on the number of threads.

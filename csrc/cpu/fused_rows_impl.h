@@ -233,52 +233,18 @@ void plain_grad_row(const acc_t* __restrict e, int64_t K, acc_t inv_sumexp, acc_
         apl::grad_other_from(e[k] * inv_sumexp, e[k] >= live_from, e[k] >= live_neg_from, zero, c, P));
 }
 
-// Loss of one row with a valid label y; writes its gradient row if grad != nullptr.
-// `e` and `focal_d` are per-thread scratch rows of K values.
+// Passes 3 and 4 of a row with a valid label y and finite logits, from its
+// softmax statistics (passes 1 and 2) and e_k = exp(z_k - max) in `e`: returns
+// its loss, writes its gradient row if grad != nullptr.  `e` and `focal_d` are
+// per-thread scratch rows of K values.  `stats` by value: a local copy that no
+// store can alias, so that the shared math's log(sumexp) and exp(l_y) calls,
+// repeated in finish_row and grad_element, are computed once.
 template <typename scalar_t, typename acc_t>
-acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>& ctx, scalar_t* __restrict grad,
-                acc_t* __restrict e, acc_t* __restrict focal_d) {
+acc_t finish_fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>& ctx,
+                       const apl::SoftmaxStats<acc_t> stats, scalar_t* __restrict grad, acc_t* __restrict e,
+                       acc_t* __restrict focal_d) {
   const int64_t K = ctx.K;
-  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-
-  // Pass 1.  A NaN leaves `max` alone but makes sum_z NaN; +inf makes max +inf.
-  acc_t max = -INFINITY, sum_z = 0;
-#pragma omp simd reduction(max : max) reduction(+ : sum_z)
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t v = static_cast<acc_t>(z[k]);
-    max = v > max ? v : max;
-    sum_z += v;
-  }
-  // NaN, +inf or all -inf: log_softmax is NaN for the whole row, as in torch.
-  if (std::isnan(sum_z) || std::isinf(max)) {
-    if (grad)
-      for (int64_t k = 0; k < K; ++k) grad[k] = static_cast<scalar_t>(nan);
-    return nan;
-  }
-
-  // Pass 2, with sum (z - max) for nce: in blocks whose partial sums add up in
-  // double, so that its error does not grow with K (an SSE2 loop has 4 lanes
-  // of K / 4 terms each).
-  acc_t sumexp = 0;
-  double sum_shifted = 0;
-  for (int64_t b = 0; b < K; b += kShiftedBlock) {
-    const int64_t b_end = K - b > kShiftedBlock ? b + kShiftedBlock : K;
-    acc_t part = 0;
-#pragma omp simd reduction(+ : sumexp, part)
-    for (int64_t k = b; k < b_end; ++k) {
-      const acc_t shifted = static_cast<acc_t>(z[k]) - max;
-      const acc_t ek = exp_nonpos(shifted);
-      e[k] = ek;
-      sumexp += ek;
-      part += shifted;
-    }
-    sum_shifted += static_cast<double>(part);
-  }
-  apl::SoftmaxStats<acc_t> stats;
-  stats.max = max;
-  stats.sumexp = sumexp;
-  stats.sum_shifted = static_cast<acc_t>(sum_shifted);
-  stats.count = static_cast<acc_t>(K);
+  const acc_t max = stats.max, sumexp = stats.sumexp;
   const acc_t log_sum = stats.log_sum();
   const acc_t inv_sumexp = acc_t(1) / sumexp;
 
@@ -353,6 +319,138 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
   return row.loss;
 }
 
+// Loss of one row with a valid label y; writes its gradient row if grad != nullptr.
+// `e` and `focal_d` are per-thread scratch rows of K values.
+template <typename scalar_t, typename acc_t>
+acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>& ctx, scalar_t* __restrict grad,
+                acc_t* __restrict e, acc_t* __restrict focal_d) {
+  const int64_t K = ctx.K;
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+
+  // Pass 1.  A NaN leaves `max` alone but makes sum_z NaN; +inf makes max +inf.
+  acc_t max = -INFINITY, sum_z = 0;
+#pragma omp simd reduction(max : max) reduction(+ : sum_z)
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t v = static_cast<acc_t>(z[k]);
+    max = v > max ? v : max;
+    sum_z += v;
+  }
+  // NaN, +inf or all -inf: log_softmax is NaN for the whole row, as in torch.
+  if (std::isnan(sum_z) || std::isinf(max)) {
+    if (grad)
+      for (int64_t k = 0; k < K; ++k) grad[k] = static_cast<scalar_t>(nan);
+    return nan;
+  }
+
+  // Pass 2, with sum (z - max) for nce: in blocks whose partial sums add up in
+  // double, so that its error does not grow with K (an SSE2 loop has 4 lanes
+  // of K / 4 terms each).
+  acc_t sumexp = 0;
+  double sum_shifted = 0;
+  for (int64_t b = 0; b < K; b += kShiftedBlock) {
+    const int64_t b_end = K - b > kShiftedBlock ? b + kShiftedBlock : K;
+    acc_t part = 0;
+#pragma omp simd reduction(+ : sumexp, part)
+    for (int64_t k = b; k < b_end; ++k) {
+      const acc_t shifted = static_cast<acc_t>(z[k]) - max;
+      const acc_t ek = exp_nonpos(shifted);
+      e[k] = ek;
+      sumexp += ek;
+      part += shifted;
+    }
+    sum_shifted += static_cast<double>(part);
+  }
+  apl::SoftmaxStats<acc_t> stats;
+  stats.max = max;
+  stats.sumexp = sumexp;
+  stats.sum_shifted = static_cast<acc_t>(sum_shifted);
+  stats.count = static_cast<acc_t>(K);
+  return finish_fused_row(z, y, ctx, stats, grad, e, focal_d);
+}
+
+
+// Row i with any label: the ignored ones get loss and gradient 0, out-of-range
+// ones (never read) NaN, the others fused_row.
+template <typename scalar_t, typename acc_t>
+acc_t one_row(const RowsArgs<scalar_t, acc_t>& a, int64_t i) {
+  const int64_t K = a.ctx->K;
+  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+  scalar_t* gi = a.g ? a.g + i * K : nullptr;
+  const int64_t y = a.t[i];
+  if (y == a.ignore_index) {
+    if (gi)
+      for (int64_t k = 0; k < K; ++k) gi[k] = scalar_t(0);
+    return 0;
+  }
+  if (y < 0 || y >= K) {
+    if (gi)
+      for (int64_t k = 0; k < K; ++k) gi[k] = static_cast<scalar_t>(nan);
+    return nan;
+  }
+  return fused_row<scalar_t, acc_t>(a.z + i * a.row_stride, y, *a.ctx, gi, a.e, a.focal_d);
+}
+
+// Rows of few classes.  fused_row's loops would run a handful of iterations
+// each and pay their setup and horizontal reductions once per row (130 ns a
+// row at K = 2, slower than torch's cross_entropy).  Here passes 1 and 2 run
+// for a tile of rows at once, one row per vector lane, on a transposed copy of
+// the tile; passes 3 and 4 then run per row (finish_fused_row), as in fused_row.
+constexpr int64_t kSmallK = 16;    // the widest rows that take this path
+constexpr int64_t kTileRows = 16;  // two AVX2 vectors of floats per step
+
+// Rows [begin, begin + n) of the batch, n <= kTileRows, K <= kSmallK.
+template <typename scalar_t, typename acc_t>
+void small_k_tile(const RowsArgs<scalar_t, acc_t>& a, int64_t begin, int64_t n, acc_t* loss) {
+  const int64_t K = a.ctx->K;
+  acc_t zt[kSmallK][kTileRows], et[kSmallK][kTileRows];  // [class][row]
+  for (int64_t r = 0; r < kTileRows; ++r) {
+    const scalar_t* zr = a.z + (begin + (r < n ? r : 0)) * a.row_stride;  // a short tile repeats its first row
+    for (int64_t k = 0; k < K; ++k) zt[k][r] = static_cast<acc_t>(zr[k]);
+  }
+  // Pass 1 as in fused_row.
+  acc_t max[kTileRows], sum_z[kTileRows], sumexp[kTileRows], shifted[kTileRows];
+  for (int64_t r = 0; r < kTileRows; ++r) {
+    max[r] = -INFINITY;
+    sum_z[r] = sumexp[r] = shifted[r] = 0;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+#pragma omp simd
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      const acc_t v = zt[k][r];
+      max[r] = v > max[r] ? v : max[r];
+      sum_z[r] += v;
+    }
+  }
+  // Pass 2.  K <= kSmallK terms: sum (z - max) needs no blocks in double.
+  // z - max is NaN in rows with a NaN or an infinite max, which fused_row
+  // redoes below; exp_nonpos is given 0 in their place.
+  for (int64_t k = 0; k < K; ++k) {
+#pragma omp simd
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      const acc_t d = zt[k][r] - max[r];
+      const acc_t s = d <= acc_t(0) ? d : acc_t(0);
+      const acc_t ek = exp_nonpos(s);
+      et[k][r] = ek;
+      sumexp[r] += ek;
+      shifted[r] += s;
+    }
+  }
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t i = begin + r, y = a.t[i];
+    if (std::isnan(sum_z[r]) || std::isinf(max[r]) || y == a.ignore_index || y < 0 || y >= K) {
+      loss[r] = one_row(a, i);
+      continue;
+    }
+    for (int64_t k = 0; k < K; ++k) a.e[k] = et[k][r];
+    apl::SoftmaxStats<acc_t> stats;
+    stats.max = max[r];
+    stats.sumexp = sumexp[r];
+    stats.sum_shifted = shifted[r];
+    stats.count = static_cast<acc_t>(K);
+    loss[r] = finish_fused_row(a.z + i * a.row_stride, y, *a.ctx, stats, a.g ? a.g + i * K : nullptr, a.e,
+                               a.focal_d);
+  }
+}
 
 }  // namespace
 
@@ -360,25 +458,12 @@ acc_t fused_row(const scalar_t* __restrict z, int64_t y, const RowContext<acc_t>
 // loss goes to loss[i - begin].
 template <typename scalar_t, typename acc_t>
 void rows(const RowsArgs<scalar_t, acc_t>& a, int64_t begin, int64_t end, acc_t* loss) {
-  const int64_t K = a.ctx->K;
-  const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
-  for (int64_t i = begin; i < end; ++i) {
-    const scalar_t* zi = a.z + i * a.row_stride;
-    scalar_t* gi = a.g ? a.g + i * K : nullptr;
-    const int64_t y = a.t[i];
-    acc_t& out = loss[i - begin];
-    if (y == a.ignore_index) {
-      out = 0;
-      if (gi)
-        for (int64_t k = 0; k < K; ++k) gi[k] = scalar_t(0);
-    } else if (y < 0 || y >= K) {  // never read; the row is NaN
-      out = nan;
-      if (gi)
-        for (int64_t k = 0; k < K; ++k) gi[k] = static_cast<scalar_t>(nan);
-    } else {
-      out = fused_row<scalar_t, acc_t>(zi, y, *a.ctx, gi, a.e, a.focal_d);
-    }
+  if (a.ctx->K <= kSmallK) {
+    for (int64_t b = begin; b < end; b += kTileRows)
+      small_k_tile(a, b, end - b < kTileRows ? end - b : kTileRows, loss + (b - begin));
+    return;
   }
+  for (int64_t i = begin; i < end; ++i) loss[i - begin] = one_row(a, i);
 }
 
 template void rows<float, float>(const RowsArgs<float, float>&, int64_t, int64_t, float*);
