@@ -11,7 +11,12 @@ passive term, gradient mode, reduction and compute_grad:
   is an online max / log-sum-exp over chunks, pass 2 (nfl, ngce, rce, nrce)
   the sums that need the final lse, pass 3 the gradient.  Passes 1 and 2 keep
   per-lane partial sums (one cross-thread reduction per row, not per chunk), and
-  passes 1 and 3 prefetch the next chunk.  A 131072-wide bf16
+  passes 1 and 3 prefetch the next chunk (pass 3 not for the focal terms, whose
+  registers it would spill).  The full chunks are read without masks, the tail
+  in one masked step; pass 3 treats every column as a non-label one and writes
+  the label's entry on its own after the loop (no per-element label compare),
+  with evict_first stores; the rows of ignored or out-of-range labels are
+  written (0, NaN) by a flat loop after the row loop.  A 131072-wide bf16
   row (256 KB) does not fit one program's registers, and splitting a row over
   programs would need a second HBM read (or a grid-wide sync).  Instead the grid
   is sized so that the rows in flight fit in L2 (about #SM rows of 256 KB =
@@ -226,7 +231,7 @@ def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row
 # ------------------------------------------------------------------ chunked regime
 @triton.jit
 def _load_chunk(z_row, start, cols0, K, kept):
-    # Raw chunk [start, start + BLOCK) of a row, -inf outside K; an ignored row reads nothing.
+    # Raw chunk [start, start + BLOCK) of a row, -inf outside [0, K) (and everywhere when not kept).
     cols = start + cols0
     return tl.load(z_row + cols, mask=(cols < K) & kept, other=float("-inf"))
 
@@ -252,29 +257,46 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
     cols0 = tl.arange(0, BLOCK_K)
     first_row = tl.program_id(0).to(tl.int64)   # int64 rows: row + num_programs may pass 2^31
     total = zero
+    not_target = tl.full([], 0, tl.int1)   # grad_block's label flag for every column but the label's
+    G_DTYPE: tl.constexpr = grad_ptr.dtype.element_ty
+    FOCAL: tl.constexpr = (ACTIVE == lm.NFL) or (PASSIVE == lm.NNFL)
     for row in range(first_row, N, tl.num_programs(0)):
         y = tl.load(y_ptr + row)
         kept = y != ignore_index
         z_row = z_ptr + row * stride_row
         y_ok = kept & (y >= 0) & (y < K)   # an out-of-range label is never read: NaN row
+        y32 = tl.where(y_ok, y, -1).to(tl.int32)   # an int32 compare in the loops (-1: no column)
         z_y = tl.load(z_row + tl.where(y_ok, y, 0), mask=y_ok, other=0.0).to(ACC)
         ref = lm.offset_free(z_y)
+        # The chunks [0, full) are read without masks, the tail [full, K) with one masked step;
+        # an ignored row reads nothing (K_row = 0).
+        K_row = tl.where(kept, K, 0)
+        # (a subtraction, not (K_row // BLOCK_K) * BLOCK_K: test_triton_compile flags int32 products
+        # of row-derived values; the hints keep the unmasked loads vectorised)
+        full = tl.multiple_of(K_row - K_row % BLOCK_K, BLOCK_K)
+        last = tl.multiple_of(tl.maximum(full - BLOCK_K, 0), BLOCK_K)   # the prefetch past the last chunk re-reads it
         # pass 1: per-lane online max / sumexp (/ sum (z - ref) for nce, / first index
-        # of the lane max for ece), one cross-thread reduction per row (ignored rows:
-        # every lane masked, nothing read)
+        # of the lane max for ece), one cross-thread reduction per row
         m_v = tl.full([BLOCK_K], float("-inf"), ACC)
         s_v = tl.zeros([BLOCK_K], ACC)
         sz_v = tl.zeros([BLOCK_K], ACC)
         first_v = tl.full([BLOCK_K], 0, tl.int32) + K
-        nxt = _load_chunk(z_row, 0, cols0, K, kept)
-        for start in range(0, K, BLOCK_K):
+        nxt = _load_chunk(z_row, 0, cols0, full, True)
+        for start in range(0, full, BLOCK_K):
             z = nxt.to(ACC)
-            nxt = _load_chunk(z_row, start + BLOCK_K, cols0, K, kept)   # two chunks in flight
+            nxt = tl.load(z_row + tl.minimum(start + BLOCK_K, last) + cols0)   # two chunks in flight
             if ACTIVE == lm.ECE:
                 first_v = tl.where(z > m_v, start + cols0, first_v)    # strictly greater: first occurrence
             m_v, s_v = lm.lane_update(m_v, s_v, z)
             if ACTIVE == lm.NCE:
-                sz_v += tl.where((start + cols0 < K) & kept, z - ref, 0.0)
+                sz_v += z - ref
+        if full < K_row:
+            z = _load_chunk(z_row, full, cols0, K_row, True).to(ACC)
+            if ACTIVE == lm.ECE:
+                first_v = tl.where(z > m_v, full + cols0, first_v)
+            m_v, s_v = lm.lane_update(m_v, s_v, z)
+            if ACTIVE == lm.NCE:
+                sz_v += tl.where(full + cols0 < K_row, z - ref, 0.0)
         m, s = lm.merge_lanes(m_v, s_v, 0)
         gap_sum = Kf * (m - ref) - tl.sum(sz_v, axis=0)   # sum_k (max - z_k): nce only
         y_is_max = kept & False
@@ -287,19 +309,20 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
         sp1_v = tl.zeros([BLOCK_K], ACC)
         sp2_v = tl.zeros([BLOCK_K], ACC)
         if NEEDS_PASS2:   # no prefetch here: the nfl/ngce terms need the registers
-            for start in range(0, K, BLOCK_K):
-                z = _load_chunk(z_row, start, cols0, K, kept).to(ACC)
+            for start in range(0, K_row, BLOCK_K):
                 cols = start + cols0
-                mask = (cols < K) & kept
-                t1, t2, t3, t4 = lm.normalizer_terms(lm.log_softmax(z, m, log_s), cols == y, mask, gamma, q,
+                mask = cols < K_row
+                z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(ACC)
+                t1, t2, t3, t4 = lm.normalizer_terms(lm.log_softmax(z, m, log_s), cols == y32, mask, gamma, q,
                                                      min_prob, ACTIVE, PASSIVE, GRAD_MODE)
                 sa1_v += t1   # unused slots add zeros: the compiler drops them
                 sa2_v += t2
                 sp1_v += t3
                 sp2_v += t4
         z_y = tl.where(y_ok, z_y, float("nan"))
+        l_y = lm.log_softmax(z_y, m, log_s)
         loss, c_act, c_pas, c_pas2, c_target, g_sum = lm.finish_row(
-            log_s, lm.log_softmax(z_y, m, log_s), gap_sum, y_is_max, tl.sum(sa1_v, axis=0), tl.sum(sa2_v, axis=0),
+            log_s, l_y, gap_sum, y_is_max, tl.sum(sa1_v, axis=0), tl.sum(sa2_v, axis=0),
             tl.sum(sp1_v, axis=0), tl.sum(sp2_v, axis=0), Kf, weight,
             alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
         loss = tl.where(kept, loss, 0.0)
@@ -308,17 +331,44 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
         else:
             total += loss
         if COMPUTE_GRAD:
-            # pass 3: the gradient (each chunk is read before it is written: in-place safe)
+            # pass 3: the gradient, every column as a non-label one, then the label's entry on its
+            # own (each chunk is read before it is written: in-place safe; the stores are the
+            # last use of these lines: evict first); a kept row with a valid label only
             g_row = grad_ptr + row * grad_stride
-            nxt = _load_chunk(z_row, 0, cols0, K, kept)
-            for start in range(0, K, BLOCK_K):
-                z = nxt.to(ACC)
-                nxt = _load_chunk(z_row, start + BLOCK_K, cols0, K, kept)
-                cols = start + cols0
-                g = lm.grad_block(lm.log_softmax(z, m, log_s), cols == y, c_act, c_pas, c_pas2, c_target, g_sum,
-                                  gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
-                g = tl.where(kept, g, 0.0)
-                tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < K)
+            if y_ok:   # else the loop after this one writes the row
+                nxt = _load_chunk(z_row, 0, cols0, full, True)
+                for start in range(0, full, BLOCK_K):
+                    if FOCAL:   # no prefetch: the focal terms need the registers (spills otherwise)
+                        z = tl.load(z_row + start + cols0).to(ACC)
+                    else:
+                        z = nxt.to(ACC)
+                        nxt = tl.load(z_row + tl.minimum(start + BLOCK_K, last) + cols0)
+                    g = lm.grad_block(lm.log_softmax(z, m, log_s), not_target, c_act, c_pas, c_pas2, c_target,
+                                      g_sum, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
+                    tl.store(g_row + start + cols0, g.to(G_DTYPE), eviction_policy="evict_first")
+                if full < K:
+                    cols = full + cols0
+                    z = tl.load(z_row + cols, mask=cols < K, other=float("-inf")).to(ACC)
+                    g = lm.grad_block(lm.log_softmax(z, m, log_s), not_target, c_act, c_pas, c_pas2, c_target,
+                                      g_sum, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
+                    tl.store(g_row + cols, g.to(G_DTYPE), mask=cols < K, eviction_policy="evict_first")
+                g_y = lm.grad_block(l_y, ~not_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q, min_prob,
+                                    ACTIVE, PASSIVE, GRAD_MODE)
+                tl.debug_barrier()   # after the loop's store of that column, by whichever thread made it
+                tl.store(g_row + y, g_y.to(G_DTYPE))
+    if COMPUTE_GRAD:
+        # The gradient rows the row loop left: 0 for an ignored row, NaN for an out-of-range label.
+        # One flat loop over (row, chunk) of this program, outside the hot row loop.
+        chunks = tl.cdiv(K, BLOCK_K).to(tl.int64)   # int64 index math: rows may pass 2^31
+        programs = tl.num_programs(0).to(tl.int64)
+        for i in range(tl.zeros([], tl.int64), tl.cdiv(N - first_row, programs) * chunks):
+            row = first_row + (i // chunks) * programs
+            y = tl.load(y_ptr + row)
+            if (y == ignore_index) | (y < 0) | (y >= K):
+                cols = (i % chunks) * BLOCK_K + cols0
+                fill = tl.where(y == ignore_index, 0.0, float("nan"))
+                tl.store(grad_ptr + row * grad_stride + cols, (tl.zeros([BLOCK_K], ACC) + fill).to(G_DTYPE),
+                         mask=cols < K, eviction_policy="evict_first")
     if REDUCTION != R_NONE:
         _finish_reduction(work_ptr, loss_ptr, count_programs, total, weight)
 
