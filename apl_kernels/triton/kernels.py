@@ -11,30 +11,53 @@ passive term, gradient mode, reduction and compute_grad:
   is an online max / log-sum-exp over chunks, pass 2 (nfl, ngce, rce, nrce)
   the sums that need the final lse, pass 3 the gradient.  Passes 1 and 2 keep
   per-lane partial sums (one cross-thread reduction per row, not per chunk), and
-  passes 1 and 3 prefetch the next chunk.  A 131072-wide bf16
+  passes 1 and 3 prefetch the next chunk (pass 3 not for the focal terms, whose
+  registers it would spill).  The full chunks are read without masks, the tail
+  in one masked step; pass 3 treats every column as a non-label one and writes
+  the label's entry on its own after the loop (no per-element label compare),
+  with evict_first stores; the rows of ignored or out-of-range labels are
+  written (0, NaN) by a flat loop after the row loop.  A 131072-wide bf16
   row (256 KB) does not fit one program's registers, and splitting a row over
   programs would need a second HBM read (or a grid-wide sync).  Instead the grid
   is sized so that the rows in flight fit in L2 (about #SM rows of 256 KB =
   33 MB < 50 MB on H200): pass 1 reads HBM, passes 2 and 3 mostly hit L2, so HBM
   sees one read and one write per element.
 
-Mean reduction with several programs: a one-program pre-pass counts the kept
-rows on device (the gradient needs 1/count before it is written), the main
-kernel writes per-row losses, and a one-program pass sums them in a fixed
-order (deterministic, no atomics, no host sync).
+Bad labels: a kept row whose label is outside [0, K) stops the launch with a
+device-side assert (as F.cross_entropy does), with no host sync.  The check runs
+where it costs the hot loops nothing: in the one-program regime after the tile
+loop, in the others in a pre-pass kernel over the labels (_labels_kernel), so
+the main kernels carry no assert (a device assert is a call, which changes the
+register allocation of the loops of its kernel).  Those launches are compiled
+with debug=True (asserts kept) and sanitize_overflow=False (debug would
+otherwise check every int32 add and multiply for overflow).  On the GPU the CUDA
+error surfaces at the next sync and the assert's message (BAD_LABEL) is printed
+on stderr; under the interpreter the launch raises a ValueError naming the
+label.  Where the asserts are compiled out (a launch traced by torch.compile) the
+row's loss and gradient are NaN instead; no label is ever read out of bounds.
+
+Mean and sum with several programs (row-resident tiles, chunked): the pre-pass
+(at most COUNT_PROGRAMS programs) also writes partial counts of the kept rows and
+zeroes a ticket; every main program reads the counts (the gradient needs 1/count
+before it is written), adds up its own rows' losses and takes the ticket, and the
+last one sums the programs' partials in a fixed order.  Two launches, no serial
+one-program pass, deterministic, no float atomics, no host sync.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import struct
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import ops
 from ..spec import REDUCTIONS
 from . import loss_math as lm
 
+BAD_LABEL: tl.constexpr = tl.constexpr("apl_kernels: a target label is outside [0, K) and is not ignore_index")
 R_NONE: tl.constexpr = tl.constexpr(REDUCTIONS["none"])
 R_MEAN: tl.constexpr = tl.constexpr(REDUCTIONS["mean"])
 
@@ -55,34 +78,68 @@ def _spec_params(al_hi, al_lo, be_hi, be_lo, ga_hi, ga_lo, q_hi, q_lo, A_hi, A_l
             _param(m_hi, m_lo, zero), _param(mp_hi, mp_lo, zero))
 
 
-@triton.jit
-def _count_kept(y_ptr, N, ignore_index, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Number of rows whose label is not ignore_index (one program, fixed order)."""
-    acc = tl.zeros([BLOCK], dtype=tl.int64)
-    for start in range(tl.zeros([], tl.int64), N, BLOCK):   # int64: start + BLOCK may pass 2^31
-        offs = start + tl.arange(0, BLOCK)
-        y = tl.load(y_ptr + offs, mask=offs < N, other=ignore_index)
-        acc += (y != ignore_index).to(tl.int64)
-    return tl.sum(acc, axis=0).to(ACC)
+LABEL_BLOCK: tl.constexpr = tl.constexpr(1024)   # labels per step of the label loops
+COUNT_PROGRAMS: tl.constexpr = tl.constexpr(128)  # most programs of _count_kernel (partial counts)
 
 
 @triton.jit
-def _count_kernel(y_ptr, count_ptr, N, ignore_index, BLOCK: tl.constexpr):
-    ACC: tl.constexpr = count_ptr.dtype.element_ty
-    tl.store(count_ptr, _count_kept(y_ptr, N, ignore_index, ACC, BLOCK))
+def _check_and_count(y_ptr, first, stop, step, K, ignore_index, CHECK: tl.constexpr):
+    """Rows first, first + step, ... < stop: the kept ones counted, their labels checked (CHECK, see BAD_LABEL).
+
+    The label assert lives here, after the hot loops (one-program regime: the rows
+    of a bad label are NaN by then, and the launch fails) or in a kernel of its own
+    (the other regimes): a device assert is a call, which costs the loops before it
+    registers and instructions.
+    """
+    acc = tl.zeros([LABEL_BLOCK], dtype=tl.int32)
+    lanes = tl.arange(0, LABEL_BLOCK).to(tl.int64) * step
+    for start in range(first, stop, step * LABEL_BLOCK):   # int64 (first is): may pass 2^31
+        rows = start + lanes
+        y = tl.load(y_ptr + rows, mask=rows < stop, other=ignore_index)
+        kept = y != ignore_index
+        if CHECK:
+            tl.device_assert(~kept | ((y >= 0) & (y < K)), BAD_LABEL)
+        acc += kept.to(tl.int32)
+    return tl.sum(acc.to(tl.int64), axis=0)
 
 
 @triton.jit
-def _sum_kernel(rows_ptr, count_ptr, out_ptr, N, MEAN: tl.constexpr, BLOCK: tl.constexpr):
-    """out = sum(rows) (/ max(count, 1) for mean), in a fixed order."""
-    acc = tl.zeros([BLOCK], dtype=out_ptr.dtype.element_ty)
-    for start in range(tl.zeros([], tl.int64), N, BLOCK):   # int64: start + BLOCK may pass 2^31
-        offs = start + tl.arange(0, BLOCK)
-        acc += tl.load(rows_ptr + offs, mask=offs < N, other=0.0)
-    total = tl.sum(acc, axis=0)
-    if MEAN:
-        total = total / tl.maximum(tl.load(count_ptr), 1.0)
-    tl.store(out_ptr, total)
+def _labels_kernel(y_ptr, work_ptr, N, K, ignore_index, rows_per_program, REDUCTION: tl.constexpr):
+    """The pre-pass over the labels of the multi-program regimes: checks them (the main kernel then
+    carries no assert, see _check_and_count), zeroes the ticket of _finish_reduction and, for mean,
+    writes each program's count of kept rows to work[1 + program] (COUNT_PROGRAMS at most)."""
+    pid = tl.program_id(0)
+    first = pid.to(tl.int64) * rows_per_program
+    count = _check_and_count(y_ptr, first, tl.minimum(first + rows_per_program, N), 1, K, ignore_index, True)
+    if REDUCTION != R_NONE:
+        if pid == 0:
+            tl.store(work_ptr.to(tl.pointer_type(tl.int32), bitcast=True), 0)
+        if REDUCTION == R_MEAN:
+            tl.store(work_ptr + 1 + pid, count.to(work_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _kept_rows(work_ptr, count_programs):
+    """Kept rows of the batch: the sum of _count_kernel's partial counts, in a fixed order."""
+    offs = tl.arange(0, COUNT_PROGRAMS)
+    return tl.sum(tl.load(work_ptr + 1 + offs, mask=offs < count_programs, other=0.0), axis=0)
+
+
+@triton.jit
+def _finish_reduction(work_ptr, loss_ptr, count_programs, partial, weight):
+    """The reduced loss without another launch: each program stores its partial sum, then takes a
+    ticket; the last one sums the partials in a fixed order (deterministic, no float atomics)."""
+    P = tl.num_programs(0)
+    partials = work_ptr + 1 + count_programs
+    tl.store(partials + tl.program_id(0), partial)
+    tl.debug_barrier()   # the partial is stored before the ticket is taken (release below)
+    done = tl.atomic_add(work_ptr.to(tl.pointer_type(tl.int32), bitcast=True), 1, sem="acq_rel", scope="gpu")
+    if done == P - 1:
+        acc = tl.zeros([LABEL_BLOCK], dtype=loss_ptr.dtype.element_ty)
+        for start in range(0, P, LABEL_BLOCK):
+            offs = start + tl.arange(0, LABEL_BLOCK)
+            acc += tl.load(partials + offs, mask=offs < P, other=0.0, cache_modifier=".cg")
+        tl.store(loss_ptr, tl.sum(acc, axis=0) * weight)
 
 
 # ------------------------------------------------------------------ row-resident regime
@@ -126,33 +183,29 @@ def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, 
 
 
 @triton.jit
-def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row, grad_stride, ignore_index,
+def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row, grad_stride, ignore_index,
                     al_hi, al_lo, be_hi, be_lo, ga_hi, ga_lo, q_hi, q_lo, A_hi, A_lo, a_hi, a_lo, m_hi, m_lo,
-                    mp_hi, mp_lo, t,
+                    mp_hi, mp_lo, t, count_programs,
                     ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
                     REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """SINGLE: one program, every tile, reduced loss in loss_ptr[0].  Else one tile
-    per program, per-row losses in loss_ptr (the output, or a buffer for _sum_kernel)."""
+    """SINGLE: one program, every tile, reduced loss in loss_ptr[0].  Else one tile per
+    program: per-row losses in loss_ptr, or (mean, sum) the reduced loss by _finish_reduction."""
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
     zero = tl.zeros([], dtype=ACC)
     alpha, beta, gamma, q, A, a, m_ece, min_prob = _spec_params(al_hi, al_lo, be_hi, be_lo, ga_hi, ga_lo, q_hi, q_lo,
                                                                 A_hi, A_lo, a_hi, a_lo, m_hi, m_lo, mp_hi, mp_lo,
                                                                 zero)
     weight = zero + 1.0
-    if REDUCTION == R_MEAN:
-        if SINGLE:
-            count = _count_kept(y_ptr, N, ignore_index, ACC, 1024)
-        else:
-            count = tl.load(count_ptr)
-        weight = 1.0 / tl.maximum(count, 1.0)
     if SINGLE:
+        if REDUCTION == R_MEAN:
+            count = _check_and_count(y_ptr, tl.zeros([], tl.int64), N, 1, K, ignore_index, False).to(ACC)
+            weight = 1.0 / tl.maximum(count, 1.0)
         total = tl.zeros([BLOCK_R], dtype=ACC)
         for row0 in range(0, N, BLOCK_R):
             loss = _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, ignore_index,
                                   weight, alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
-                                  COMPUTE_GRAD,
-                                  BLOCK_R, BLOCK_K)
+                                  COMPUTE_GRAD, BLOCK_R, BLOCK_K)
             if REDUCTION == R_NONE:
                 rows = row0 + tl.arange(0, BLOCK_R)
                 tl.store(loss_ptr + rows, loss, mask=rows < N)
@@ -160,32 +213,38 @@ def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_ro
                 total += loss
         if REDUCTION != R_NONE:
             tl.store(loss_ptr, tl.sum(total, axis=0) * weight)
+        _check_and_count(y_ptr, tl.zeros([], tl.int64), N, 1, K, ignore_index, True)
     else:
+        if REDUCTION == R_MEAN:
+            weight = 1.0 / tl.maximum(_kept_rows(work_ptr, count_programs), 1.0)
         row0 = tl.program_id(0).to(tl.int64) * BLOCK_R   # int32 would wrap at 2^31 rows
         loss = _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, ignore_index,
                               weight, alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
-                                  COMPUTE_GRAD,
-                              BLOCK_R, BLOCK_K)
-        rows = row0 + tl.arange(0, BLOCK_R)
-        tl.store(loss_ptr + rows, loss, mask=rows < N)
+                              COMPUTE_GRAD, BLOCK_R, BLOCK_K)
+        if REDUCTION == R_NONE:
+            rows = row0 + tl.arange(0, BLOCK_R)
+            tl.store(loss_ptr + rows, loss, mask=rows < N)
+        else:
+            _finish_reduction(work_ptr, loss_ptr, count_programs, tl.sum(loss, axis=0), weight)
 
 
 # ------------------------------------------------------------------ chunked regime
 @triton.jit
 def _load_chunk(z_row, start, cols0, K, kept):
-    # Raw chunk [start, start + BLOCK) of a row, -inf outside K; an ignored row reads nothing.
+    # Raw chunk [start, start + BLOCK) of a row, -inf outside [0, K) (and everywhere when not kept).
     cols = start + cols0
     return tl.load(z_row + cols, mask=(cols < K) & kept, other=float("-inf"))
 
 
 @triton.jit
-def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row, grad_stride, ignore_index,
+def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row, grad_stride, ignore_index,
                    al_hi, al_lo, be_hi, be_lo, ga_hi, ga_lo, q_hi, q_lo, A_hi, A_lo, a_hi, a_lo, m_hi, m_lo,
-                   mp_hi, mp_lo, t,
+                   mp_hi, mp_lo, t, count_programs,
                    ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
                    REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, NEEDS_PASS2: tl.constexpr,
                    BLOCK_K: tl.constexpr):
-    """Persistent over rows; per row: online lse, normaliser sums, gradient.  Per-row losses to loss_ptr."""
+    """Persistent over rows; per row: online lse, normaliser sums, gradient.  Per-row losses to
+    loss_ptr, or (mean, sum) the reduced loss by _finish_reduction."""
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
     zero = tl.zeros([], dtype=ACC)
     alpha, beta, gamma, q, A, a, m_ece, min_prob = _spec_params(al_hi, al_lo, be_hi, be_lo, ga_hi, ga_lo, q_hi, q_lo,
@@ -193,33 +252,51 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
                                                                 zero)
     weight = zero + 1.0
     if REDUCTION == R_MEAN:
-        weight = 1.0 / tl.maximum(tl.load(count_ptr), 1.0)
+        weight = 1.0 / tl.maximum(_kept_rows(work_ptr, count_programs), 1.0)
     Kf = K.to(ACC)
     cols0 = tl.arange(0, BLOCK_K)
-    # int64 rows: row + num_programs may pass 2^31 (and row * stride_row does).
-    for row in range(tl.program_id(0).to(tl.int64), N, tl.num_programs(0)):
+    first_row = tl.program_id(0).to(tl.int64)   # int64 rows: row + num_programs may pass 2^31
+    total = zero
+    not_target = tl.full([], 0, tl.int1)   # grad_block's label flag for every column but the label's
+    G_DTYPE: tl.constexpr = grad_ptr.dtype.element_ty
+    FOCAL: tl.constexpr = (ACTIVE == lm.NFL) or (PASSIVE == lm.NNFL)
+    for row in range(first_row, N, tl.num_programs(0)):
         y = tl.load(y_ptr + row)
         kept = y != ignore_index
         z_row = z_ptr + row * stride_row
         y_ok = kept & (y >= 0) & (y < K)   # an out-of-range label is never read: NaN row
+        y32 = tl.where(y_ok, y, -1).to(tl.int32)   # an int32 compare in the loops (-1: no column)
         z_y = tl.load(z_row + tl.where(y_ok, y, 0), mask=y_ok, other=0.0).to(ACC)
         ref = lm.offset_free(z_y)
+        # The chunks [0, full) are read without masks, the tail [full, K) with one masked step;
+        # an ignored row reads nothing (K_row = 0).
+        K_row = tl.where(kept, K, 0)
+        # (a subtraction, not (K_row // BLOCK_K) * BLOCK_K: test_triton_compile flags int32 products
+        # of row-derived values; the hints keep the unmasked loads vectorised)
+        full = tl.multiple_of(K_row - K_row % BLOCK_K, BLOCK_K)
+        last = tl.multiple_of(tl.maximum(full - BLOCK_K, 0), BLOCK_K)   # the prefetch past the last chunk re-reads it
         # pass 1: per-lane online max / sumexp (/ sum (z - ref) for nce, / first index
-        # of the lane max for ece), one cross-thread reduction per row (ignored rows:
-        # every lane masked, nothing read)
+        # of the lane max for ece), one cross-thread reduction per row
         m_v = tl.full([BLOCK_K], float("-inf"), ACC)
         s_v = tl.zeros([BLOCK_K], ACC)
         sz_v = tl.zeros([BLOCK_K], ACC)
         first_v = tl.full([BLOCK_K], 0, tl.int32) + K
-        nxt = _load_chunk(z_row, 0, cols0, K, kept)
-        for start in range(0, K, BLOCK_K):
+        nxt = _load_chunk(z_row, 0, cols0, full, True)
+        for start in range(0, full, BLOCK_K):
             z = nxt.to(ACC)
-            nxt = _load_chunk(z_row, start + BLOCK_K, cols0, K, kept)   # two chunks in flight
+            nxt = tl.load(z_row + tl.minimum(start + BLOCK_K, last) + cols0)   # two chunks in flight
             if ACTIVE == lm.ECE:
                 first_v = tl.where(z > m_v, start + cols0, first_v)    # strictly greater: first occurrence
             m_v, s_v = lm.lane_update(m_v, s_v, z)
             if ACTIVE == lm.NCE:
-                sz_v += tl.where((start + cols0 < K) & kept, z - ref, 0.0)
+                sz_v += z - ref
+        if full < K_row:
+            z = _load_chunk(z_row, full, cols0, K_row, True).to(ACC)
+            if ACTIVE == lm.ECE:
+                first_v = tl.where(z > m_v, full + cols0, first_v)
+            m_v, s_v = lm.lane_update(m_v, s_v, z)
+            if ACTIVE == lm.NCE:
+                sz_v += tl.where(full + cols0 < K_row, z - ref, 0.0)
         m, s = lm.merge_lanes(m_v, s_v, 0)
         gap_sum = Kf * (m - ref) - tl.sum(sz_v, axis=0)   # sum_k (max - z_k): nce only
         y_is_max = kept & False
@@ -232,34 +309,68 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, count_ptr, N, K, stride_row
         sp1_v = tl.zeros([BLOCK_K], ACC)
         sp2_v = tl.zeros([BLOCK_K], ACC)
         if NEEDS_PASS2:   # no prefetch here: the nfl/ngce terms need the registers
-            for start in range(0, K, BLOCK_K):
-                z = _load_chunk(z_row, start, cols0, K, kept).to(ACC)
+            for start in range(0, K_row, BLOCK_K):
                 cols = start + cols0
-                mask = (cols < K) & kept
-                t1, t2, t3, t4 = lm.normalizer_terms(lm.log_softmax(z, m, log_s), cols == y, mask, gamma, q,
+                mask = cols < K_row
+                z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(ACC)
+                t1, t2, t3, t4 = lm.normalizer_terms(lm.log_softmax(z, m, log_s), cols == y32, mask, gamma, q,
                                                      min_prob, ACTIVE, PASSIVE, GRAD_MODE)
                 sa1_v += t1   # unused slots add zeros: the compiler drops them
                 sa2_v += t2
                 sp1_v += t3
                 sp2_v += t4
         z_y = tl.where(y_ok, z_y, float("nan"))
+        l_y = lm.log_softmax(z_y, m, log_s)
         loss, c_act, c_pas, c_pas2, c_target, g_sum = lm.finish_row(
-            log_s, lm.log_softmax(z_y, m, log_s), gap_sum, y_is_max, tl.sum(sa1_v, axis=0), tl.sum(sa2_v, axis=0),
+            log_s, l_y, gap_sum, y_is_max, tl.sum(sa1_v, axis=0), tl.sum(sa2_v, axis=0),
             tl.sum(sp1_v, axis=0), tl.sum(sp2_v, axis=0), Kf, weight,
             alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
-        tl.store(loss_ptr + row, tl.where(kept, loss, 0.0))
+        loss = tl.where(kept, loss, 0.0)
+        if REDUCTION == R_NONE:
+            tl.store(loss_ptr + row, loss)
+        else:
+            total += loss
         if COMPUTE_GRAD:
-            # pass 3: the gradient (each chunk is read before it is written: in-place safe)
+            # pass 3: the gradient, every column as a non-label one, then the label's entry on its
+            # own (each chunk is read before it is written: in-place safe; the stores are the
+            # last use of these lines: evict first); a kept row with a valid label only
             g_row = grad_ptr + row * grad_stride
-            nxt = _load_chunk(z_row, 0, cols0, K, kept)
-            for start in range(0, K, BLOCK_K):
-                z = nxt.to(ACC)
-                nxt = _load_chunk(z_row, start + BLOCK_K, cols0, K, kept)
-                cols = start + cols0
-                g = lm.grad_block(lm.log_softmax(z, m, log_s), cols == y, c_act, c_pas, c_pas2, c_target, g_sum,
-                                  gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
-                g = tl.where(kept, g, 0.0)
-                tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < K)
+            if y_ok:   # else the loop after this one writes the row
+                nxt = _load_chunk(z_row, 0, cols0, full, True)
+                for start in range(0, full, BLOCK_K):
+                    if FOCAL:   # no prefetch: the focal terms need the registers (spills otherwise)
+                        z = tl.load(z_row + start + cols0).to(ACC)
+                    else:
+                        z = nxt.to(ACC)
+                        nxt = tl.load(z_row + tl.minimum(start + BLOCK_K, last) + cols0)
+                    g = lm.grad_block(lm.log_softmax(z, m, log_s), not_target, c_act, c_pas, c_pas2, c_target,
+                                      g_sum, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
+                    tl.store(g_row + start + cols0, g.to(G_DTYPE), eviction_policy="evict_first")
+                if full < K:
+                    cols = full + cols0
+                    z = tl.load(z_row + cols, mask=cols < K, other=float("-inf")).to(ACC)
+                    g = lm.grad_block(lm.log_softmax(z, m, log_s), not_target, c_act, c_pas, c_pas2, c_target,
+                                      g_sum, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
+                    tl.store(g_row + cols, g.to(G_DTYPE), mask=cols < K, eviction_policy="evict_first")
+                g_y = lm.grad_block(l_y, ~not_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q, min_prob,
+                                    ACTIVE, PASSIVE, GRAD_MODE)
+                tl.debug_barrier()   # after the loop's store of that column, by whichever thread made it
+                tl.store(g_row + y, g_y.to(G_DTYPE))
+    if COMPUTE_GRAD:
+        # The gradient rows the row loop left: 0 for an ignored row, NaN for an out-of-range label.
+        # One flat loop over (row, chunk) of this program, outside the hot row loop.
+        chunks = tl.cdiv(K, BLOCK_K).to(tl.int64)   # int64 index math: rows may pass 2^31
+        programs = tl.num_programs(0).to(tl.int64)
+        for i in range(tl.zeros([], tl.int64), tl.cdiv(N - first_row, programs) * chunks):
+            row = first_row + (i // chunks) * programs
+            y = tl.load(y_ptr + row)
+            if (y == ignore_index) | (y < 0) | (y >= K):
+                cols = (i % chunks) * BLOCK_K + cols0
+                fill = tl.where(y == ignore_index, 0.0, float("nan"))
+                tl.store(grad_ptr + row * grad_stride + cols, (tl.zeros([BLOCK_K], ACC) + fill).to(G_DTYPE),
+                         mask=cols < K, eviction_policy="evict_first")
+    if REDUCTION != R_NONE:
+        _finish_reduction(work_ptr, loss_ptr, count_programs, total, weight)
 
 
 # ------------------------------------------------------------------ heuristics
@@ -279,6 +390,9 @@ L2_BUDGET = 32 << 20       # bytes of rows in flight in the chunked regime (H200
 # Chunked grid: programs that can be resident at once (about 128 registers per
 # thread: one 16-warp or two 8-warp programs per SM), fewer if their rows would
 # overflow L2_BUDGET; each program then loops over rows.
+
+# The kernels' label assert (tests turn it off to see the NaN-row fallback of compiled-out asserts).
+CHECK_LABELS = True
 
 _forced_chunk = None
 last_plan = None           # (regime, grid, block) of the latest launch, for tests and benchmarks
@@ -325,9 +439,43 @@ def launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode,
     # Triton launches on the current device: make it the logits' one (cuda:1 while
     # cuda:0 is current would otherwise run with cuda:1 pointers on device 0).
     guard = torch.cuda.device(logits.device) if logits.device.type == "cuda" else contextlib.nullcontext()
-    with guard:
-        return _launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t, min_prob,
-                       reduction, ignore_index, compute_grad, grad_out)
+    asserts = _interpreter_asserts() if logits.device.type == "cpu" and CHECK_LABELS else contextlib.nullcontext()
+    try:
+        with guard, asserts:
+            return _launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t, min_prob,
+                           reduction, ignore_index, compute_grad, grad_out)
+    except Exception as error:   # the interpreter's AssertionError of a bad label
+        if BAD_LABEL.value not in str(error):
+            raise
+        labels = target.long()
+        bad = labels[(labels != ignore_index) & ((labels < 0) | (labels >= logits.shape[1]))]
+        value = f"target value {int(bad[0])}" if bad.numel() else "a target value"
+        raise ValueError(f"{value} is outside [0, {logits.shape[1]}) and is not ignore_index={ignore_index} "
+                         f"(found by the triton kernel)") from error
+
+
+@contextlib.contextmanager
+def _interpreter_asserts():
+    """Keep tl.device_assert under TRITON_INTERPRET=1 (its builder has debug off and no launch option for it)."""
+    from triton.runtime import interpreter
+    builder = interpreter.interpreter_builder
+    saved = builder.options
+    builder.options = dataclasses.replace(saved, debug=True, sanitize_overflow=False)
+    try:
+        yield
+    finally:
+        builder.options = saved
+
+
+def _assert_options(tensor) -> dict:
+    """Launch options of the kernels that check labels, which keep their assert (see the module
+    docstring; the interpreter ignores them, _interpreter_asserts does its part)."""
+    if not CHECK_LABELS or ops._tracing(tensor):
+        return {}   # traced by torch.compile: the compiler picks its own options (NaN rows instead)
+    return ASSERT_OPTIONS
+
+
+ASSERT_OPTIONS = dict(debug=True, sanitize_overflow=False)
 
 
 def _launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode, a, m, t, min_prob, reduction,
@@ -361,7 +509,6 @@ def _launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode
                   COMPUTE_GRAD=write_grad)
     elem = logits.element_size()
     block_k = triton.next_power_of_2(K)
-    mean = reduction == REDUCTIONS["mean"]
 
     if _forced_chunk is None and block_k <= RESIDENT_MAX_K[elem]:
         block_r = max(1, min(TILE_ELEMS // block_k, triton.next_power_of_2(N)))
@@ -369,38 +516,37 @@ def _launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode
         single = tiles == 1 or (reduction != REDUCTIONS["none"] and tiles <= SINGLE_MAX_TILES)
         num_warps = max(1, min(16, block_r * block_k // 256))
         last_plan = ("single" if single else "tiles", 1 if single else tiles, block_r, block_k)
-        if single:
-            wrap_triton(resident_kernel)[(1,)](
-                logits, target, loss, grad_arg, loss, N, K, logits.stride(0), grad_stride, ignore_index, *params,
-                SINGLE=True, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps, **common)
-            return loss, grad
-        rows_out, count = _reduction_buffers(loss, N, reduction, acc_dtype, target, ignore_index)
-        wrap_triton(resident_kernel)[(tiles,)](
-            logits, target, rows_out, grad_arg, count, N, K, logits.stride(0), grad_stride, ignore_index, *params,
-            SINGLE=False, BLOCK_R=block_r, BLOCK_K=block_k, num_warps=num_warps, **common)
+        kernel, grid, consts = resident_kernel, (1 if single else tiles), dict(SINGLE=single, BLOCK_R=block_r)
     else:
         chunk = _forced_chunk or min(CHUNK[max(2, elem)], block_k)
         num_warps = CHUNK_WARPS if chunk >= 8192 else 8
-        programs = _programs_in_flight(device, K * elem, N, num_warps)
-        last_plan = ("chunked", programs, 1, chunk)
-        rows_out, count = _reduction_buffers(loss, N, reduction, acc_dtype, target, ignore_index)
-        wrap_triton(chunked_kernel)[(programs,)](
-            logits, target, rows_out, grad_arg, count, N, K, logits.stride(0), grad_stride, ignore_index, *params,
-            NEEDS_PASS2=lm.needs_second_pass(active, passive), BLOCK_K=chunk,
-            num_warps=num_warps, **common)
-    if reduction != REDUCTIONS["none"]:
-        wrap_triton(_sum_kernel)[(1,)](rows_out, count, loss, N, MEAN=mean, BLOCK=1024, num_warps=4)
+        grid = _programs_in_flight(device, K * elem, N, num_warps)
+        last_plan = ("chunked", grid, 1, chunk)
+        kernel, consts = chunked_kernel, dict(NEEDS_PASS2=lm.needs_second_pass(active, passive))
+        single, block_k = False, chunk
+    work, count_programs = loss, 0
+    if not single:   # labels checked (and counted, for mean) by a pre-pass: the main kernel has no assert
+        work, count_programs = _labels_prepass(target, N, K, grid, reduction, acc_dtype, ignore_index)
+    wrap_triton(kernel)[(grid,)](
+        logits, target, loss, grad_arg, work, N, K, logits.stride(0), grad_stride, ignore_index, *params,
+        count_programs, BLOCK_K=block_k, num_warps=num_warps, **consts, **common,
+        **(_assert_options(logits) if single else {}))
     return loss, grad
 
 
-def _reduction_buffers(loss, N, reduction, acc_dtype, target, ignore_index):
-    """Per-row loss destination and, for mean, the on-device kept-row count (pre-pass launch)."""
-    if reduction == REDUCTIONS["none"]:
-        return loss, loss
-    rows_out = torch.empty((N,), dtype=acc_dtype, device=loss.device)
-    if reduction != REDUCTIONS["mean"]:
-        return rows_out, rows_out
-    count = torch.empty((1,), dtype=acc_dtype, device=loss.device)
+def _labels_prepass(target, N, K, programs, reduction, acc_dtype, ignore_index):
+    """The pre-pass launch of the multi-program regimes (_labels_kernel) and its workspace.
+
+    work[0]: the ticket of _finish_reduction (int32 bits, zeroed by the pre-pass);
+    work[1:1 + G]: the pre-pass's partial counts of kept rows (mean); then one partial
+    loss sum per main-kernel program.  G <= COUNT_PROGRAMS programs of whole LABEL_BLOCKs.
+    """
     from torch.library import wrap_triton
-    wrap_triton(_count_kernel)[(1,)](target, count, N, ignore_index, BLOCK=1024, num_warps=4)
-    return rows_out, count
+    block = LABEL_BLOCK.value
+    rows_per_program = triton.cdiv(triton.cdiv(N, COUNT_PROGRAMS.value), block) * block
+    count_programs = triton.cdiv(N, rows_per_program)
+    size = 0 if reduction == REDUCTIONS["none"] else 1 + count_programs + programs
+    work = torch.empty((size,), dtype=acc_dtype, device=target.device)
+    wrap_triton(_labels_kernel)[(count_programs,)](target, work, N, K, ignore_index, rows_per_program,
+                                                   REDUCTION=reduction, num_warps=4, **_assert_options(target))
+    return work, count_programs

@@ -18,9 +18,14 @@ Gradients: with l = log p, d loss / d z_j = g_j - p_j sum_k g_k, g_j = d loss / 
 Every helper is elementwise or reduces along ``AXIS``, so the same code serves
 a [rows, K] tile held in registers (AXIS=1) and a 1-D chunk of one row (AXIS=0).
 Only core tl math is used (exp/log), no libdevice: the same code then runs in
-the interpreter (which has no extern calls) and on the GPU.
+the interpreter (which has no extern calls) and on the GPU.  The per-element
+exps and powers of fp32 go through ``fast_exp``/``fast_pow`` (one MUFU
+instruction each on the GPU, FAST_MATH; the interpreter, which cannot run
+inline PTX, takes tl.exp/tl.log).
 All math is in the accumulation dtype of the caller (fp32, or fp64 for fp64).
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -58,12 +63,52 @@ def needs_second_pass(active: int, passive: int) -> bool:
     return active in _PASS2_ACTIVE or passive in _PASS2_PASSIVE
 
 
+# MUFU ex2/lg2 through inline PTX on the GPU; the interpreter cannot run inline asm.
+FAST_MATH: tl.constexpr = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
 # ------------------------------------------------------------------ scalar math
+@triton.jit
+def exp2_ftz(x):
+    """2^x.  fp32 on the GPU: one MUFU.EX2 (ex2.approx.ftz, results below 2^-126 flush to 0);
+    tl.exp's non-ftz ex2.approx takes 5 instructions."""
+    if FAST_MATH and x.dtype == tl.float32:
+        r = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        r = tl.exp2(x)
+    return r
+
+
+@triton.jit
+def log2_ftz(x):
+    """log2(x), x >= 0.  fp32 on the GPU: one MUFU.LG2 (lg2.approx.ftz; absolute error ~2^-22,
+    so not for logs whose relative precision matters near x = 1)."""
+    if FAST_MATH and x.dtype == tl.float32:
+        r = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        r = tl.log2(x)
+    return r
+
+
+@triton.jit
+def fast_exp(x):
+    """e^x per element: one multiply and one MUFU.EX2 on the GPU (fp32)."""
+    if FAST_MATH and x.dtype == tl.float32:
+        r = exp2_ftz(x * LOG2E)
+    else:
+        r = tl.exp(x)
+    return r
+
+
 @triton.jit
 def expm1(x):
     # Kahan's trick: (u - 1) * x / log(u) cancels the rounding error of u = e^x,
     # so 1 - p stays accurate for p near 1 (focal factors) without libdevice.
-    u = tl.exp(x)
+    u = fast_exp(x)
     um1 = u - 1.0
     r = um1 * (x / tl.log(u))
     r = tl.where(u == 1.0, x, r)
@@ -80,8 +125,12 @@ def log1p(x):
 
 @triton.jit
 def pow_nonneg(b, e):
-    # b >= 0 always (1 - p, or a clamped p); 0^0 = 1 as in C pow.
-    return tl.where(e == 0.0, 1.0, tl.exp(e * tl.log(b)))
+    # b >= 0 always (1 - p, or a clamped p); 0^0 = 1 as in C pow.  fp32 on the GPU: MUFU lg2 and ex2.
+    if FAST_MATH and b.dtype == tl.float32:
+        r = exp2_ftz(e * log2_ftz(b))
+    else:
+        r = tl.exp(e * tl.log(b))
+    return tl.where(e == 0.0, 1.0, r)
 
 
 @triton.jit
@@ -98,7 +147,7 @@ def focal_deriv(log_p, gamma, GRAD_MODE: tl.constexpr):
     w = pow_nonneg(one_minus_p, gamma)
     if GRAD_MODE == OFFICIAL:
         return -w
-    p = tl.exp(log_p)
+    p = fast_exp(log_p)
     ratio = tl.where(one_minus_p > 0.0, log_p / one_minus_p, -1.0)
     return tl.where(p == 0.0, -w, -w + gamma * w * p * ratio)
 
@@ -135,7 +184,7 @@ def block_stats(z, mask, AXIS: tl.constexpr):
         m_b = m_safe[:, None]
     else:
         m_b = m_safe
-    s = tl.sum(tl.where(mask, tl.exp(z - m_b), 0.0), axis=AXIS)
+    s = tl.sum(tl.where(mask, fast_exp(z - m_b), 0.0), axis=AXIS)
     return m, s, tl.sum(gap(m_b, z, mask), axis=AXIS)
 
 
@@ -154,7 +203,7 @@ def lane_update(m, s, z):
     s NaN; +inf becomes the lane max and turns NaN at the final lane merge.
     """
     d = z - m
-    e = tl.exp(-tl.abs(d))
+    e = fast_exp(-tl.abs(d))
     s_new = tl.where(d > 0, s * e + 1.0, s + e)
     return tl.maximum(m, z), tl.where(z == float("-inf"), s, s_new)
 
@@ -210,7 +259,7 @@ def normalizer_terms(log_p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.cons
         a1 = tl.where(mask, focal_value(log_p, gamma), 0.0)
         a2 = tl.where(mask, focal_deriv(log_p, gamma, GRAD_MODE), 0.0)
     if ACTIVE == NGCE or PASSIVE == RCE or PASSIVE == NRCE or PASSIVE == AMSE or PASSIVE == NNCE:
-        p = tl.exp(log_p)
+        p = fast_exp(log_p)
         if ACTIVE == NGCE:
             pq = pow_nonneg(clamp_prob(p), q)
             a1 = tl.where(mask, pq, 0.0)
@@ -409,7 +458,7 @@ def finish_row(log_s, l_y, gap_sum, y_is_max, sa1, sa2, sp1, sp2, Kf, weight,
 def grad_block(log_p, is_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q, min_prob,
                ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr):
     """d loss / d z_j = g_j - p_j sum_k g_k (coefficients broadcast by the caller)."""
-    p = tl.exp(log_p)
+    p = fast_exp(log_p)
     g = tl.where(is_target, c_target, 0.0)
     if ACTIVE == NCE:
         g += c_act

@@ -49,6 +49,10 @@ CASES = [
     ("gce+nmae", "fp64", (128, 10), "mean", "exact", False),
 ]
 
+# One-program cases (the only main kernels that carry the label assert) that are
+# also compiled without the assert's options, to compare their loops' SASS.
+COMPARE_ASSERTS = ("nce+rce bf16 [128, 10] mean official", "nfl+rce bf16 [128, 10] mean official")
+
 
 # ------------------------------------------------------------------ TTIR check
 _DEF = re.compile(r"^\s*(%[\w.#]+)(?::\d+)?\s*=\s*([\w.]+)\s*(.*)$")
@@ -124,9 +128,24 @@ def _main():
         field = lambda name: max(int(t.split(":")[1]) for t in out.split() if t.startswith(name + ":"))
         return field("STACK"), field("REG")
 
+    def loop_sizes(compiled):
+        """Instructions of each loop body of the kernel's SASS, in address order."""
+        from bench import sass
+        if not os.path.exists(cuobjdump):
+            return None
+        path = "apl_kernel_loops.cubin"
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        text = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+        (instructions,) = sass.parse_sass(text).values()
+        loops = sass.find_loops(instructions)
+        # (instructions of the body, nesting depth) of each loop, in address order
+        return [(loop.static, sum(1 for outer in loops if outer.contains(loop)))
+                for loop in sorted(loops, key=lambda l: l.header)]
+
     def compile_as_jit(fn, args, kwargs):
         """What JITFunction.run compiles for these arguments (its binder and _pack_args)."""
-        kwargs = dict(kwargs, debug=False)
+        kwargs = dict({"debug": False}, **kwargs)   # the launch's own options (the label assert's) win
         if hasattr(triton.knobs.compilation, "instrumentation_mode"):
             kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
         binder = create_function_from_signature(fn.signature, fn.params, backend)
@@ -159,7 +178,14 @@ def _main():
                     compiled = build()
                     stack, regs = stack_bytes(compiled)
                     done[key] = dict(stack=stack, regs=regs,
-                                     int32_products=find_int32_index_products(compiled.asm["ttir"]))
+                                     int32_products=find_int32_index_products(compiled.asm["ttir"]),
+                                     asserts="__assertfail" in compiled.asm["ptx"])
+                    if name in COMPARE_ASSERTS and entry["kernel"] == "resident_kernel":
+                        # the same kernel without the assert's options: its loops' instruction counts
+                        plain = {k: v for k, v in kwargs.items() if k not in ("debug", "sanitize_overflow")}
+                        _, build_plain, _ = compile_as_jit(fn, args, plain)
+                        done[key]["loops"] = loop_sizes(compiled)
+                        done[key]["loops_without_asserts"] = loop_sizes(build_plain())
                 entry.update(done[key], ok=True)
             except Exception as error:
                 entry.update(ok=False, error=repr(error)[:2000])

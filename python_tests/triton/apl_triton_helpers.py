@@ -25,7 +25,7 @@ SKIP_REASON = ("the Triton tests need TRITON_INTERPRET=1 (CPU tensors) or a CUDA
 
 # The three launch regimes, forced on small shapes so the interpreter stays fast:
 #   single   one program for the whole batch (default for small N, K)
-#   tiles    several row-resident tiles: count pre-pass + per-row losses + sum pass
+#   tiles    several row-resident tiles: a pre-pass over the labels, then one tile per program
 #   chunked  online lse over chunks of 16 columns
 REGIMES = ("single", "tiles", "chunked")
 
