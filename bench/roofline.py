@@ -117,6 +117,9 @@ BACKWARD_SEED_LAUNCHES = 1      # loss.backward() fills torch.ones_like(loss) (a
 CHECK_TARGETS = {"launches": 0, "host_syncs": 0}
 
 REDUCTION_MEAN = 1
+# Launches the model counts but does not compile: one-program loops ("serial", timed per iteration) and
+# parallel passes over the labels ("prepass", whose bytes are counted and whose time is negligible).
+AUXILIARY_KINDS = ("serial", "prepass")
 ELEMENT_BYTES = {"bf16": 2, "fp32": 4}
 TORCH_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 CI_SUBSET = {"triton": [("nce+rce", "bf16", (8192, 131072))], "cuda": [("nce+rce", "bf16", (8192, 131072))]}
@@ -143,7 +146,7 @@ class KernelRun:
     variant: str                 # key into the compiled variants
     grid: int
     warps: int                   # per block / program
-    kind: str                    # "chunked", "single", "tiles", "small_k", "large_k", "serial"
+    kind: str                    # "chunked", "single", "tiles", "small_k", "large_k", "serial", "prepass"
     params: dict                 # what the counting needs (BLOCK_K, BLOCK_R, group, cap...)
     serial_iterations: int = 0   # "serial": iterations of its one-program loop
 
@@ -155,8 +158,10 @@ def triton_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
     elem = ELEMENT_BYTES[dtype]
     block_k = _next_pow2(K)
     base = dict(ACTIVE=active, PASSIVE=passive, GRAD_MODE=0, REDUCTION=REDUCTION_MEAN, COMPUTE_GRAD=True)
-    serial = [KernelRun("triton _count_kernel", 1, 4, "serial", {}, _cdiv(B, 1024)),
-              KernelRun("triton _sum_kernel", 1, 4, "serial", {}, _cdiv(B, 1024))]
+    # kernels._labels_prepass: the labels checked (and counted, for mean) by up to COUNT_PROGRAMS programs.
+    block = tk.LABEL_BLOCK.value
+    count_programs = _cdiv(B, _cdiv(_cdiv(B, tk.COUNT_PROGRAMS.value), block) * block)
+    prepass = KernelRun("triton _labels_kernel", count_programs, 4, "prepass", {})
     if block_k <= tk.RESIDENT_MAX_K[elem]:
         block_r = max(1, min(tk.TILE_ELEMS // block_k, _next_pow2(B)))
         tiles = _cdiv(B, block_r)
@@ -165,7 +170,7 @@ def triton_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
         consts = dict(base, SINGLE=single, BLOCK_R=block_r, BLOCK_K=block_k)
         run = KernelRun(_triton_key("resident_kernel", dtype, consts, warps, B, K), 1 if single else tiles, warps,
                         "single" if single else "tiles", consts)
-        return [run] if single else [serial[0], run, serial[1]]
+        return [run] if single else [prepass, run]
     chunk = min(tk.CHUNK[max(2, elem)], block_k)
     warps = tk.CHUNK_WARPS if chunk >= 8192 else 8
     # kernels._programs_in_flight with the H200's figures
@@ -173,7 +178,7 @@ def triton_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
     programs = max(1, min(B, SMS * per_sm))
     consts = dict(base, NEEDS_PASS2=_needs_pass2(active, passive), BLOCK_K=chunk)
     run = KernelRun(_triton_key("chunked_kernel", dtype, consts, warps, B, K), programs, warps, "chunked", consts)
-    return [serial[0], run, serial[1]]
+    return [prepass, run]
 
 
 def _needs_pass2(active, passive) -> bool:
@@ -595,13 +600,14 @@ def model(backend: str, loss: str, dtype: str, B: int, K: int, runs: List[Kernel
     """One record: launches, syncs, HBM bytes, extra memory and the predicted % of copy bandwidth."""
     elem = ELEMENT_BYTES[dtype]
     logits = B * K * elem
-    labels, row_losses = 8 * B, 4 * B
+    labels = 8 * B
     back = BACKWARD[backend]
-    main = [r for r in runs if r.kind != "serial"][0]
+    main = [r for r in runs if r.kind not in AUXILIARY_KINDS][0]
     info = kernels[main.variant]
+    prepasses = [r for r in runs if r.kind == "prepass"]
 
-    # HBM traffic of the forward: logits once, gradient written once, labels, row losses.
-    hbm = logits + logits + labels + (row_losses if backend == "triton" and main.kind != "single" else 0)
+    # HBM traffic of the forward: logits once, gradient written once, labels (again in a label pre-pass).
+    hbm = logits + logits + labels * (1 + len(prepasses))
     if main.kind == "chunked":
         passes = 3 if main.params["NEEDS_PASS2"] else 2
         in_flight = main.grid * K * elem
@@ -632,7 +638,9 @@ def model(backend: str, loss: str, dtype: str, B: int, K: int, runs: List[Kernel
     minimal_s = 2 * logits / COPY_BYTES_S
     # Beside the gradient buffers: Triton's row losses and count (several programs), CUDA's workspace
     # (16-byte header and one partial per block); the loss itself.  Raw bytes (the allocator rounds up).
-    small = (row_losses + 4 if main.kind != "single" else 0) if backend == "triton" else 16 + 8 * main.grid
+    # Triton: the pre-pass's ticket, partial counts and one partial loss per main program (fp32).
+    small = (4 * (1 + prepasses[0].grid + main.grid) if prepasses else 0) if backend == "triton" \
+        else 16 + 8 * main.grid
     extra = logits + back["buffers"] * logits + small + 4
     fwd_launches = len(runs)
     unchecked = fwd_launches + BACKWARD_SEED_LAUNCHES + back["launches"]
@@ -669,7 +677,7 @@ def _jobs(backends, losses, dtypes, shapes):
                     if backend != "triton":
                         continue
                     for run in runs:
-                        if run.kind != "serial" and run.variant not in jobs:
+                        if run.kind not in AUXILIARY_KINDS and run.variant not in jobs:
                             kernel = run.variant.split()[1]
                             jobs[run.variant] = {"id": f"v{len(jobs)}", "kernel": kernel, "dtype": TORCH_DTYPES[dtype],
                                                  "consts": run.params, "warps": run.warps, "N": B, "K": K}
@@ -695,7 +703,7 @@ def run(args) -> dict:
         jobs = {}
         for backend, loss, dtype, B, K, runs in configs:
             for r in runs:
-                if backend == "triton" and r.kind != "serial":
+                if backend == "triton" and r.kind not in AUXILIARY_KINDS:
                     jobs[r.variant] = {"id": f"v{len(jobs)}", "kernel": r.variant.split()[1],
                                        "dtype": TORCH_DTYPES[dtype], "consts": r.params, "warps": r.warps,
                                        "N": B, "K": K}
@@ -758,7 +766,7 @@ def run(args) -> dict:
     for backend, loss, dtype, B, K, runs in configs:
         this = {}
         for r in runs:
-            if r.kind == "serial":
+            if r.kind in AUXILIARY_KINDS:
                 continue
             if r.variant not in kernels:
                 raise SystemExit(f"{r.variant} is not in the compiled code (found: {sorted(kernels)[:20]})")
