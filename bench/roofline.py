@@ -39,13 +39,15 @@ instruction of the bodies (an upper bound).  `predicted_pct_copy` comes from the
 first (for CUDA an upper bound), `predicted_pct_copy_static` from the second.
 
 Model: one training step's fwd+bwd as `loss.backward()` runs it.
-  launches     the forward's kernels (count, loss, sum), the ones_like seed of
-               loss.backward(), the backward's kernels, and with default arguments
-               check_targets' kernels and host sync (CUDA tensors);
+  launches     the loss's own launches: the forward's kernels (label pre-pass,
+               loss), the backward's kernels, and the host label check's with
+               default arguments (none on CUDA tensors: the kernels check); not
+               the ones_like seed of loss.backward(), which every loss pays
+               (BACKWARD_SEED_LAUNCHES, in meta; bench.kernels leaves it out too);
   backward     read from the table BACKWARD: ops._backward scales the saved
                gradient in place with a "scale unless 1" kernel, one launch and
                no pass over [N, K] when grad_output is 1;
-  hbm_bytes    the logits read once, the gradient written, labels and row losses;
+  hbm_bytes    the logits read once, the gradient written, the labels (twice with a pre-pass);
                a re-read (a later pass of a row, the backward reading the
                gradient) comes from L2 when what is in flight fits L2_BYTES, else
                from HBM (a cliff, no partial hits);
@@ -643,7 +645,7 @@ def model(backend: str, loss: str, dtype: str, B: int, K: int, runs: List[Kernel
         else 16 + 8 * main.grid
     extra = logits + back["buffers"] * logits + small + 4
     fwd_launches = len(runs)
-    unchecked = fwd_launches + BACKWARD_SEED_LAUNCHES + back["launches"]
+    unchecked = fwd_launches + back["launches"]   # ours: autograd's seed fill (BACKWARD_SEED_LAUNCHES) aside
     return {
         "backend": backend, "loss": loss, "dtype": dtype, "B": B, "K": K,
         "launches": unchecked + CHECK_TARGETS["launches"],
@@ -819,8 +821,8 @@ def print_table(data: dict, file=sys.stdout) -> None:
               f"{r['launches']:>4} {r['launches_check_targets_false']:>5} {r['host_syncs']:>4} "
               f"{r['hbm_bytes'] / 1e6:>9.2f} {r['extra_mem_ratio']:>6.2f} {r['sass_per_element']:>8.1f} "
               f"{r['bound']:>5} {r['predicted_us']:>9.2f} {_pct(r):>12}", file=file)
-    print("lnch: launches per fwd+bwd with default arguments (check_targets=True); lnch*: with "
-          "check_targets=False (train/, bench.kernels).  CUDA: SASS/el is a lower bound (the cheapest path that "
+    print("lnch: the loss's launches per fwd+bwd with default arguments (check_targets=True), autograd's "
+          "ones_like seed aside; lnch*: with check_targets=False (train/, bench.kernels).  CUDA: SASS/el is a lower bound (the cheapest path that "
           "still loads and exps each element; its loss terms are chosen at run time), so its %copy is an upper "
           "bound, shown as a range down to the static count's.  Launch overheads are not in 'pred us'.", file=file)
 
