@@ -136,10 +136,27 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scal
     if (second_pass) {
       const acc_t mx = s.max, log_sum = s.log_sum();
       const LossParams P2 = sums_params<kPow>(P);
+      // Constant rce / nrce: its sums from e = exp(z - max), split at
+      // live_threshold(S) (no log p, no clamp per class), as the CPU kernel.
+      // (Not with nfl: its focal sums need log p and p per class anyway.)
+      constexpr bool kSplitE = (kPassive == apl::kRCE || kPassive == apl::kNRCE) &&
+                               (kActive == apl::kNCE || kActive == apl::kCE);
+      const acc_t live_e_min = apl::live_threshold(s.sumexp), inv_sumexp = acc_t(1) / s.sumexp;
+      acc_t live_e = 0, dead_e = 0, n_dead = 0;
       auto add_slot = [&](const Slot<scalar_t>& b, int64_t j) {
-        const int t_y = j == jy ? ty : -1;                          // the label's place in this slot
-        const int t_before = j < jy ? V : (j == jy ? ty : 0);       // places before the label
-        visit(b, j, [&](int t, int64_t, acc_t v) { n.add_flagged(v, t == t_y, t < t_before, mx, log_sum, P2); });
+        const int t_y = j == jy ? ty : -1;  // the label's place in this slot
+        if constexpr (kSplitE) {
+          visit(b, j, [&](int t, int64_t, acc_t v) {
+            const acc_t e = apl::apl_exp(v - mx);
+            const bool other = t != t_y, live = e >= live_e_min;
+            live_e += other && live ? e : acc_t(0);
+            dead_e += other && !live ? e : acc_t(0);
+            n_dead += other && !live ? acc_t(1) : acc_t(0);
+          });
+        } else {
+          const int t_before = j < jy ? V : (j == jy ? ty : 0);  // places before the label
+          visit(b, j, [&](int t, int64_t, acc_t v) { n.add_flagged(v, t == t_y, t < t_before, mx, log_sum, P2); });
+        }
       };
       for (int64_t j = tid; j < nc; j += T) add_slot(copy_slot(cache + j), j);
       for (int64_t j = nc + tid; j < ns; j += T) {
@@ -147,6 +164,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scal
         load_slot(z, j * V - shift, K, b);
         add_slot(b, j);
       }
+      if constexpr (kSplitE) n.add_other_unnormalised(live_e, dead_e, n_dead, inv_sumexp);
       n = block_allreduce(n, reinterpret_cast<NormalizerSums<acc_t>*>(scratch));
     }
     const apl::RowResult<acc_t> r = apl::finish_row(s, n, z_y, K, P, weight);
