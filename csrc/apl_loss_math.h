@@ -60,12 +60,35 @@ struct LossParams {
 constexpr int kMaxTaylorOrder = 1000;  // spec.py's MAX_TAYLOR_ORDER
 
 // Math overloads that resolve to the float or double routine on host and device.
-// CUDA kernels may define APL_CUDA_FAST_EXP: float exp is then __expf (ex2.approx,
-// 2 instructions instead of ~10; a few ulp), as Triton's tl.exp.  Host code and
+// CUDA kernels may define APL_CUDA_FAST_EXP: float exp, pow and 1 - exp then run
+// on the GPU's MUFU unit (below; a few ulp, as Triton's tl.exp).  Host code and
 // double are unaffected.
-APL_HD float apl_exp(float x) {
 #if defined(__CUDA_ARCH__) && defined(APL_CUDA_FAST_EXP)
-  return __expf(x);
+#define APL_CUDA_FAST_MATH 1
+// ex2 / lg2 / sqrt .approx.ftz: one MUFU instruction each; without .ftz nvcc adds
+// a range test and two fix-ups per call (subnormal results are flushed to 0, far
+// below any tolerance: p < 2^-126).  Under __CUDA_ARCH__ only: the CPU emulator
+// of python_tests/cuda_emu compiles the host form.
+__device__ __forceinline__ float apl_ex2_ftz(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ float apl_lg2_ftz(float x) {
+  float r;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+__device__ __forceinline__ float apl_sqrt_ftz(float x) {
+  float r;
+  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+#endif
+
+APL_HD float apl_exp(float x) {
+#ifdef APL_CUDA_FAST_MATH
+  return apl_ex2_ftz(x * 1.44269504088896341f);  // e^x = 2^(x log2 e)
 #else
   return expf(x);
 #endif
@@ -77,8 +100,28 @@ APL_HD float apl_expm1(float x) { return expm1f(x); }
 APL_HD double apl_expm1(double x) { return expm1(x); }
 APL_HD float apl_log1p(float x) { return log1pf(x); }
 APL_HD double apl_log1p(double x) { return log1p(x); }
-APL_HD float apl_pow(float x, float y) { return powf(x, y); }
+// x^y for x >= 0 (every caller's case).  GPU: 2^(y lg2 x), and sqrt for y = 1/2
+// (the default gamma of the focal terms).
+APL_HD float apl_pow(float x, float y) {
+#ifdef APL_CUDA_FAST_MATH
+  if (y == 0.5f) return apl_sqrt_ftz(x);
+  return y == 0.0f ? 1.0f : apl_ex2_ftz(y * apl_lg2_ftz(x));  // 0^0 = 1, not 2^(0 * -inf)
+#else
+  return powf(x, y);
+#endif
+}
 APL_HD double apl_pow(double x, double y) { return pow(x, y); }
+
+// 1 - p for p = exp(log_p), without cancellation.  GPU: 1 - p while p < 1/2
+// (exact to a rounding there; at most one class of a row has p >= 1/2), expm1 above.
+APL_HD float apl_one_minus_exp(float log_p, float p) {
+#ifdef APL_CUDA_FAST_MATH
+  if (p < 0.5f) return 1.0f - p;
+#endif
+  (void)p;
+  return -apl_expm1(log_p);
+}
+APL_HD double apl_one_minus_exp(double log_p, double) { return -apl_expm1(log_p); }
 
 // The x^y of the ngce terms (x a probability, y = q).  Kernels with their own
 // vector math pass another functor in its place.
@@ -126,6 +169,19 @@ struct SoftmaxStats {
     sum_shifted += z == -INFINITY ? T(-INFINITY) : z - max;
     count += T(1);
     if (max != -INFINITY) sumexp += apl_exp(z - max);
+  }
+
+  // add_known_max with its test of max hoisted out of the row's loop: `shift` is
+  // max, or 0 when max is -inf (then every z is -inf: exp(z) adds 0 and z - 0 is
+  // -inf, as add_known_max gives).  kShifted = false skips sum_shifted and count
+  // (read by the NCE normaliser only).
+  template <bool kShifted = true>
+  APL_HD void add_with_shift(T z, T shift) {
+    if (kShifted) {
+      sum_shifted += z - shift;
+      count += T(1);
+    }
+    sumexp += apl_exp(z - shift);
   }
 
   APL_HD void merge(const SoftmaxStats& o) {
@@ -176,8 +232,9 @@ APL_HD T focal_deriv_from(T log_p, T p, T one_minus_p, T w, T gamma, int grad_mo
 
 template <typename T>
 APL_HD T focal_deriv(T log_p, T gamma, int grad_mode) {
-  const T one_minus_p = -apl_expm1(log_p);
-  return focal_deriv_from(log_p, apl_exp(log_p), one_minus_p, apl_pow(one_minus_p, gamma), gamma, grad_mode);
+  const T p = apl_exp(log_p);
+  const T one_minus_p = apl_one_minus_exp(log_p, p);
+  return focal_deriv_from(log_p, p, one_minus_p, apl_pow(one_minus_p, gamma), gamma, grad_mode);
 }
 
 // f(l) and f'(l) of one class with one pow: what the nfl normaliser pass needs.
@@ -194,7 +251,7 @@ APL_HD FocalTerms<T> focal_terms_from(T log_p, T p, T one_minus_p, T w, T gamma,
 
 template <typename T>
 APL_HD FocalTerms<T> focal_terms(T log_p, T p, T gamma, int grad_mode) {
-  const T one_minus_p = -apl_expm1(log_p);
+  const T one_minus_p = apl_one_minus_exp(log_p, p);
   return focal_terms_from(log_p, p, one_minus_p, apl_pow(one_minus_p, gamma), gamma, grad_mode);
 }
 
@@ -310,15 +367,19 @@ struct NormalizerSums {
   // One class k of a row with label y, from its logit, the row's max and
   // log sum exp(z - max).
   APL_HD void add(T z, int64_t k, int64_t y, T max, T log_sum, const LossParams& P) {
+    add_flagged(z, k == y, k < y, max, log_sum, P);
+  }
+
+  // The same with the label's position given: is_target = [k == y], before_label = [k < y].
+  APL_HD void add_flagged(T z, bool is_target, bool before_label, T max, T log_sum, const LossParams& P) {
     const T log_p = log_prob(z, max, log_sum);
     const T p = apl_exp(log_p);
-    const bool is_target = k == y;
     FocalTerms<T> f{T(0), T(0)};
     if (P.active == kNFL || P.passive == kNNFL) f = focal_terms(log_p, p, T(P.gamma), P.grad_mode);
     if (P.active == kNFL) add_focal(f);
     if (P.active == kNGCE || P.passive == kRCE || P.passive == kNRCE) add_prob(p, is_target, P);
     if (!is_target) add_other(log_p, p, above_min_prob(p, P), f, P);
-    if (P.active == kECE && ties_before_label(z, k, y, max)) ties += T(1);
+    if (P.active == kECE && before_label && z == max) ties += T(1);  // ties_before_label
   }
 
   APL_HD void merge(const NormalizerSums& o) {

@@ -28,9 +28,10 @@ using apl::LossParams;
 using apl::NormalizerSums;
 using apl::SoftmaxStats;
 
-// Device workspace of the mean/sum reductions (16-byte header, then one partial per block).
+// Device workspace of the mean/sum reductions of a grid of several blocks
+// (16-byte header, then one partial per block).  A one-block grid has none.
 struct Workspace {
-  unsigned long long count;  // rows whose target != ignore_index (mean only)
+  unsigned long long count;  // rows whose target != ignore_index (mean, counted by count_kept_kernel)
   unsigned int ticket;       // blocks done; the last one reduces the partials
   unsigned int pad;
 };
@@ -49,7 +50,8 @@ struct Args {
   int64_t ignore_index;
   scalar_t* grad;  // nullptr: no gradient
   acc_t* loss;
-  Workspace* ws;  // nullptr for reduction none
+  Workspace* ws;  // nullptr for reduction none and for a one-block grid
+  bool count_in_kernel;  // mean: every block counts the kept rows itself (else ws->count has them)
   LossParams P;
   int reduction;
   bool second_pass;
@@ -93,6 +95,15 @@ __device__ __forceinline__ void load_slot(const scalar_t* row, int64_t e0, int64
       s.v[t] = (e >= 0 && e < K) ? row[e] : scalar_t(0);
     }
   }
+}
+
+// A slot of shared memory as one 16-byte load (LDS.128); element reads through
+// a reference to the shared slot would be one LDS.U16 / LDS each.
+template <typename scalar_t>
+__device__ __forceinline__ Slot<scalar_t> copy_slot(const Slot<scalar_t>* p) {
+  Slot<scalar_t> s;
+  *reinterpret_cast<uint4*>(&s) = *reinterpret_cast<const uint4*>(p);
+  return s;
 }
 
 // Store the in-row elements of a slot; one 16-byte store when `vec` (the
@@ -148,6 +159,9 @@ __device__ __forceinline__ void fill_row(scalar_t* row, int64_t K, scalar_t valu
 // ---------------------------------------------------------------- reductions
 __device__ __forceinline__ float shfl_xor(float v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
 __device__ __forceinline__ double shfl_xor(double v, int o) { return __shfl_xor_sync(0xffffffffu, v, o); }
+__device__ __forceinline__ unsigned long long shfl_xor(unsigned long long v, int o) {
+  return __shfl_xor_sync(0xffffffffu, v, o);
+}
 
 // SoftmaxStats / NormalizerSums word by word, so that a field added to them
 // in apl_loss_math.h is carried along without a change here.
@@ -175,6 +189,7 @@ __device__ __forceinline__ void combine(SoftmaxStats<T>& a, const SoftmaxStats<T
 template <typename T>
 __device__ __forceinline__ void combine(NormalizerSums<T>& a, const NormalizerSums<T>& b) { a.merge(b); }
 __device__ __forceinline__ void combine(double& a, double b) { a += b; }
+__device__ __forceinline__ void combine(unsigned long long& a, unsigned long long b) { a += b; }
 
 // Butterfly over aligned groups of `width` lanes (a power of two <= 32); every
 // lane of the warp must call it.  merge() is commutative, so all lanes of a
@@ -202,9 +217,21 @@ __device__ __forceinline__ R block_allreduce(R v, R* scratch) {
 // Each kernel has a general variant (kPow) and one for losses without nfl,
 // ngce or nnfl terms (nce+rce, ce, sce, nce+agce, nce+amse, ...).  There,
 // constants let the compiler drop the pow and focal code from the per-element
-// loops: less code, fewer branches.
+// loops: less code, fewer branches.  The large-K kernel also has variants for
+// the hot pairs (kActive, kPassive): the terms are constants, so every choice
+// of a term in the per-element code folds away.  kAnyTerm: read at run time.
+constexpr int kAnyTerm = -1;
+
 inline __host__ __device__ bool has_pow_terms(const LossParams& P) {
   return P.active == apl::kNFL || P.active == apl::kNGCE || P.passive == apl::kNNFL;
+}
+
+// The params a variant computes with: its constant terms in place of the run-time ones.
+template <int kActive, int kPassive>
+__device__ __forceinline__ LossParams pair_params(LossParams P) {
+  if constexpr (kActive != kAnyTerm) P.active = kActive;
+  if constexpr (kPassive != kAnyTerm) P.passive = kPassive;
+  return P;
 }
 
 // Params of the normaliser pass: without nfl/ngce the only active term with
@@ -215,13 +242,24 @@ __device__ __forceinline__ LossParams sums_params(LossParams P) {
   return P;
 }
 
-// Gradient coefficients: c_focal, c_pow and c_neg_focal are exactly 0 without nfl/ngce/nnfl.
-template <bool kPow, typename T>
+// Gradient coefficients: c_focal, c_pow and c_neg_focal are exactly 0 without
+// nfl/ngce/nnfl; with constant terms, every coefficient the pair has not is 0.
+template <bool kPow, typename T, int kActive = kAnyTerm, int kPassive = kAnyTerm>
 __device__ __forceinline__ GradCoefs<T> grad_coefs(GradCoefs<T> c) {
   if constexpr (!kPow) {
     c.c_focal = 0;
     c.c_pow = 0;
     c.c_neg_focal = 0;
+  }
+  if constexpr (kActive != kAnyTerm) {
+    if constexpr (kActive != apl::kNCE) c.c_const = 0;
+    if constexpr (kActive != apl::kNFL) c.c_focal = 0;
+    if constexpr (kActive != apl::kNGCE) c.c_pow = 0;
+  }
+  if constexpr (kPassive != kAnyTerm) {
+    if constexpr (kPassive != apl::kAMSE) c.c_sq = 0;
+    if constexpr (kPassive != apl::kNNCE) c.c_neg = 0;
+    if constexpr (kPassive != apl::kNNFL) c.c_neg_focal = 0;
   }
   return c;
 }
@@ -229,19 +267,48 @@ __device__ __forceinline__ GradCoefs<T> grad_coefs(GradCoefs<T> c) {
 // ---------------------------------------------------------------- rows
 enum RowStatus : int { kRowOk = 0, kRowIgnored = 1, kRowBad = 2 };
 
+// A label outside [0, K) that is not ignore_index stops the kernel with a
+// device-side assert, as F.cross_entropy does (no host sync).  Where asserts
+// are compiled out, the row's loss and gradient are NaN.
 template <typename scalar_t>
 __device__ __forceinline__ RowStatus row_status(const Args<scalar_t>& a, int64_t y) {
   if (y == a.ignore_index) return kRowIgnored;
-  return (y < 0 || y >= a.K) ? kRowBad : kRowOk;
+  const bool in_range = y >= 0 && y < a.K;
+  CUDA_KERNEL_ASSERT(in_range && "fused_loss: a target is outside [0, K) and is not ignore_index");
+  return in_range ? kRowOk : kRowBad;
+}
+
+// The rows whose target is not ignore_index, counted by the whole block; every
+// thread gets the total.  Integers: the same in every block and every run.
+template <typename scalar_t>
+__device__ unsigned long long count_kept_rows(const Args<scalar_t>& a, unsigned long long* scratch) {
+  unsigned long long c = 0;
+  const int64_t T = blockDim.x;
+  int64_t i = threadIdx.x;
+  for (; i + 3 * T < a.N; i += 4 * T) {  // 4 independent loads in flight per thread
+    int64_t v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = __ldg(a.target + i + u * T);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) c += v[u] != a.ignore_index;
+  }
+  for (; i < a.N; i += T) c += __ldg(a.target + i) != a.ignore_index;
+  return block_allreduce(c, scratch);
+}
+
+// The mean's divisor (0 for sum and none); every thread of the block must call it.
+template <typename scalar_t>
+__device__ __forceinline__ unsigned long long kept_rows(const Args<scalar_t>& a, unsigned long long* scratch) {
+  if (a.reduction != apl::kReduceMean) return 0;
+  return a.count_in_kernel ? count_kept_rows(a, scratch) : __ldcg(&a.ws->count);
 }
 
 // The reduction's factor of every gradient row.
 template <typename scalar_t>
-__device__ __forceinline__ at::opmath_type<scalar_t> grad_weight(const Args<scalar_t>& a) {
+__device__ __forceinline__ at::opmath_type<scalar_t> grad_weight(const Args<scalar_t>& a, unsigned long long kept) {
   using acc_t = at::opmath_type<scalar_t>;
   if (a.reduction != apl::kReduceMean) return acc_t(1);
-  const unsigned long long count = a.ws->count;
-  return count > 0 ? acc_t(1) / static_cast<acc_t>(count) : acc_t(0);
+  return kept > 0 ? acc_t(1) / static_cast<acc_t>(kept) : acc_t(0);
 }
 
 // The loss of a row as the output holds it: 0 when ignored, NaN for a bad label.
@@ -251,39 +318,40 @@ __device__ __forceinline__ acc_t row_loss_value(RowStatus st, acc_t loss) {
 }
 
 // Mean/sum: every block sums its rows (`partial`, any thread's share) in a fixed
-// order, the last block to finish sums the per-block partials in index order.
-// No float atomics, so the result does not depend on scheduling.
+// order; one block writes its sum, several write per-block partials and the
+// last block to finish sums them in index order.  No float atomics, so the
+// result does not depend on scheduling.  `kept`: kept_rows().
 template <typename scalar_t>
-__device__ void reduce_loss(const Args<scalar_t>& a, double partial, double* scratch) {
+__device__ void reduce_loss(const Args<scalar_t>& a, double partial, double* scratch, unsigned long long kept) {
   if (a.reduction == apl::kReduceNone) return;
   __shared__ bool is_last;
   const double block_sum = block_allreduce(partial, scratch);
-  if (threadIdx.x == 0) {
-    partials(a.ws)[blockIdx.x] = block_sum;
-    __threadfence();  // the partial is visible before the ticket says so
-    is_last = atomicAdd(&a.ws->ticket, 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
-  double v = 0;
-  const int64_t n = gridDim.x;
-  for (int64_t i = threadIdx.x; i < n; i += 4 * int64_t(blockDim.x)) {  // 4 loads in flight
-    double w[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int64_t k = i + u * int64_t(blockDim.x);
-      w[u] = k < n ? __ldcg(partials(a.ws) + k) : 0.0;
+  double total = block_sum;
+  if (gridDim.x > 1) {
+    if (threadIdx.x == 0) {
+      partials(a.ws)[blockIdx.x] = block_sum;
+      __threadfence();  // the partial is visible before the ticket says so
+      is_last = atomicAdd(&a.ws->ticket, 1u) == gridDim.x - 1;
     }
+    __syncthreads();
+    if (!is_last) return;
+    __threadfence();
+    double v = 0;
+    const int64_t n = gridDim.x;
+    for (int64_t i = threadIdx.x; i < n; i += 4 * int64_t(blockDim.x)) {  // 4 loads in flight
+      double w[4];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) v += w[u];
-  }
-  double total = block_allreduce(v, scratch);
-  if (threadIdx.x == 0) {
-    if (a.reduction == apl::kReduceMean) {
-      const unsigned long long count = __ldcg(&a.ws->count);
-      total = count > 0 ? total / static_cast<double>(count) : 0.0;
+      for (int u = 0; u < 4; ++u) {
+        const int64_t k = i + u * int64_t(blockDim.x);
+        w[u] = k < n ? __ldcg(partials(a.ws) + k) : 0.0;
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) v += w[u];
     }
+    total = block_allreduce(v, scratch);
+  }
+  if (threadIdx.x == 0) {
+    if (a.reduction == apl::kReduceMean) total = kept > 0 ? total / static_cast<double>(kept) : 0.0;
     *a.loss = static_cast<at::opmath_type<scalar_t>>(total);
   }
 }

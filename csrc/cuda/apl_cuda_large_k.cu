@@ -24,17 +24,47 @@ namespace {
 constexpr int kLargeBlockMax = 512;
 constexpr int kLoadBatch = 8;  // 16-byte loads in flight per thread while filling shared memory
 
-template <typename scalar_t, bool kPow>
+// max that skips NaN (one FMNMX): a NaN logit still poisons its row, through
+// its exp in the row's sum.
+__device__ __forceinline__ float max_skipping_nan(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_skipping_nan(double a, double b) { return fmax(a, b); }
+
+// d loss / d z_k of a class k that is not the label (the label's entry is
+// written apart, once per row).  Constant terms fold the choices away.
+template <int kActive, int kPassive, typename T>
+__device__ __forceinline__ T grad_not_label(T z, const GradCoefs<T>& c, const LossParams& P) {
+  const T log_p = apl::log_prob(z, c.max, c.log_sum);
+  const T p = apl::apl_exp(log_p);
+  T focal_d = 0;
+  if (c.c_focal != T(0) || c.c_neg_focal != T(0)) {
+    const T one_minus_p = apl::apl_one_minus_exp(log_p, p);
+    focal_d = apl::focal_deriv_from(log_p, p, one_minus_p, apl::apl_pow(one_minus_p, T(P.gamma)), T(P.gamma),
+                                    P.grad_mode);
+  }
+  const bool live = apl::unclamped(p), live_neg = apl::above_min_prob(p, P);
+  // Without rce / nrce, p_coef is -g_sum: no clamp test.
+  if constexpr (kPassive != kAnyTerm && kPassive != apl::kRCE && kPassive != apl::kNRCE)
+    return apl::grad_common(p, live, live_neg, focal_d, c, P) - p * c.g_sum;
+  else
+    return apl::grad_other_from(p, live, live_neg, focal_d, c, P);
+}
+
+template <typename scalar_t, bool kPow, int kActive = kAnyTerm, int kPassive = kAnyTerm>
 __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scalar_t> a, const int64_t cap) {
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int V = Slot<scalar_t>::V;
+  // sum (z - max) is read by the NCE normaliser only.
+  constexpr bool kShifted = kActive == kAnyTerm || kActive == apl::kNCE;
   extern __shared__ uint4 smem_rows[];
   Slot<scalar_t>* cache = reinterpret_cast<Slot<scalar_t>*>(smem_rows);
   // Scratch of the block reductions, for the largest type reduced.
   __shared__ alignas(16) unsigned char scratch[32 * sizeof(NormalizerSums<acc_t>)];
 
+  const LossParams P = pair_params<kActive, kPassive>(a.P);
+  const bool second_pass = kActive == kAnyTerm ? a.second_pass : apl::needs_second_pass(P);
   const int64_t K = a.K, T = blockDim.x, tid = threadIdx.x;
-  const acc_t weight = grad_weight(a);
+  const unsigned long long kept = kept_rows(a, reinterpret_cast<unsigned long long*>(scratch));
+  const acc_t weight = grad_weight(a, kept);
   double partial = 0;
 
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
@@ -55,6 +85,8 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scal
     const int shift = slot_shift(z);
     const int64_t ns = slot_count<scalar_t>(K, shift), nc = ns < cap ? ns : cap;
     const acc_t z_y = static_cast<acc_t>(z[y]);
+    const int64_t jy = (y + shift) / V;  // the label's slot, and its place there
+    const int ty = int(y + shift - jy * V);
     // f(t, e, z) over slot j: only the first and the last slot can be partial.
     auto visit = [&](const Slot<scalar_t>& b, int64_t j, auto&& f) {
       if (j > 0 && j < ns - 1) for_each_in_full_slot(b, j * V - shift, f);
@@ -76,13 +108,17 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scal
         const int64_t j = j0 + u * T;
         if (j < nc) {
           cache[j] = buf[u];
-          visit(buf[u], j, [&](int, int64_t, acc_t v) { m = apl::nan_max(m, v); });
+          visit(buf[u], j, [&](int, int64_t, acc_t v) { m = max_skipping_nan(m, v); });
         }
       }
     }
     SoftmaxStats<acc_t> s;
     s.max = m;
-    for (int64_t j = tid; j < nc; j += T) visit(cache[j], j, [&](int, int64_t, acc_t v) { s.add_known_max(v); });
+    {
+      const acc_t m_shift = m == -INFINITY ? acc_t(0) : m;  // hoisted: see add_with_shift
+      for (int64_t j = tid; j < nc; j += T)
+        visit(copy_slot(cache + j), j, [&](int, int64_t, acc_t v) { s.template add_with_shift<kShifted>(v, m_shift); });
+    }
     {  // the streamed tail, online
       SoftmaxStats<acc_t> tail;
       for (int64_t j = nc + tid; j < ns; j += T) {
@@ -94,42 +130,68 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scal
     }
     s = block_allreduce(s, reinterpret_cast<SoftmaxStats<acc_t>*>(scratch));
 
-    // Pass 2: the normaliser sums, only for the losses that need them.
+    // Pass 2: the normaliser sums, only for the losses that need them.  The
+    // label is found by slot (jy, ty), not by a 64-bit compare per element.
     NormalizerSums<acc_t> n;
-    if (a.second_pass) {
+    if (second_pass) {
       const acc_t mx = s.max, log_sum = s.log_sum();
-      const LossParams P2 = sums_params<kPow>(a.P);
-      auto add = [&](int, int64_t e, acc_t v) { n.add(v, e, y, mx, log_sum, P2); };
-      for (int64_t j = tid; j < nc; j += T) visit(cache[j], j, add);
+      const LossParams P2 = sums_params<kPow>(P);
+      // Constant rce / nrce: its sums from e = exp(z - max), split at
+      // live_threshold(S) (no log p, no clamp per class), as the CPU kernel.
+      // (Not with nfl: its focal sums need log p and p per class anyway.)
+      constexpr bool kSplitE = (kPassive == apl::kRCE || kPassive == apl::kNRCE) &&
+                               (kActive == apl::kNCE || kActive == apl::kCE);
+      const acc_t live_e_min = apl::live_threshold(s.sumexp), inv_sumexp = acc_t(1) / s.sumexp;
+      acc_t live_e = 0, dead_e = 0, n_dead = 0;
+      auto add_slot = [&](const Slot<scalar_t>& b, int64_t j) {
+        const int t_y = j == jy ? ty : -1;  // the label's place in this slot
+        if constexpr (kSplitE) {
+          visit(b, j, [&](int t, int64_t, acc_t v) {
+            const acc_t e = apl::apl_exp(v - mx);
+            const bool other = t != t_y, live = e >= live_e_min;
+            live_e += other && live ? e : acc_t(0);
+            dead_e += other && !live ? e : acc_t(0);
+            n_dead += other && !live ? acc_t(1) : acc_t(0);
+          });
+        } else {
+          const int t_before = j < jy ? V : (j == jy ? ty : 0);  // places before the label
+          visit(b, j, [&](int t, int64_t, acc_t v) { n.add_flagged(v, t == t_y, t < t_before, mx, log_sum, P2); });
+        }
+      };
+      for (int64_t j = tid; j < nc; j += T) add_slot(copy_slot(cache + j), j);
       for (int64_t j = nc + tid; j < ns; j += T) {
         Slot<scalar_t> b;
         load_slot(z, j * V - shift, K, b);
-        visit(b, j, add);
+        add_slot(b, j);
       }
+      if constexpr (kSplitE) n.add_other_unnormalised(live_e, dead_e, n_dead, inv_sumexp);
       n = block_allreduce(n, reinterpret_cast<NormalizerSums<acc_t>*>(scratch));
     }
-    const apl::RowResult<acc_t> r = apl::finish_row(s, n, z_y, K, a.P, weight);
-    const GradCoefs<acc_t> c = grad_coefs<kPow>(r.grad);
+    const apl::RowResult<acc_t> r = apl::finish_row(s, n, z_y, K, P, weight);
+    const GradCoefs<acc_t> c = grad_coefs<kPow, acc_t, kActive, kPassive>(r.grad);
     if (tid == 0) {
       if (a.reduction == apl::kReduceNone) a.loss[row] = r.loss;
       else partial += static_cast<double>(r.loss);
     }
 
-    // Pass 3: the gradient, one write.
+    // Pass 3: the gradient, one write; the label's entry is computed once and
+    // stored over its slot's by the thread that wrote the slot.
     if (g != nullptr) {
       const bool vec = slot_shift(g) == shift;
+      const scalar_t g_y = static_cast<scalar_t>(apl::grad_element(z_y, true, c, P));
       for (int64_t j = tid; j < ns; j += T) {
         Slot<scalar_t> in, o;
-        if (j < nc) in = cache[j];
+        if (j < nc) in = copy_slot(cache + j);
         else load_slot(z, j * V - shift, K, in);
-        visit(in, j, [&](int t, int64_t e, acc_t v) {
-          o.v[t] = static_cast<scalar_t>(apl::grad_element(v, e == y, c, a.P));
+        visit(in, j, [&](int t, int64_t, acc_t v) {
+          o.v[t] = static_cast<scalar_t>(grad_not_label<kActive, kPassive>(v, c, P));
         });
         store_slot(g, j * V - shift, K, o, vec);
+        if (j == jy) g[y] = g_y;
       }
     }
   }
-  reduce_loss(a, partial, reinterpret_cast<double*>(scratch));
+  reduce_loss(a, partial, reinterpret_cast<double*>(scratch), kept);
 }
 
 // Threads per block for a row of `slots` 16-byte slots.
@@ -178,11 +240,26 @@ KernelOnDevice& kernel_on_device(int device, const void* kernel, int64_t static_
 
 }  // namespace
 
-// The kernel variant a loss runs: fp64 keeps only the general one (build time).
+// The kernel variant a loss runs: the hot pairs have their own (constant
+// terms), the others the general one; fp64 keeps only the general one (build time).
 template <typename scalar_t>
 auto large_k_variant(const LossParams& P) {
-  if constexpr (sizeof(scalar_t) == 8) return large_k_kernel<scalar_t, true>;
-  else return has_pow_terms(P) ? large_k_kernel<scalar_t, true> : large_k_kernel<scalar_t, false>;
+  using apl::kCE;
+  using apl::kMAE;
+  using apl::kNCE;
+  using apl::kNFL;
+  using apl::kRCE;
+  if constexpr (sizeof(scalar_t) == 8) {
+    return large_k_kernel<scalar_t, true>;
+  } else {
+    const int a = P.active, p = P.passive;
+    if (a == kCE && p == apl::kPassiveNone) return large_k_kernel<scalar_t, false, kCE, apl::kPassiveNone>;
+    if (a == kNCE && p == kRCE) return large_k_kernel<scalar_t, false, kNCE, kRCE>;
+    if (a == kNCE && p == kMAE) return large_k_kernel<scalar_t, false, kNCE, kMAE>;
+    if (a == kNFL && p == kRCE) return large_k_kernel<scalar_t, true, kNFL, kRCE>;
+    if (a == kNFL && p == kMAE) return large_k_kernel<scalar_t, true, kNFL, kMAE>;
+    return has_pow_terms(P) ? large_k_kernel<scalar_t, true> : large_k_kernel<scalar_t, false>;
+  }
 }
 
 template <typename scalar_t>

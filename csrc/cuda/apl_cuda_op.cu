@@ -2,10 +2,16 @@
 //
 // Launches on the current stream, never synchronises with the host:
 //   reduction none:  the loss kernel writes the row losses.
-//   reduction sum:   zero the workspace header; the loss kernel's blocks each
-//                    write a partial sum and the last block adds them up.
-//   reduction mean:  as sum, after a count of the kept rows (the gradient's
-//                    weight 1/count is needed before the loss kernel runs).
+//   reduction sum:   one block: the loss kernel writes the sum.  Several: zero
+//                    the workspace header; the blocks each write a partial sum
+//                    and the last block adds them up.
+//   reduction mean:  as sum; the gradient's weight 1/count is needed before the
+//                    loss kernel writes a gradient, so every block of the loss
+//                    kernel counts the kept rows itself (one block always, several
+//                    when that re-read of the labels is small next to the logits),
+//                    or a count kernel runs first.
+// So [128, 10] mean is one launch.  A label outside [0, K) that is not
+// ignore_index is a device-side assert (apl_cuda_common.cuh row_status).
 // K <= kSmallKMax runs the warp-group kernel (fp64: K <= 62), larger K the
 // block-per-row kernel.
 #include <ATen/ATen.h>
@@ -23,7 +29,14 @@
 namespace apl_cuda {
 namespace {
 
-constexpr int64_t kSingleBlockCount = 16384;  // rows counted by one block (no memset needed)
+constexpr int64_t kSingleBlockCount = 16384;  // rows counted by one block of count_kept_kernel (no memset needed)
+
+// Whether each block of the loss kernel counts the kept rows itself: one block,
+// or when the grid's re-reads of the labels (8 bytes a row, from L2) are at most
+// a quarter of the logits' bytes.
+bool count_in_kernel(int64_t grid, int64_t K, int64_t element_bytes) {
+  return grid == 1 || grid * 32 <= K * element_bytes;
+}
 
 // Counts the rows with target != ignore_index into ws->count and zeroes the
 // ticket.  One block: writes both.  Several: the header was zeroed, atomics add.
@@ -70,6 +83,7 @@ void run(const at::Tensor& logits, const at::Tensor& target, const apl::LossPara
   a.grad = grad.numel() > 0 ? grad.mutable_data_ptr<scalar_t>() : nullptr;
   a.loss = loss.mutable_data_ptr<acc_t>();
   a.ws = nullptr;
+  a.count_in_kernel = false;
   a.P = P;
   a.reduction = int(reduction);
   a.second_pass = apl::needs_second_pass(P);
@@ -79,16 +93,18 @@ void run(const at::Tensor& logits, const at::Tensor& target, const apl::LossPara
   const LaunchPlan plan = small ? plan_small_k(a) : plan_large_k(a);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
+  const bool mean = reduction == apl::kReduceMean;
+  a.count_in_kernel = mean && count_in_kernel(plan.grid, K, int64_t(sizeof(scalar_t)));
   at::Tensor workspace;  // kept alive until the kernels are queued (the allocator is stream-ordered)
-  if (reduction != apl::kReduceNone) {
+  if (reduction != apl::kReduceNone && (plan.grid > 1 || (mean && !a.count_in_kernel))) {
     workspace = at::empty({kWorkspaceHeader + 8 * plan.grid}, logits.options().dtype(at::kByte));
     a.ws = reinterpret_cast<Workspace*>(workspace.mutable_data_ptr());
-    if (reduction == apl::kReduceMean && N <= kSingleBlockCount) {
-      count_kept_kernel<<<1, 1024, 0, stream>>>(a.target, N, ignore_index, a.ws);
+    if (mean && !a.count_in_kernel && N <= kSingleBlockCount) {
+      count_kept_kernel<<<1, 1024, 0, stream>>>(a.target, N, ignore_index, a.ws);  // zeroes the ticket too
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       C10_CUDA_CHECK(cudaMemsetAsync(a.ws, 0, kWorkspaceHeader, stream));
-      if (reduction == apl::kReduceMean) {
+      if (mean && !a.count_in_kernel) {
         const int64_t sms = at::cuda::getDeviceProperties(a.device)->multiProcessorCount;
         const int64_t blocks = std::min<int64_t>((N + 4095) / 4096, 4 * sms);
         count_kept_kernel<<<unsigned(std::max<int64_t>(blocks, 2)), 256, 0, stream>>>(a.target, N, ignore_index,

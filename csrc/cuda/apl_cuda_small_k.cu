@@ -41,7 +41,8 @@ __global__ void __launch_bounds__(kSmallBlock) small_k_kernel(const Args<scalar_
   const int gl = threadIdx.x & (G - 1);  // lane within the row's group
   const int64_t groups = blockDim.x / G, my_group = threadIdx.x / G;
   const int64_t K = a.K;
-  const acc_t weight = grad_weight(a);
+  const unsigned long long kept = kept_rows(a, reinterpret_cast<unsigned long long*>(scratch));
+  const acc_t weight = grad_weight(a, kept);
   double partial = 0;
 
   // `first` is uniform over the block, so every lane of a warp runs every shuffle.
@@ -118,7 +119,7 @@ __global__ void __launch_bounds__(kSmallBlock) small_k_kernel(const Args<scalar_
       }
     }
   }
-  reduce_loss(a, partial, scratch);
+  reduce_loss(a, partial, scratch, kept);
 }
 
 }  // namespace

@@ -11,6 +11,7 @@ and line:
   __shared__ alignas(N)           -> alignas(N) __shared__   (g++ wants it first)
   TORCH_LIBRARY_IMPL(ns, CUDA, m) -> TORCH_LIBRARY_IMPL(ns_emu, CPU, m)
   .is_cuda()                      -> .is_cpu()   (the emulated "device" is the CPU)
+  CUDA_KERNEL_ASSERT(cond)        -> CUDA_EMU_KERNEL_ASSERT(cond)   (a fault report, not glibc's abort)
   at::empty(...), at::empty_like  -> the same, filled with 0xff bytes (NaN): reads
                                      of memory no kernel wrote show in the results
 
@@ -86,6 +87,7 @@ def rewrite(text: str, suffix: str = NAMESPACE_SUFFIX) -> str:
     text = _SHARED_ALIGNAS.sub(lambda m: f"{m.group(1)} __shared__", text)
     text = _LIBRARY_IMPL_CUDA.sub(lambda m: f"TORCH_LIBRARY_IMPL({m.group(1)}{suffix}, CPU,", text)
     text = re.sub(r"\.is_cuda\(\)", ".is_cpu()", text)
+    text = re.sub(r"\bCUDA_KERNEL_ASSERT\(", "CUDA_EMU_KERNEL_ASSERT(", text)
     text = re.sub(r"\bat::empty(_like)?\(", lambda m: f"::cuda_emu::poisoned_empty{m.group(1) or ''}(", text)
     return text
 

@@ -23,8 +23,8 @@ class Plant:
 PLANTS = {
     "removed_syncthreads": Plant(
         1, "cuda/apl_cuda_common.cuh",
-        "  __syncthreads();\n  if (!is_last) return;",
-        "  if (!CUDA_EMU_PLANTED(1)) __syncthreads();\n  if (!is_last) return;",
+        "    __syncthreads();\n    if (!is_last) return;",
+        "    if (!CUDA_EMU_PLANTED(1)) __syncthreads();\n    if (!is_last) return;",
         "__syncthreads();  // the previous call's readers"),
     "off_by_one_ticket": Plant(
         2, "cuda/apl_cuda_common.cuh",

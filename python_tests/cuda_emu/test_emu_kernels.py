@@ -11,7 +11,8 @@ OS thread per block and one fiber per CUDA thread; fibers switch only at
 divergent barriers, exits while others wait at a barrier, shuffles outside
 their mask, misaligned `__ldg` and SIGSEGV in a kernel fail the launch with a
 message that names the block, the thread and the source line
-(test_emu_faults.py plants each of them).
+(test_emu_faults.py plants each of them); so does a failed CUDA_KERNEL_ASSERT
+(test_bad_target_is_a_device_side_assert).
 
 Here: the cases of python_tests/test_cuda_kernels.py, with its tables and
 checks, on CPU tensors, against the fp64 reference.  Each check runs the op
@@ -27,6 +28,8 @@ Environment: CUDA_EMU_SCHEDULE (above); CUDA_EMU_FIBERS = asm (x86-64, the
 default) | ucontext; CUDA_EMU_BUILD_DIR = a folder kept between runs (ninja
 then recompiles only what changed; by default each test session builds afresh
 in its own temporary folder); CUDA_EMU_PLANT (test_emu_faults.py only).
+CUDA_EMU_KERNEL_ASSERT=0 compiles device asserts out (read at each launch);
+CUDA_EMU_LAUNCH_LOG = a file that gets one line per kernel launch and memset.
 Run alone: `python -m pytest -q python_tests/cuda_emu`.
 
 Known gaps.  The emulator does not model:
@@ -38,7 +41,9 @@ Known gaps.  The emulator does not model:
   sources that use them (and their headers are `#error` stubs);
 - the GPU's fast intrinsics: `__expf` and friends are libm's functions, so
   numerics differ slightly from the GPU (ex2.approx); `__CUDA_ARCH__` is not
-  defined, code under `#ifdef __CUDA_ARCH__` compiles in its host form;
+  defined, code under `#ifdef __CUDA_ARCH__` compiles in its host form (so the
+  MUFU exp / pow / sqrt wrappers of csrc/apl_loss_math.h, inline PTX under
+  `__CUDA_ARCH__`, run as libm here: their accuracy is the GPU run's to check);
 - divergence inside a warp: lanes run independently between collectives and
   `__activemask()` is the warp's lanes that have not exited;
 - static `__shared__` starts zeroed (a fresh thread_local per block), not
@@ -49,7 +54,9 @@ Known gaps.  The emulator does not model:
 import pytest
 import torch
 
-from apl_testing import ALL_LOSSES
+import emu_build
+
+from apl_testing import ALL_LOSSES, assert_close
 from emu_helpers import ALL_ORDERS, assert_bit_identical, env, run_emulated, run_once
 from test_cuda_kernels import DTYPES, LOSSES, _views, check, make, run_reference
 from apl_kernels import LossSpec
@@ -151,7 +158,7 @@ def test_exact_gradient_mode(loss):
         ref = reference_loss(x, target, spec, "mean", -100)
         ref.backward()
         torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-4, atol=1e-6)
-        torch.testing.assert_close(grad.double(), x.grad, rtol=2e-4, atol=2e-4 * x.grad.abs().max().item())
+        assert_close(grad, x.grad, torch.float32, f"{loss} K={K} exact-mode gradient")
 
 
 # ---------------------------------------------------------------- layouts
@@ -168,15 +175,38 @@ def test_misaligned_rows(K, dtype):
 
 # ---------------------------------------------------------------- targets
 @pytest.mark.parametrize("K", [10, 3000])
-def test_bad_target_row_is_nan(K):
+def test_bad_target_is_a_device_side_assert(K):
+    """A label outside [0, K) that is not ignore_index stops the kernel with a device-side assert
+    (as F.cross_entropy), reported with its kind, block, thread and line."""
+    logits, target = make_cpu(20, K, torch.float32, ignore_frac=0.0)
+    target[7] = K
+    with pytest.raises(RuntimeError) as info:
+        run_once(logits, target, LossSpec.from_name("nce+rce"), "none")
+    msg = str(info.value)
+    assert "device-side assert" in msg and "outside [0, K)" in msg, msg
+    # K = 10: one thread per row, row 7 is thread 7 of block 0; K = 3000: one block per row.
+    where = "block (0,0,0) thread (7,0,0)" if K == 10 else "block (7,0,0) thread ("
+    assert where in msg, msg
+    source = emu_build.CSRC / "cuda" / "apl_cuda_common.cuh"
+    line = next(i + 1 for i, text in enumerate(source.read_text().splitlines()) if "CUDA_KERNEL_ASSERT(" in text)
+    assert f"{source}:{line}" in msg, msg
+    target[7] = -5
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        run_once(logits, target, LossSpec.from_name("nce+rce"), "mean")
+
+
+@pytest.mark.parametrize("K", [10, 3000])
+def test_bad_target_row_is_nan_without_asserts(K):
+    """Where device asserts are compiled out (CUDA_EMU_KERNEL_ASSERT=0 here), a bad row is NaN."""
     logits, target = make_cpu(20, K, torch.float32, ignore_frac=0.0)
     target[3], target[7] = K, -5
-    out, grad = run_emulated(logits, target, "nce+rce", "none")
+    with env(CUDA_EMU_KERNEL_ASSERT="0"):
+        out, grad = run_emulated(logits, target, "nce+rce", "none")
+        mean, _ = run_emulated(logits, target, "nce+rce")
     bad = torch.zeros(20, dtype=torch.bool)
     bad[3] = bad[7] = True
     assert out[bad].isnan().all() and out[~bad].isfinite().all()
     assert grad[bad].isnan().all() and grad[~bad].isfinite().all()
-    mean, _ = run_emulated(logits, target, "nce+rce")
     assert mean.isnan()
 
 
@@ -206,9 +236,36 @@ def test_ignore_index_inside_range():
 
 
 def test_mean_over_many_blocks_counts_with_atomics():
-    """N > 16384: the kept rows are counted by several blocks (memset, then atomicAdd)."""
+    """N > 16384 and small K: the kept rows are counted by several blocks of the count kernel
+    (memset, then atomicAdd)."""
     logits, target = make_cpu(20000, 3, torch.float32, ignore_frac=0.3)
     check_emulated(logits, target, "nce+rce", "mean")
+
+
+def queued(tmp_path, logits, target, loss="nce+rce", reduction="mean"):
+    """What the op queues on the stream: one 'kernel <file:line> grid x,y,z' or 'memset <bytes>' a line."""
+    log = tmp_path / "launches.log"
+    log.unlink(missing_ok=True)
+    with env(CUDA_EMU_LAUNCH_LOG=str(log)):
+        run_once(logits, target, LossSpec.from_name(loss), reduction)
+    return log.read_text().splitlines()
+
+
+def test_launches_of_the_reductions(tmp_path):
+    """[128, 10] mean (the default path): one kernel, which counts the kept rows itself, and no memset.
+    Several blocks: a memset of the 16-byte ticket header, and the count stays in the loss kernel
+    while re-reading the labels is cheap next to the logits; else the count kernel runs first."""
+    small = make_cpu(128, 10, torch.float32)
+    for reduction in ("mean", "sum", "none"):
+        got = queued(tmp_path, *small, reduction=reduction)
+        assert len(got) == 1 and got[0].startswith("kernel ") and "apl_cuda_small_k.cu" in got[0], got
+        assert got[0].endswith("grid 1,1,1"), got
+    large = make_cpu(40, 3000, torch.float32)  # 40 blocks, one a row: 40 x 8 label bytes a block
+    got = queued(tmp_path, *large)
+    assert got[0] == "memset 16" and len(got) == 2 and "apl_cuda_large_k.cu" in got[1], got
+    many = make_cpu(20000, 3, torch.float32)  # 79 blocks of 256 rows of 12 bytes: the count kernel
+    got = queued(tmp_path, *many)
+    assert [g.split()[0] for g in got] == ["memset", "kernel", "kernel"] and "apl_cuda_op.cu" in got[1], got
 
 
 # ---------------------------------------------------------------- properties
@@ -238,7 +295,7 @@ def test_loads_beside_the_real_extension():
                                                           REDUCTIONS["mean"], -100, True)
     emu_loss, emu_grad = run_emulated(logits, target, spec)
     torch.testing.assert_close(emu_loss, cpu_loss, rtol=2e-5, atol=1e-6)
-    torch.testing.assert_close(emu_grad, cpu_grad, rtol=2e-4, atol=2e-4 * cpu_grad.abs().max().item())
+    assert_close(emu_grad, cpu_grad, torch.float32, "emulated vs CPU kernel gradient")
 
 
 def test_bad_schedule_is_refused():

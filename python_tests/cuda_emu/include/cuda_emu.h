@@ -7,7 +7,7 @@
 // __shared__ is thread_local (block-local: the block's fibers share one OS
 // thread); dynamic shared memory is a poisoned allocation of the exact size.
 // Faults (deadlock, divergent barriers, a shuffle outside its mask, a
-// misaligned __ldg, SIGSEGV) stop the launch with an exception that names the
+// misaligned __ldg, SIGSEGV, a failed CUDA_KERNEL_ASSERT) stop the launch with an exception that names the
 // block, the thread and the source line.
 //
 // Header-only: every translation unit includes it; state shared between them
@@ -504,6 +504,27 @@ inline std::string launch_text(const Block& b) {
   return "\n  (kernel launched at " + where(b.launch_site) + ", schedule " + b.schedule.text + ")";
 }
 
+// ---------------------------------------------------------------- device-side asserts
+// emu_build.py rewrites CUDA_KERNEL_ASSERT(cond) to CUDA_EMU_KERNEL_ASSERT(cond): a
+// failed assert stops the launch, as on the GPU, with a report that names the
+// block, the thread and the line.  CUDA_EMU_KERNEL_ASSERT=0 (read at each launch)
+// compiles them out, as on platforms without device asserts.
+inline bool g_kernel_asserts = true;
+inline bool kernel_asserts_from_env() {
+  const char* e = std::getenv("CUDA_EMU_KERNEL_ASSERT");
+  return !(e && e[0] == '0');
+}
+inline void kernel_assert_failed(const char* cond, Site site) {
+  if (!g_kernel_asserts) return;
+  Block& b = block();
+  fault(b, header(b, "device-side assert", b.current->tid) + ": `" + cond + "` failed at " + where(site) +
+               launch_text(b));
+}
+#define CUDA_EMU_KERNEL_ASSERT(cond) \
+  do {                               \
+    if (!(cond)) ::cuda_emu::kernel_assert_failed(#cond, CUDA_EMU_SITE); \
+  } while (0)
+
 // ---------------------------------------------------------------- warp collectives
 // A lane that stops anywhere but at a pending collective of its warp that names
 // it can never complete that collective: the warp's other lanes wait for ever.
@@ -951,9 +972,22 @@ inline size_t max_dynamic_smem(const void* kernel) {
 }
 
 // Checks the launch as a GPU would; runs the blocks one after another.
+// CUDA_EMU_LAUNCH_LOG=<file>: one line appended per kernel launch and per memset,
+// so that a test can count what the op queues.
+inline void log_launch(const std::string& line) {
+  const char* path = std::getenv("CUDA_EMU_LAUNCH_LOG");
+  if (path == nullptr || path[0] == 0) return;
+  if (FILE* f = fopen(path, "a")) {
+    fprintf(f, "%s\n", line.c_str());
+    fclose(f);
+  }
+}
+
 inline void launch(Site site, const void* kernel, dim3 grid, dim3 dim, size_t smem, void (*thunk)(void*),
                    void* arg) {
   std::lock_guard<std::mutex> lock(g_mutex);
+  log_launch("kernel " + where(site) + " grid " + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," +
+             std::to_string(grid.z));
   const cudaDeviceProp& p = *device_props();
   const uint64_t threads = uint64_t(dim.x) * dim.y * dim.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || dim.x == 0 || dim.y == 0 || dim.z == 0 ||
@@ -971,6 +1005,7 @@ inline void launch(Site site, const void* kernel, dim3 grid, dim3 dim, size_t sm
   const Schedule sched = schedule_from_env();
   const bool uc = use_ucontext();
   g_plant = plant_from_env();
+  g_kernel_asserts = kernel_asserts_from_env();
   const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
   std::vector<uint64_t> order(nblocks);
   for (uint64_t i = 0; i < nblocks; ++i) order[i] = i;
@@ -1217,6 +1252,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int d) {
   }
 }
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
+  ::cuda_emu::log_launch("memset " + std::to_string(n));
   memset(p, v, n);
   return cudaSuccess;
 }
