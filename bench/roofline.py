@@ -30,9 +30,10 @@ slots a thread loads per iteration, from the loads on the loop's path).  A row's
 fixed work (reductions, finish_row) is spread over its elements.  The result,
 `sass_per_element`, is thread-instructions per logit (warp-instructions per 32
 logits).  Triton bodies are straight-line (per-element choices are predicated),
-so the body's full count is what runs.  The CUDA kernels choose the loss terms at
-run time and keep two copies of the per-element code (full and edge slots), so
-two figures bound what runs: `sass_per_element`, the cheapest path through each
+so the body's full count is what runs.  The CUDA kernels keep branches in their
+per-element code (edge slots; in the general variants, the loss terms chosen at
+run time; the large-K kernel has constant-term variants for the hot pairs, whose
+two figures lie close), so two figures bound what runs: `sass_per_element`, the cheapest path through each
 loop body that still loads every element and runs one exp per element (a lower
 bound: it may skip terms the loss needs), and `sass_per_element_static`, every
 instruction of the bodies (an upper bound).  `predicted_pct_copy` comes from the
@@ -119,9 +120,10 @@ BACKWARD_SEED_LAUNCHES = 1      # loss.backward() fills torch.ones_like(loss) (a
 CHECK_TARGETS = {"launches": 0, "host_syncs": 0}
 
 REDUCTION_MEAN = 1
-# Launches the model counts but does not compile: one-program loops ("serial", timed per iteration) and
-# parallel passes over the labels ("prepass", whose bytes are counted and whose time is negligible).
-AUXILIARY_KINDS = ("serial", "prepass")
+# Launches the model counts but does not compile: one-program loops ("serial", timed per iteration),
+# parallel passes over the labels ("prepass", whose bytes are counted and whose time is negligible) and
+# memsets of a small workspace.
+AUXILIARY_KINDS = ("serial", "prepass", "memset")
 ELEMENT_BYTES = {"bf16": 2, "fp32": 4}
 TORCH_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 CI_SUBSET = {"triton": [("nce+rce", "bf16", (8192, 131072))], "cuda": [("nce+rce", "bf16", (8192, 131072))]}
@@ -211,11 +213,7 @@ def cuda_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
     V = _slot_elems(dtype)
     max_slots = (K + 2 * V - 2) // V
     tname = {"bf16": "c10::BFloat16", "fp32": "float"}[dtype]
-    runs = []
-    if B <= 16384:   # apl_cuda_op.cu: kSingleBlockCount
-        runs.append(KernelRun("cuda count_kept_kernel", 1, 32, "serial", {}, _cdiv(B, 1024 * 8)))
-    else:
-        raise ValueError("the model covers N <= 16384 (one count block), the benchmark matrix's rows")
+    elem = ELEMENT_BYTES[dtype]
     if K <= CUDA_SMALL_K_MAX:
         if max_slots <= CUDA_TINY_NV:
             nv, group = CUDA_TINY_NV, 1
@@ -227,15 +225,34 @@ def cuda_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
             nv, group = _cdiv((CUDA_SMALL_K_MAX + 2 * V - 2) // V, 32), 32
         rows_per_block = CUDA_SMALL_BLOCK // group
         grid = max(1, min(_cdiv(B, rows_per_block), SMS * 8))
-        runs.append(KernelRun(f"cuda small_k_kernel<{tname}, {nv}, {str(pow_terms).lower()}>", grid,
-                              CUDA_SMALL_BLOCK // 32, "small_k", {"group": group, "nv": nv, "V": V, "K": K}))
+        main = KernelRun(f"cuda small_k_kernel<{tname}, {nv}, {str(pow_terms).lower()}>", grid,
+                         CUDA_SMALL_BLOCK // 32, "small_k", {"group": group, "nv": nv, "V": V, "K": K})
     else:
         threads = 512 if max_slots >= 2048 else (256 if max_slots >= 512 else 128)
         cap = min(max_slots, (SMEM_OPTIN_PER_BLOCK - 2048) // 16)
-        runs.append(KernelRun(f"cuda large_k_kernel<{tname}, {str(pow_terms).lower()}>", 0, threads // 32,
-                              "large_k", {"cap": cap, "V": V, "K": K, "smem": cap * 16, "threads": threads,
-                                          "second_pass": _needs_pass2(active, passive)}))
-    return runs
+        # apl_cuda_large_k.cu: constant-term variants for the hot pairs, the run-time-term one (-1, -1) else.
+        pair = CUDA_CONSTANT_PAIRS.get(loss, (-1, -1))
+        main = KernelRun(f"cuda large_k_kernel<{tname}, {str(pow_terms).lower()}, {pair[0]}, {pair[1]}>", 0,
+                         threads // 32, "large_k", {"cap": cap, "V": V, "K": K, "smem": cap * 16,
+                                                    "threads": threads, "second_pass": _needs_pass2(active, passive)})
+        grid = min(B, SMS)   # its grid (resident blocks) is set from occupancy later: one block per SM here
+    # apl_cuda_op.cu: mean's count runs in the loss kernel (count_in_kernel) for one block or when the
+    # blocks' re-reads of the labels cost little; else a count kernel first.  Several blocks (or a count
+    # kernel) need a workspace: zeroed by a one-block count kernel, else by a memset.
+    count_inside = grid == 1 or grid * 32 <= K * elem
+    runs = []
+    if grid > 1 or not count_inside:
+        if not count_inside and B <= 16384:   # kSingleBlockCount
+            runs.append(KernelRun("cuda count_kept_kernel", 1, 32, "serial", {}, _cdiv(B, 1024 * 8)))
+        else:
+            runs.append(KernelRun("cuda workspace memset", 1, 1, "memset", {}))
+            if not count_inside:
+                runs.append(KernelRun("cuda count_kept_kernel", _cdiv(B, 4096), 8, "prepass", {}))
+    return runs + [main]
+
+
+# The (active, passive) codes of the CUDA large-K kernel's constant-term variants (apl_cuda_large_k.cu).
+CUDA_CONSTANT_PAIRS = {"ce": (1, 0), "nce+rce": (3, 2), "nce+mae": (3, 1), "nfl+rce": (4, 2), "nfl+mae": (4, 1)}
 
 
 PLANS = {"triton": triton_plan, "cuda": cuda_plan}
@@ -514,7 +531,7 @@ def per_element(run: KernelRun, instructions: List[sass.Instruction], B: int, K:
 
 
 CUDA_COUNT = ("shortest path that still loads each element and runs one exp per element (a lower bound: "
-              "loss terms are chosen at run time, and the path may skip some the loss needs)")
+              "branches remain, and the path may skip some work the loss needs)")
 
 
 _DOING: Dict[tuple, int] = {}
@@ -570,6 +587,8 @@ def _large_k(run: KernelRun, instructions, top, K: int, threads: int) -> dict:
     # gradient.  (fill_row, for bad rows, has no loads.)  A change of that structure must update this.
     layout = ["fill", "cached", "tail", None, "cached2", "tail2", None, None, "grad"]
     loaded = [c for c in sorted(row.children, key=lambda l: l.header) if c.loads]
+    if len(loaded) == 5 and not run.params["second_pass"]:   # a constant-term variant without pass 2
+        layout = ["fill", "cached", "tail", None, "grad"]
     if len(loaded) != len(layout) or not loaded[0].stores.get("STS"):
         raise RuntimeError(f"{run.variant}: the row loop's structure changed ({len(loaded)} loops with loads, "
                            f"expected {len(layout)}): update bench/roofline.py _large_k")
@@ -823,7 +842,7 @@ def print_table(data: dict, file=sys.stdout) -> None:
               f"{r['bound']:>5} {r['predicted_us']:>9.2f} {_pct(r):>12}", file=file)
     print("lnch: the loss's launches per fwd+bwd with default arguments (check_targets=True), autograd's "
           "ones_like seed aside; lnch*: with check_targets=False (train/, bench.kernels).  CUDA: SASS/el is a lower bound (the cheapest path that "
-          "still loads and exps each element; its loss terms are chosen at run time), so its %copy is an upper "
+          "still loads and exps each element; branches remain), so its %copy is an upper "
           "bound, shown as a range down to the static count's.  Launch overheads are not in 'pred us'.", file=file)
 
 

@@ -205,10 +205,17 @@ def test_plans_follow_the_launch_heuristics():
     assert chunked[1].grid == 132 and chunked[1].warps == 16 and chunked[1].params["NEEDS_PASS2"]
     assert not roofline.triton_plan("ce", "bf16", 8192, 131072)[1].params["NEEDS_PASS2"]
     large = roofline.cuda_plan("nce+rce", "bf16", 8192, 131072)
-    assert large[-1].variant == "cuda large_k_kernel<c10::BFloat16, false>"
+    assert large[-1].variant == "cuda large_k_kernel<c10::BFloat16, false, 3, 2>"   # constant terms
     assert large[-1].params["cap"] == (232448 - 2048) // 16 and large[-1].params["threads"] == 512
+    # 132 blocks: the count inside the loss kernel (132 * 32 B of labels <= a row's 256 KB), a workspace memset.
+    assert [r.kind for r in large] == ["memset", "large_k"]
+    general = roofline.cuda_plan("nce+agce", "bf16", 8192, 131072)
+    assert general[-1].variant == "cuda large_k_kernel<c10::BFloat16, false, -1, -1>"
     tiny = roofline.cuda_plan("nfl+rce", "fp32", 128, 10)
     assert tiny[-1].variant == "cuda small_k_kernel<float, 4, true>" and tiny[-1].params["group"] == 1
+    assert len(tiny) == 1                           # [128, 10] mean: one block counts itself, no workspace
+    many = roofline.cuda_plan("ce", "bf16", 8192, 1000)  # 8 * 132 blocks of short rows: a count kernel first
+    assert [r.kind for r in many] == ["serial", "small_k"] and many[0].variant == "cuda count_kept_kernel"
 
 
 def test_goals_show_predictions_labelled_predicted():
