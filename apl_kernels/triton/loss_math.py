@@ -134,16 +134,27 @@ def pow_nonneg(b, e):
 
 
 @triton.jit
-def focal_value(log_p, gamma):
-    # f(l) = -(1 - p)^gamma l
-    return -pow_nonneg(-expm1(log_p), gamma) * log_p
+def one_minus_p(p):
+    """1 - p of a class in the per-element loops, without expm1 (an exp, a log, a divide).
+    Only the row's top class can have p > 1/2 (two would sum past 1); below, 1 - p has no
+    cancellation.  For the top class, p = 1/s with s = sumexp rounded near 1: 1 - p = (s - 1)/s
+    is known to about an ulp of 1 whichever way it is computed (expm1 of log p keeps no more),
+    and its focal factor and gradient terms are ~(1 - p)^gamma, small next to the row's others.
+    finish_row (the label's loss) keeps expm1."""
+    return 1.0 - p
 
 
 @triton.jit
-def focal_deriv(log_p, gamma, GRAD_MODE: tl.constexpr):
+def focal_value(log_p, om, gamma):
+    # f(l) = -(1 - p)^gamma l;  om = 1 - p, accurate near p = 1 (one_minus_p or -expm1(l))
+    return -pow_nonneg(om, gamma) * log_p
+
+
+@triton.jit
+def focal_deriv(log_p, om, gamma, GRAD_MODE: tl.constexpr):
     # f'(l): -(1-p)^gamma (official), + gamma (1-p)^gamma p l / (1-p) (exact);
-    # l / (1-p) -> -1 as p -> 1, and the extra part is 0 where p = 0 (l = -inf).
-    one_minus_p = -expm1(log_p)
+    # l / (1-p) -> -1 as p -> 1, and the extra part is 0 where p = 0 (l = -inf).  om = 1 - p.
+    one_minus_p = om
     w = pow_nonneg(one_minus_p, gamma)
     if GRAD_MODE == OFFICIAL:
         return -w
@@ -255,9 +266,11 @@ def normalizer_terms(log_p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.cons
     a2 = zero
     p1 = zero
     p2 = zero
+    if ACTIVE == NFL or PASSIVE == NNFL:
+        om = one_minus_p(fast_exp(log_p))
     if ACTIVE == NFL:
-        a1 = tl.where(mask, focal_value(log_p, gamma), 0.0)
-        a2 = tl.where(mask, focal_deriv(log_p, gamma, GRAD_MODE), 0.0)
+        a1 = tl.where(mask, focal_value(log_p, om, gamma), 0.0)
+        a2 = tl.where(mask, focal_deriv(log_p, om, gamma, GRAD_MODE), 0.0)
     if ACTIVE == NGCE or PASSIVE == RCE or PASSIVE == NRCE or PASSIVE == AMSE or PASSIVE == NNCE:
         p = fast_exp(log_p)
         if ACTIVE == NGCE:
@@ -275,9 +288,10 @@ def normalizer_terms(log_p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.cons
             p2 = tl.where(live, 1.0, 0.0)
     if PASSIVE == NNFL:
         log_min = tl.log(min_prob)
-        p1 = tl.where(mask & (~is_target),
-                      focal_value(log_min, gamma) - focal_value(tl.maximum(log_p, log_min), gamma), 0.0)
-        p2 = tl.where(mask & (log_p >= log_min), focal_deriv(log_p, gamma, GRAD_MODE), 0.0)
+        om_min = -expm1(log_min)   # 1 - p is decreasing in l: the clamped class's is min(om, om_min)
+        p1 = tl.where(mask & (~is_target), focal_value(log_min, om_min, gamma)
+                      - focal_value(tl.maximum(log_p, log_min), tl.minimum(om, om_min), gamma), 0.0)
+        p2 = tl.where(mask & (log_p >= log_min), focal_deriv(log_p, om, gamma, GRAD_MODE), 0.0)
     return a1, a2, p1, p2
 
 
@@ -335,8 +349,8 @@ def finish_row(log_s, l_y, gap_sum, y_is_max, sa1, sa2, sp1, sp2, Kf, weight,
         c_target = zero - aw
         g_sum = zero - aw
     if ACTIVE == FL:
-        loss = alpha * focal_value(l_y, gamma)
-        d = focal_deriv(l_y, gamma, GRAD_MODE)
+        loss = alpha * focal_value(l_y, om_y, gamma)
+        d = focal_deriv(l_y, om_y, gamma, GRAD_MODE)
         c_target = aw * d
         g_sum = aw * d
     if ACTIVE == NCE:
@@ -347,9 +361,9 @@ def finish_row(log_s, l_y, gap_sum, y_is_max, sa1, sa2, sp1, sp2, Kf, weight,
         c_target = -aw / D
         g_sum = aw * (Kf * act - 1.0) / D
     if ACTIVE == NFL:
-        act = focal_value(l_y, gamma) / sa1
+        act = focal_value(l_y, om_y, gamma) / sa1
         loss = alpha * act
-        d_y = focal_deriv(l_y, gamma, GRAD_MODE)
+        d_y = focal_deriv(l_y, om_y, gamma, GRAD_MODE)
         c_act = -aw * act / sa1     # times f'(l_j)
         c_target = aw * d_y / sa1
         g_sum = aw * (d_y - act * sa2) / sa1
@@ -444,10 +458,12 @@ def finish_row(log_s, l_y, gap_sum, y_is_max, sa1, sa2, sp1, sp2, Kf, weight,
     if PASSIVE == NNFL:
         # 1 - N/D = sum_{k!=y} (A_f - f_k) / D, N = A_f - f_y;  g_j = [j = y] f'_y / D - (N/D^2) f'_j
         log_min = tl.log(min_prob)
-        N = focal_value(log_min, gamma) - focal_value(tl.maximum(l_y, log_min), gamma)
+        om_min = -expm1(log_min)
+        N = focal_value(log_min, om_min, gamma) - focal_value(tl.maximum(l_y, log_min), tl.minimum(om_y, om_min),
+                                                              gamma)
         D = sp1 + N
         loss += beta * sp1 / D
-        d_y = tl.where(l_y >= log_min, focal_deriv(l_y, gamma, GRAD_MODE), 0.0)
+        d_y = tl.where(l_y >= log_min, focal_deriv(l_y, om_y, gamma, GRAD_MODE), 0.0)
         c_pas = -bw * N / (D * D)   # times f'(l_j) where l_j >= log min_prob
         c_target += bw * d_y / D
         g_sum += bw * (d_y - N * sp2 / D) / D
@@ -459,11 +475,13 @@ def grad_block(log_p, is_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q
                ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr):
     """d loss / d z_j = g_j - p_j sum_k g_k (coefficients broadcast by the caller)."""
     p = fast_exp(log_p)
+    if ACTIVE == NFL or PASSIVE == NNFL:
+        om = one_minus_p(p)
     g = tl.where(is_target, c_target, 0.0)
     if ACTIVE == NCE:
         g += c_act
     if ACTIVE == NFL:
-        g += c_act * focal_deriv(log_p, gamma, GRAD_MODE)
+        g += c_act * focal_deriv(log_p, om, gamma, GRAD_MODE)
     if ACTIVE == NGCE:
         g += tl.where(unclamped(p), c_act * pow_nonneg(p, q), 0.0)
     if PASSIVE == RCE or PASSIVE == NRCE:
@@ -473,5 +491,5 @@ def grad_block(log_p, is_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q
     if PASSIVE == NNCE:
         g += tl.where(p >= min_prob, c_pas, 0.0)
     if PASSIVE == NNFL:
-        g += tl.where(log_p >= tl.log(min_prob), c_pas * focal_deriv(log_p, gamma, GRAD_MODE), 0.0)
+        g += tl.where(log_p >= tl.log(min_prob), c_pas * focal_deriv(log_p, om, gamma, GRAD_MODE), 0.0)
     return g - p * g_sum
