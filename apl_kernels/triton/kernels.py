@@ -310,13 +310,23 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
         sp1_v = tl.zeros([BLOCK_K], ACC)
         sp2_v = tl.zeros([BLOCK_K], ACC)
         if NEEDS_PASS2:   # no prefetch here: the nfl/ngce terms need the registers
-            for start in range(0, K_row, BLOCK_K):
+            # full chunks without masks, then the masked tail (as in passes 1 and 3)
+            for start in range(0, full, BLOCK_K):
                 cols = start + cols0
+                z = tl.load(z_row + cols).to(ACC)
+                t1, t2, t3, t4 = lm.normalizer_terms(lm.log_softmax(z, m, log_s), cols == y32, True, gamma, q,
+                                                     min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
+                sa1_v += t1   # unused slots add zeros: the compiler drops them
+                sa2_v += t2
+                sp1_v += t3
+                sp2_v += t4
+            if full < K_row:
+                cols = full + cols0
                 mask = cols < K_row
                 z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(ACC)
                 t1, t2, t3, t4 = lm.normalizer_terms(lm.log_softmax(z, m, log_s), cols == y32, mask, gamma, q,
                                                      min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
-                sa1_v += t1   # unused slots add zeros: the compiler drops them
+                sa1_v += t1
                 sa2_v += t2
                 sp1_v += t3
                 sp2_v += t4
