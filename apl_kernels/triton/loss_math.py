@@ -185,14 +185,16 @@ def focal_deriv(log_p, om, gamma, GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.conste
     return tl.where(p == 0.0, -w, -w + gamma * w * p * ratio)
 
 
+# clamp(p, P_MIN, 1) of p = exp(log p): log p = (z - max) - log(sumexp) <= 0, so p <= 1 (to an ulp of
+# ex2.approx) and only the lower bound is tested.  NaN stays NaN (and unclamped is False).
 @triton.jit
 def clamp_prob(p):
-    return tl.where(p < P_MIN, P_MIN, tl.where(p > 1.0, 1.0, p))
+    return tl.where(p < P_MIN, P_MIN, p)
 
 
 @triton.jit
 def unclamped(p):
-    return (p >= P_MIN) & (p <= 1.0)
+    return p >= P_MIN
 
 
 # ------------------------------------------------------------------ step 1
