@@ -146,7 +146,7 @@ def _finish_reduction(work_ptr, loss_ptr, count_programs, partial, weight):
 @triton.jit
 def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, ignore_index, weight,
                    alpha, beta, gamma, q, A, a, m_ece, t, min_prob,
-                   ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
+                   ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.constexpr,
                    COMPUTE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """Loss of rows [row0, row0 + BLOCK_R) (0 for ignored / absent rows); writes their gradient."""
     rows = row0 + tl.arange(0, BLOCK_R)
@@ -163,7 +163,8 @@ def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, 
     log_s = tl.log(s)
     log_p = lm.log_softmax(z, m[:, None], log_s[:, None])
     is_t = cols[None, :] == y[:, None]
-    sa1, sa2, sp1, sp2 = lm.normalizer_sums(log_p, is_t, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, 1)
+    sa1, sa2, sp1, sp2 = lm.normalizer_sums(log_p, is_t, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
+                                            GAMMA_HALF, 1)
     # The label's logit without an indexed load; an out-of-range label gives NaN.
     z_y = tl.sum(tl.where(is_t & mask, z, 0.0), axis=1)
     z_y = tl.where((y >= 0) & (y < K), z_y, float("nan"))
@@ -172,10 +173,10 @@ def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, 
         y_is_max = lm.first_max_index(z, m[:, None], cols[None, :], mask, BLOCK_K, 1) == y
     loss, c_act, c_pas, c_pas2, c_target, g_sum = lm.finish_row(
         log_s, lm.log_softmax(z_y, m, log_s), gap_sum, y_is_max, sa1, sa2, sp1, sp2, K.to(alpha.dtype), weight,
-        alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
+        alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
     if COMPUTE_GRAD:
         g = lm.grad_block(log_p, is_t, c_act[:, None], c_pas[:, None], c_pas2[:, None], c_target[:, None],
-                          g_sum[:, None], gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
+                          g_sum[:, None], gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
         g = tl.where(kept[:, None], g, 0.0)
         tl.store(grad_ptr + rows64[:, None] * grad_stride + cols[None, :], g.to(grad_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok)
@@ -188,7 +189,7 @@ def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row
                     mp_hi, mp_lo, t, count_programs,
                     ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
                     REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, GAMMA_HALF: tl.constexpr = False):
     """SINGLE: one program, every tile, reduced loss in loss_ptr[0].  Else one tile per
     program: per-row losses in loss_ptr, or (mean, sum) the reduced loss by _finish_reduction."""
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
@@ -205,7 +206,7 @@ def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row
         for row0 in range(0, N, BLOCK_R):
             loss = _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, ignore_index,
                                   weight, alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
-                                  COMPUTE_GRAD, BLOCK_R, BLOCK_K)
+                                  GAMMA_HALF, COMPUTE_GRAD, BLOCK_R, BLOCK_K)
             if REDUCTION == R_NONE:
                 rows = row0 + tl.arange(0, BLOCK_R)
                 tl.store(loss_ptr + rows, loss, mask=rows < N)
@@ -220,7 +221,7 @@ def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row
         row0 = tl.program_id(0).to(tl.int64) * BLOCK_R   # int32 would wrap at 2^31 rows
         loss = _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, ignore_index,
                               weight, alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
-                              COMPUTE_GRAD, BLOCK_R, BLOCK_K)
+                              GAMMA_HALF, COMPUTE_GRAD, BLOCK_R, BLOCK_K)
         if REDUCTION == R_NONE:
             rows = row0 + tl.arange(0, BLOCK_R)
             tl.store(loss_ptr + rows, loss, mask=rows < N)
@@ -242,7 +243,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
                    mp_hi, mp_lo, t, count_programs,
                    ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
                    REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, NEEDS_PASS2: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, GAMMA_HALF: tl.constexpr = False):
     """Persistent over rows; per row: online lse, normaliser sums, gradient.  Per-row losses to
     loss_ptr, or (mean, sum) the reduced loss by _finish_reduction."""
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
@@ -309,13 +310,23 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
         sp1_v = tl.zeros([BLOCK_K], ACC)
         sp2_v = tl.zeros([BLOCK_K], ACC)
         if NEEDS_PASS2:   # no prefetch here: the nfl/ngce terms need the registers
-            for start in range(0, K_row, BLOCK_K):
+            # full chunks without masks, then the masked tail (as in passes 1 and 3)
+            for start in range(0, full, BLOCK_K):
                 cols = start + cols0
+                z = tl.load(z_row + cols).to(ACC)
+                t1, t2, t3, t4 = lm.normalizer_terms(lm.log_softmax(z, m, log_s), cols == y32, True, gamma, q,
+                                                     min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
+                sa1_v += t1   # unused slots add zeros: the compiler drops them
+                sa2_v += t2
+                sp1_v += t3
+                sp2_v += t4
+            if full < K_row:
+                cols = full + cols0
                 mask = cols < K_row
                 z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(ACC)
                 t1, t2, t3, t4 = lm.normalizer_terms(lm.log_softmax(z, m, log_s), cols == y32, mask, gamma, q,
-                                                     min_prob, ACTIVE, PASSIVE, GRAD_MODE)
-                sa1_v += t1   # unused slots add zeros: the compiler drops them
+                                                     min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
+                sa1_v += t1
                 sa2_v += t2
                 sp1_v += t3
                 sp2_v += t4
@@ -324,7 +335,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
         loss, c_act, c_pas, c_pas2, c_target, g_sum = lm.finish_row(
             log_s, l_y, gap_sum, y_is_max, tl.sum(sa1_v, axis=0), tl.sum(sa2_v, axis=0),
             tl.sum(sp1_v, axis=0), tl.sum(sp2_v, axis=0), Kf, weight,
-            alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
+            alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
         loss = tl.where(kept, loss, 0.0)
         if REDUCTION == R_NONE:
             tl.store(loss_ptr + row, loss)
@@ -344,16 +355,16 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
                         z = nxt.to(ACC)
                         nxt = tl.load(z_row + tl.minimum(start + BLOCK_K, last) + cols0)
                     g = lm.grad_block(lm.log_softmax(z, m, log_s), not_target, c_act, c_pas, c_pas2, c_target,
-                                      g_sum, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
+                                      g_sum, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
                     tl.store(g_row + start + cols0, g.to(G_DTYPE), eviction_policy="evict_first")
                 if full < K:
                     cols = full + cols0
                     z = tl.load(z_row + cols, mask=cols < K, other=float("-inf")).to(ACC)
                     g = lm.grad_block(lm.log_softmax(z, m, log_s), not_target, c_act, c_pas, c_pas2, c_target,
-                                      g_sum, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
+                                      g_sum, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
                     tl.store(g_row + cols, g.to(G_DTYPE), mask=cols < K, eviction_policy="evict_first")
                 g_y = lm.grad_block(l_y, ~not_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q, min_prob,
-                                    ACTIVE, PASSIVE, GRAD_MODE)
+                                    ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
                 tl.debug_barrier()   # after the loop's store of that column, by whichever thread made it
                 tl.store(g_row + y, g_y.to(G_DTYPE))
     if COMPUTE_GRAD:
@@ -505,7 +516,9 @@ def _launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode
         return loss, grad
     params = (*_split(alpha), *_split(beta), *_split(gamma), *_split(q), *_split(A), *_split(a), *_split(m),
               *_split(min_prob), int(t))
-    common = dict(ACTIVE=active, PASSIVE=passive, GRAD_MODE=grad_mode, REDUCTION=reduction,
+    # GAMMA_HALF: (1 - p)^gamma as a square root (lm.focal_weight); False by default for callers that
+    # compile the kernels themselves (bench.roofline)
+    common = dict(ACTIVE=active, PASSIVE=passive, GRAD_MODE=grad_mode, GAMMA_HALF=gamma == 0.5, REDUCTION=reduction,
                   COMPUTE_GRAD=write_grad)
     elem = logits.element_size()
     block_k = triton.next_power_of_2(K)

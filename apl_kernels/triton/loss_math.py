@@ -134,17 +134,50 @@ def pow_nonneg(b, e):
 
 
 @triton.jit
-def focal_value(log_p, gamma):
-    # f(l) = -(1 - p)^gamma l
-    return -pow_nonneg(-expm1(log_p), gamma) * log_p
+def one_minus_p(p):
+    """1 - p of a class in the per-element loops, without expm1 (an exp, a log, a divide).
+    Only the row's top class can have p > 1/2 (two would sum past 1); below, 1 - p has no
+    cancellation.  For the top class, p = 1/s with s = sumexp rounded near 1: 1 - p = (s - 1)/s
+    is known to about an ulp of 1 whichever way it is computed (expm1 of log p keeps no more),
+    and its focal factor and gradient terms are ~(1 - p)^gamma, small next to the row's others.
+    finish_row (the label's loss) keeps expm1."""
+    return 1.0 - p
 
 
 @triton.jit
-def focal_deriv(log_p, gamma, GRAD_MODE: tl.constexpr):
+def sqrt_ftz(x):
+    """sqrt(x), x >= 0.  fp32 on the GPU: one MUFU.SQRT (sqrt.approx.ftz; tl.sqrt is the IEEE one)."""
+    if FAST_MATH and x.dtype == tl.float32:
+        r = tl.inline_asm_elementwise("sqrt.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        r = tl.sqrt(x)
+    return r
+
+
+@triton.jit
+def focal_weight(om, gamma, GAMMA_HALF: tl.constexpr):
+    """(1 - p)^gamma from om = 1 - p.  GAMMA_HALF: the kernel was launched for gamma = 0.5 (the
+    papers' default), a square root: one MUFU instruction instead of lg2, multiply, ex2."""
+    if GAMMA_HALF:
+        r = sqrt_ftz(om)
+    else:
+        r = pow_nonneg(om, gamma)
+    return r
+
+
+@triton.jit
+def focal_value(log_p, om, gamma, GAMMA_HALF: tl.constexpr):
+    # f(l) = -(1 - p)^gamma l;  om = 1 - p (one_minus_p in the loops, -expm1(l) per row)
+    return -focal_weight(om, gamma, GAMMA_HALF) * log_p
+
+
+@triton.jit
+def focal_deriv(log_p, om, gamma, GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.constexpr):
     # f'(l): -(1-p)^gamma (official), + gamma (1-p)^gamma p l / (1-p) (exact);
-    # l / (1-p) -> -1 as p -> 1, and the extra part is 0 where p = 0 (l = -inf).
-    one_minus_p = -expm1(log_p)
-    w = pow_nonneg(one_minus_p, gamma)
+    # l / (1-p) -> -1 as p -> 1, and the extra part is 0 where p = 0 (l = -inf).  om = 1 - p.
+    one_minus_p = om
+    w = focal_weight(one_minus_p, gamma, GAMMA_HALF)
     if GRAD_MODE == OFFICIAL:
         return -w
     p = fast_exp(log_p)
@@ -152,14 +185,16 @@ def focal_deriv(log_p, gamma, GRAD_MODE: tl.constexpr):
     return tl.where(p == 0.0, -w, -w + gamma * w * p * ratio)
 
 
+# clamp(p, P_MIN, 1) of p = exp(log p): log p = (z - max) - log(sumexp) <= 0, so p <= 1 (to an ulp of
+# ex2.approx) and only the lower bound is tested.  NaN stays NaN (and unclamped is False).
 @triton.jit
 def clamp_prob(p):
-    return tl.where(p < P_MIN, P_MIN, tl.where(p > 1.0, 1.0, p))
+    return tl.where(p < P_MIN, P_MIN, p)
 
 
 @triton.jit
 def unclamped(p):
-    return (p >= P_MIN) & (p <= 1.0)
+    return p >= P_MIN
 
 
 # ------------------------------------------------------------------ step 1
@@ -235,7 +270,7 @@ def log_softmax(z, m, log_s):
 # ------------------------------------------------------------------ step 2
 @triton.jit
 def normalizer_terms(log_p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
-                     GRAD_MODE: tl.constexpr):
+                     GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.constexpr):
     """Per class, 0 in masked lanes: the two active and the two passive summands.
 
       nfl        f = -(1-p)^gamma l,  f'                       (sum: the normaliser and its derivative)
@@ -255,9 +290,11 @@ def normalizer_terms(log_p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.cons
     a2 = zero
     p1 = zero
     p2 = zero
+    if ACTIVE == NFL or PASSIVE == NNFL:
+        om = one_minus_p(fast_exp(log_p))
     if ACTIVE == NFL:
-        a1 = tl.where(mask, focal_value(log_p, gamma), 0.0)
-        a2 = tl.where(mask, focal_deriv(log_p, gamma, GRAD_MODE), 0.0)
+        a1 = tl.where(mask, focal_value(log_p, om, gamma, GAMMA_HALF), 0.0)
+        a2 = tl.where(mask, focal_deriv(log_p, om, gamma, GRAD_MODE, GAMMA_HALF), 0.0)
     if ACTIVE == NGCE or PASSIVE == RCE or PASSIVE == NRCE or PASSIVE == AMSE or PASSIVE == NNCE:
         p = fast_exp(log_p)
         if ACTIVE == NGCE:
@@ -275,17 +312,19 @@ def normalizer_terms(log_p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.cons
             p2 = tl.where(live, 1.0, 0.0)
     if PASSIVE == NNFL:
         log_min = tl.log(min_prob)
-        p1 = tl.where(mask & (~is_target),
-                      focal_value(log_min, gamma) - focal_value(tl.maximum(log_p, log_min), gamma), 0.0)
-        p2 = tl.where(mask & (log_p >= log_min), focal_deriv(log_p, gamma, GRAD_MODE), 0.0)
+        om_min = -expm1(log_min)   # 1 - p is decreasing in l: the clamped class's is min(om, om_min)
+        p1 = tl.where(mask & (~is_target), focal_value(log_min, om_min, gamma, GAMMA_HALF)
+                      - focal_value(tl.maximum(log_p, log_min), tl.minimum(om, om_min), gamma, GAMMA_HALF), 0.0)
+        p2 = tl.where(mask & (log_p >= log_min), focal_deriv(log_p, om, gamma, GRAD_MODE, GAMMA_HALF), 0.0)
     return a1, a2, p1, p2
 
 
 @triton.jit
 def normalizer_sums(log_p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
-                    GRAD_MODE: tl.constexpr, AXIS: tl.constexpr):
+                    GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.constexpr, AXIS: tl.constexpr):
     """The four sums of ``normalizer_terms`` along AXIS (unused ones: 0, no reduction)."""
-    t1, t2, t3, t4 = normalizer_terms(log_p, is_target, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE)
+    t1, t2, t3, t4 = normalizer_terms(log_p, is_target, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
+                                      GAMMA_HALF)
     zero = tl.sum(tl.zeros_like(log_p), axis=AXIS)
     s1 = zero
     s2 = zero
@@ -305,7 +344,8 @@ def normalizer_sums(log_p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.const
 @triton.jit
 def finish_row(log_s, l_y, gap_sum, y_is_max, sa1, sa2, sp1, sp2, Kf, weight,
                alpha, beta, gamma, q, A, a, m, t, min_prob,
-               ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr):
+               ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
+               GAMMA_HALF: tl.constexpr):
     """Loss of a row (or a vector of rows) and its gradient coefficients.
 
     Returns (loss, c_act, c_pas, c_pas2, c_target, g_sum); the coefficients already
@@ -335,8 +375,8 @@ def finish_row(log_s, l_y, gap_sum, y_is_max, sa1, sa2, sp1, sp2, Kf, weight,
         c_target = zero - aw
         g_sum = zero - aw
     if ACTIVE == FL:
-        loss = alpha * focal_value(l_y, gamma)
-        d = focal_deriv(l_y, gamma, GRAD_MODE)
+        loss = alpha * focal_value(l_y, om_y, gamma, GAMMA_HALF)
+        d = focal_deriv(l_y, om_y, gamma, GRAD_MODE, GAMMA_HALF)
         c_target = aw * d
         g_sum = aw * d
     if ACTIVE == NCE:
@@ -347,9 +387,9 @@ def finish_row(log_s, l_y, gap_sum, y_is_max, sa1, sa2, sp1, sp2, Kf, weight,
         c_target = -aw / D
         g_sum = aw * (Kf * act - 1.0) / D
     if ACTIVE == NFL:
-        act = focal_value(l_y, gamma) / sa1
+        act = focal_value(l_y, om_y, gamma, GAMMA_HALF) / sa1
         loss = alpha * act
-        d_y = focal_deriv(l_y, gamma, GRAD_MODE)
+        d_y = focal_deriv(l_y, om_y, gamma, GRAD_MODE, GAMMA_HALF)
         c_act = -aw * act / sa1     # times f'(l_j)
         c_target = aw * d_y / sa1
         g_sum = aw * (d_y - act * sa2) / sa1
@@ -444,10 +484,12 @@ def finish_row(log_s, l_y, gap_sum, y_is_max, sa1, sa2, sp1, sp2, Kf, weight,
     if PASSIVE == NNFL:
         # 1 - N/D = sum_{k!=y} (A_f - f_k) / D, N = A_f - f_y;  g_j = [j = y] f'_y / D - (N/D^2) f'_j
         log_min = tl.log(min_prob)
-        N = focal_value(log_min, gamma) - focal_value(tl.maximum(l_y, log_min), gamma)
+        om_min = -expm1(log_min)
+        N = (focal_value(log_min, om_min, gamma, GAMMA_HALF)
+             - focal_value(tl.maximum(l_y, log_min), tl.minimum(om_y, om_min), gamma, GAMMA_HALF))
         D = sp1 + N
         loss += beta * sp1 / D
-        d_y = tl.where(l_y >= log_min, focal_deriv(l_y, gamma, GRAD_MODE), 0.0)
+        d_y = tl.where(l_y >= log_min, focal_deriv(l_y, om_y, gamma, GRAD_MODE, GAMMA_HALF), 0.0)
         c_pas = -bw * N / (D * D)   # times f'(l_j) where l_j >= log min_prob
         c_target += bw * d_y / D
         g_sum += bw * (d_y - N * sp2 / D) / D
@@ -456,14 +498,17 @@ def finish_row(log_s, l_y, gap_sum, y_is_max, sa1, sa2, sp1, sp2, Kf, weight,
 
 @triton.jit
 def grad_block(log_p, is_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q, min_prob,
-               ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr):
+               ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
+               GAMMA_HALF: tl.constexpr):
     """d loss / d z_j = g_j - p_j sum_k g_k (coefficients broadcast by the caller)."""
     p = fast_exp(log_p)
+    if ACTIVE == NFL or PASSIVE == NNFL:
+        om = one_minus_p(p)
     g = tl.where(is_target, c_target, 0.0)
     if ACTIVE == NCE:
         g += c_act
     if ACTIVE == NFL:
-        g += c_act * focal_deriv(log_p, gamma, GRAD_MODE)
+        g += c_act * focal_deriv(log_p, om, gamma, GRAD_MODE, GAMMA_HALF)
     if ACTIVE == NGCE:
         g += tl.where(unclamped(p), c_act * pow_nonneg(p, q), 0.0)
     if PASSIVE == RCE or PASSIVE == NRCE:
@@ -473,5 +518,6 @@ def grad_block(log_p, is_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q
     if PASSIVE == NNCE:
         g += tl.where(p >= min_prob, c_pas, 0.0)
     if PASSIVE == NNFL:
-        g += tl.where(log_p >= tl.log(min_prob), c_pas * focal_deriv(log_p, gamma, GRAD_MODE), 0.0)
+        g += tl.where(log_p >= tl.log(min_prob), c_pas * focal_deriv(log_p, om, gamma, GRAD_MODE, GAMMA_HALF),
+                      0.0)
     return g - p * g_sum

@@ -483,3 +483,14 @@ def test_compile_fullgraph_training_step(device):
     (2.0 * ref).backward()
     torch.testing.assert_close(loss, ref.detach(), **tolerances(torch.float64))
     torch.testing.assert_close(got, lin.weight.grad, **tolerances(torch.float64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("loss", ("nfl+rce", "nfl+nnfl"))
+def test_focal_terms_of_a_near_certain_class(loss, dtype, regime_name, device):
+    """The focal factor (1 - p)^gamma of a class with p near 1, the label (rows 0, 1) or not
+    (rows 2, 3): the per-element loops take 1 - p from p, without expm1 (lm.one_minus_p)."""
+    x = torch.zeros(4, K, dtype=torch.float64)
+    x[:, 5] = torch.tensor([12.0, 30.0, 12.0, 30.0])   # 1 - p_5 = 2e-4, 3e-12
+    y = torch.tensor([5, 5, 0, 1])
+    assert_matches(x.to(dtype).to(device), y.to(device), LossSpec.from_name(loss, gamma=0.5, min_prob=1e-5))
