@@ -158,10 +158,11 @@ class KernelRun:
 def triton_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
     """The launches of apl_kernels/triton/kernels.launch for a mean-reduced loss with gradient, on an H200."""
     from apl_kernels.triton import kernels as tk
-    active, passive, _ = _terms(loss)
+    active, passive, spec = _terms(loss)
     elem = ELEMENT_BYTES[dtype]
     block_k = _next_pow2(K)
-    base = dict(ACTIVE=active, PASSIVE=passive, GRAD_MODE=0, REDUCTION=REDUCTION_MEAN, COMPUTE_GRAD=True)
+    base = dict(ACTIVE=active, PASSIVE=passive, GRAD_MODE=0, GAMMA_HALF=spec.gamma == 0.5, REDUCTION=REDUCTION_MEAN,
+                COMPUTE_GRAD=True)
     # kernels._labels_prepass: the labels checked (and counted, for mean) by up to COUNT_PROGRAMS programs.
     block = tk.LABEL_BLOCK.value
     count_programs = _cdiv(B, _cdiv(_cdiv(B, tk.COUNT_PROGRAMS.value), block) * block)

@@ -304,3 +304,10 @@ def test_measured_launches_leave_out_autograd_seed_only():
     assert common.launches_per_call((ours + [fill]) * 5, reps=5) == 2
     assert common.launches_per_call((ours + [fill, fill]) * 5, reps=5) == 3
     assert common.launches_per_call(ours * 5, reps=5) == 2      # no seed (autograd.grad with grad_outputs)
+
+
+def test_triton_plan_compiles_the_square_root_focal_path_as_the_launch_does():
+    """gamma = 0.5 (nfl's default) launches with GAMMA_HALF: the roofline must compile that variant."""
+    pytest.importorskip("triton")
+    run = roofline.triton_plan("nfl+rce", "bf16", 8192, 131072)[-1]
+    assert run.params["GAMMA_HALF"] is True and "GAMMA_HALF=True" in run.variant
