@@ -206,6 +206,21 @@ def test_deterministic_over_20_runs(gpu_backend, shape, dtype):
 
 
 # ------------------------------------------------------------------ the backward's cost (issue 13)
+def _launches_without_sync(fn, with_result=False):
+    """(device kernels, those not autograd's ones_like seed) of fn(), which must not sync with the host."""
+    previous = torch.cuda.get_sync_debug_mode()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.cuda.set_sync_debug_mode("error")     # any implicit host sync raises
+        try:
+            result = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    launches = (kernels, [name for name in kernels if "FillFunctor" not in name])
+    return (launches, result) if with_result else launches
+
+
 def test_backward_of_grad_output_1_is_one_early_return_launch_without_sync(gpu_backend):
     """loss.backward() in a training step: no pass over [N, K], no second buffer, no host sync."""
     spec = LossSpec.from_name("nce+rce")
@@ -214,16 +229,7 @@ def test_backward_of_grad_output_1_is_one_early_return_launch_without_sync(gpu_b
     loss = apl_loss(x, target, spec, backend=gpu_backend)
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()
-    previous = torch.cuda.get_sync_debug_mode()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        torch.cuda.set_sync_debug_mode("error")     # any implicit host sync raises
-        try:
-            loss.backward()
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-        torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    ours = [name for name in kernels if "FillFunctor" not in name]   # autograd's ones_like grad_output
+    kernels, ours = _launches_without_sync(loss.backward)
     assert len(ours) == 1 and "_scale_rows_kernel" in ours[0], kernels
     assert torch.cuda.memory_allocated() <= allocated, "the backward allocated a new gradient buffer"
     _check(loss.detach(), x.grad, logits, target, spec)
@@ -238,17 +244,11 @@ def test_small_batch_default_step_is_two_launches_without_sync(gpu_backend):
     apl_loss(x, target, "nce+rce", backend=gpu_backend).backward()     # compile / warm up
     x.grad = None
     torch.cuda.synchronize()
-    previous = torch.cuda.get_sync_debug_mode()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            loss = apl_loss(x, target, "nce+rce", backend=gpu_backend)
-            loss.backward()
-        finally:
-            torch.cuda.set_sync_debug_mode(previous)
-        torch.cuda.synchronize()
-    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    ours = [name for name in kernels if "FillFunctor" not in name]   # autograd's ones_like grad_output
+    def step():
+        loss = apl_loss(x, target, "nce+rce", backend=gpu_backend)
+        loss.backward()
+        return loss
+    (kernels, ours), loss = _launches_without_sync(step, with_result=True)
     assert len(ours) <= 2, kernels
     _check(loss.detach(), x.grad, logits, target, LossSpec.from_name("nce+rce"))
 
