@@ -558,7 +558,10 @@ def _small_k(run: KernelRun, instructions, top, K: int) -> dict:
     rows = [l for l in top if l.loads.get("LDG")]
     if not rows:
         raise RuntimeError(f"{run.variant}: no loop with global loads")
-    row = max(rows, key=lambda l: l.static)
+    # The row loop reads logits and writes the gradient, and is entered first; nvcc may also lay out
+    # branches back into its body that look like further (even larger) top-level loops.
+    writers = [l for l in rows if l.stores.get("STG")]
+    row = min(writers, key=lambda l: l.header) if writers else max(rows, key=lambda l: l.static)
     group, V = run.params["group"], run.params["V"]
     elements = min(_cdiv(K, group), run.params["nv"] * V)       # logits one lane holds
     merges = max(0, int(math.log2(group)))                      # butterfly steps of group_allreduce
