@@ -553,15 +553,20 @@ def _doing_uncached(instructions, loop: sass.Loop, elements: int, element_bytes:
     return loop.static if found is None else found
 
 
-def _small_k(run: KernelRun, instructions, top, K: int) -> dict:
-    """Small-K CUDA kernel: its row loop, where a group of `group` lanes takes a row of K logits."""
+def small_k_row_loop(variant: str, top):
+    """The row loop of the small-K kernel among its top-level loops: it reads logits and writes the
+    gradient, and is entered first; nvcc may also lay out branches back into its body that look like
+    further (even larger) top-level loops, and the count loops before it read labels only."""
     rows = [l for l in top if l.loads.get("LDG")]
     if not rows:
-        raise RuntimeError(f"{run.variant}: no loop with global loads")
-    # The row loop reads logits and writes the gradient, and is entered first; nvcc may also lay out
-    # branches back into its body that look like further (even larger) top-level loops.
+        raise RuntimeError(f"{variant}: no loop with global loads")
     writers = [l for l in rows if l.stores.get("STG")]
-    row = min(writers, key=lambda l: l.header) if writers else max(rows, key=lambda l: l.static)
+    return min(writers, key=lambda l: l.header) if writers else max(rows, key=lambda l: l.static)
+
+
+def _small_k(run: KernelRun, instructions, top, K: int) -> dict:
+    """Small-K CUDA kernel: its row loop, where a group of `group` lanes takes a row of K logits."""
+    row = small_k_row_loop(run.variant, top)
     group, V = run.params["group"], run.params["V"]
     elements = min(_cdiv(K, group), run.params["nv"] * V)       # logits one lane holds
     merges = max(0, int(math.log2(group)))                      # butterfly steps of group_allreduce

@@ -311,3 +311,16 @@ def test_triton_plan_compiles_the_square_root_focal_path_as_the_launch_does():
     pytest.importorskip("triton")
     run = roofline.triton_plan("nfl+rce", "bf16", 8192, 131072)[-1]
     assert run.params["GAMMA_HALF"] is True and "GAMMA_HALF=True" in run.variant
+
+
+def test_small_k_row_loop_is_the_first_loop_that_reads_and_writes():
+    """The small-K kernel's loops as nvcc 13.0 laid them out (headers, sizes, bytes of the sm_90 cubin):
+    label-count loops first, the row loop, then a larger back-branch region inside it, which the
+    largest-loop rule took for the row loop (a 4x overcount)."""
+    def loop(header, latch, static, loads, stores):
+        return sass.Loop(header, latch, static, static, loads, stores)
+    count = loop(0x380, 0x5D0, 38, {"LDG": 32}, {})
+    row = loop(0x1840, 0x104E0, 3787, {"LDG": 42}, {"STG": 68})
+    region = loop(0x3140, 0x11F30, 3808, {"LDS": 513, "LDG": 32}, {"STG": 80, "STS": 17})
+    assert roofline.small_k_row_loop("k", [count, row, region]) is row
+    assert roofline.small_k_row_loop("k", [count]) is count      # no gradient store: the largest loader
