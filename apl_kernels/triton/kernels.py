@@ -8,13 +8,17 @@ passive term, gradient mode, reduction and compute_grad:
   the whole batch is a few tiles (e.g. [128, 10]) one program does every row,
   counts the kept rows itself and writes the reduced loss: one launch.
 * chunked (large K): one program per row at a time, persistent over rows; pass 1
-  is an online max / log-sum-exp over chunks, pass 2 (nfl, ngce, rce, nrce)
-  the sums that need the final lse, pass 3 the gradient.  Passes 1 and 2 keep
-  per-lane partial sums (one cross-thread reduction per row, not per chunk), and
-  passes 1 and 3 prefetch the next chunk (pass 3 not for the focal terms, whose
+  is an online max / log-sum-exp over chunks, pass 2 (nfl, ngce, rce, nrce, ...)
+  the sums that need the final lse, pass 3 the gradient.  A chunk is held as
+  [groups, VEC]: the VEC logits of one 16-byte load form a group in one thread,
+  so pass 1 takes each group's max first and then costs one FFMA and one MUFU
+  per exp (2^(z log2e - c), c the max's shift), and passes 1 and 2 keep per-group
+  partial sums (one cross-thread reduction per row, not per chunk).  Passes 1
+  and 3 prefetch the next chunk (pass 3 not for the focal terms, whose
   registers it would spill).  The full chunks are read without masks, the tail
-  in one masked step; pass 3 treats every column as a non-label one and writes
-  the label's entry on its own after the loop (no per-element label compare),
+  in one masked step.  No per-element label compare: pass 2 leaves the label's
+  group out of its loop and sums that group after it, pass 3 treats every column
+  as a non-label one and writes the label's entry on its own after the loop,
   with evict_first stores; the rows of ignored or out-of-range labels are
   written (0, NaN) by a flat loop after the row loop.  A 131072-wide bf16
   row (256 KB) does not fit one program's registers, and splitting a row over
@@ -162,8 +166,9 @@ def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, 
     m, s, gap_sum = lm.block_stats(z, mask, 1)
     log_s = tl.log(s)
     log_p = lm.log_softmax(z, m[:, None], log_s[:, None])
+    p = lm.fast_exp(log_p)
     is_t = cols[None, :] == y[:, None]
-    sa1, sa2, sp1, sp2 = lm.normalizer_sums(log_p, is_t, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
+    sa1, sa2, sp1, sp2 = lm.normalizer_sums(log_p, p, is_t, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
                                             GAMMA_HALF, 1)
     # The label's logit without an indexed load; an out-of-range label gives NaN.
     z_y = tl.sum(tl.where(is_t & mask, z, 0.0), axis=1)
@@ -175,7 +180,7 @@ def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, 
         log_s, lm.log_softmax(z_y, m, log_s), gap_sum, y_is_max, sa1, sa2, sp1, sp2, K.to(alpha.dtype), weight,
         alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
     if COMPUTE_GRAD:
-        g = lm.grad_block(log_p, is_t, c_act[:, None], c_pas[:, None], c_pas2[:, None], c_target[:, None],
+        g = lm.grad_block(log_p, p, is_t, c_act[:, None], c_pas[:, None], c_pas2[:, None], c_target[:, None],
                           g_sum[:, None], gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
         g = tl.where(kept[:, None], g, 0.0)
         tl.store(grad_ptr + rows64[:, None] * grad_stride + cols[None, :], g.to(grad_ptr.dtype.element_ty),
@@ -231,10 +236,20 @@ def resident_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row
 
 # ------------------------------------------------------------------ chunked regime
 @triton.jit
-def _load_chunk(z_row, start, cols0, K, kept):
-    # Raw chunk [start, start + BLOCK) of a row, -inf outside [0, K) (and everywhere when not kept).
-    cols = start + cols0
-    return tl.load(z_row + cols, mask=(cols < K) & kept, other=float("-inf"))
+def _load_groups(z_row, start, offs, K):
+    # Raw chunk [start, start + BLOCK_K) of a row as [groups, VEC], -inf outside [0, K).
+    cols = start + offs
+    return tl.load(z_row + cols, mask=cols < K, other=float("-inf"))
+
+
+@triton.jit
+def _group_sums(log_p, p, is_target, mask, own, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
+                GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.constexpr):
+    # normalizer_terms of a [groups, VEC] block summed per group (in-thread), 0 where not `own`.
+    t1, t2, t3, t4 = lm.normalizer_terms(log_p, p, is_target, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
+                                         GAMMA_HALF)
+    return (tl.where(own, tl.sum(t1, axis=1), 0.0), tl.where(own, tl.sum(t2, axis=1), 0.0),
+            tl.where(own, tl.sum(t3, axis=1), 0.0), tl.where(own, tl.sum(t4, axis=1), 0.0))
 
 
 @triton.jit
@@ -245,8 +260,14 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
                    REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, NEEDS_PASS2: tl.constexpr,
                    BLOCK_K: tl.constexpr, GAMMA_HALF: tl.constexpr = False):
     """Persistent over rows; per row: online lse, normaliser sums, gradient.  Per-row losses to
-    loss_ptr, or (mean, sum) the reduced loss by _finish_reduction."""
+    loss_ptr, or (mean, sum) the reduced loss by _finish_reduction.
+
+    A chunk is held as [BLOCK_K / VEC, VEC]: one 16-byte load per group, each group in one
+    thread, so per-group maxima and sums are in-thread work and the per-row partial sums
+    are per group (one cross-thread reduction per row, of BLOCK_K / VEC lanes)."""
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
+    VEC: tl.constexpr = 128 // z_ptr.dtype.element_ty.primitive_bitwidth
+    GROUPS: tl.constexpr = BLOCK_K // VEC
     zero = tl.zeros([], dtype=ACC)
     alpha, beta, gamma, q, A, a, m_ece, min_prob = _spec_params(al_hi, al_lo, be_hi, be_lo, ga_hi, ga_lo, q_hi, q_lo,
                                                                 A_hi, A_lo, a_hi, a_lo, m_hi, m_lo, mp_hi, mp_lo,
@@ -255,7 +276,9 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
     if REDUCTION == R_MEAN:
         weight = 1.0 / tl.maximum(_kept_rows(work_ptr, count_programs), 1.0)
     Kf = K.to(ACC)
-    cols0 = tl.arange(0, BLOCK_K)
+    groups0 = tl.arange(0, GROUPS)
+    lanes = tl.arange(0, VEC)
+    offs = groups0[:, None] * VEC + lanes[None, :]   # the chunk's columns, [GROUPS, VEC]
     first_row = tl.program_id(0).to(tl.int64)   # int64 rows: row + num_programs may pass 2^31
     total = zero
     not_target = tl.full([], 0, tl.int1)   # grad_block's label flag for every column but the label's
@@ -276,60 +299,74 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
         # of row-derived values; the hints keep the unmasked loads vectorised)
         full = tl.multiple_of(K_row - K_row % BLOCK_K, BLOCK_K)
         last = tl.multiple_of(tl.maximum(full - BLOCK_K, 0), BLOCK_K)   # the prefetch past the last chunk re-reads it
-        # pass 1: per-lane online max / sumexp (/ sum (z - ref) for nce, / first index
-        # of the lane max for ece), one cross-thread reduction per row
-        m_v = tl.full([BLOCK_K], float("-inf"), ACC)
-        s_v = tl.zeros([BLOCK_K], ACC)
-        sz_v = tl.zeros([BLOCK_K], ACC)
-        first_v = tl.full([BLOCK_K], 0, tl.int32) + K
-        nxt = _load_chunk(z_row, 0, cols0, full, True)
+        # pass 1: per-group online max / sum of exps (/ sum (z - ref) for nce, / first index
+        # of the group max for ece), one cross-thread reduction per row
+        m_v = tl.full([GROUPS], float("-inf"), ACC)
+        c_v = tl.zeros([GROUPS], ACC)
+        s_v = tl.zeros([GROUPS], ACC)
+        sz_v = tl.zeros([GROUPS], ACC)
+        first_v = tl.full([GROUPS], 0, tl.int32) + K
+        nxt = _load_groups(z_row, 0, offs, full)
         for start in range(0, full, BLOCK_K):
-            z = nxt.to(ACC)
-            nxt = tl.load(z_row + tl.minimum(start + BLOCK_K, last) + cols0)   # two chunks in flight
+            z = lm.widen(nxt, ACC)
+            nxt = tl.load(z_row + tl.minimum(start + BLOCK_K, last) + offs)   # two chunks in flight
             if ACTIVE == lm.ECE:
-                first_v = tl.where(z > m_v, start + cols0, first_v)    # strictly greater: first occurrence
-            m_v, s_v = lm.lane_update(m_v, s_v, z)
+                first_v = lm.first_max_index_update(z, m_v, start + offs, first_v, K)
+            m_v, c_v, s_v, t_sum = lm.group_update(m_v, c_v, s_v, z)
             if ACTIVE == lm.NCE:
-                sz_v += z - ref
+                sz_v += lm.gap_to_ref(t_sum, c_v, ref, VEC)
         if full < K_row:
-            z = _load_chunk(z_row, full, cols0, K_row, True).to(ACC)
+            z = lm.widen(_load_groups(z_row, full, offs, K_row), ACC)
             if ACTIVE == lm.ECE:
-                first_v = tl.where(z > m_v, full + cols0, first_v)
-            m_v, s_v = lm.lane_update(m_v, s_v, z)
-            if ACTIVE == lm.NCE:
-                sz_v += tl.where(full + cols0 < K_row, z - ref, 0.0)
-        m, s = lm.merge_lanes(m_v, s_v, 0)
+                first_v = lm.first_max_index_update(z, m_v, full + offs, first_v, K)
+            m_v, c_v, s_v, _ = lm.group_update(m_v, c_v, s_v, z)
+            if ACTIVE == lm.NCE:   # (t is -inf in the masked lanes)
+                sz_v += tl.sum(tl.where(full + offs < K_row, z - ref, 0.0), axis=1)
+        m, c, s = lm.merge_groups(m_v, c_v, s_v)
         gap_sum = Kf * (m - ref) - tl.sum(sz_v, axis=0)   # sum_k (max - z_k): nce only
         y_is_max = kept & False
         if ACTIVE == lm.ECE:
             y_is_max = lm.first_max_index(m_v, m, first_v, m_v > float("-inf"), K, 0) == y
-        log_s = tl.log(s)
-        # pass 2: sums that need the final lse (re-read from L2), per lane
-        sa1_v = tl.zeros([BLOCK_K], ACC)
-        sa2_v = tl.zeros([BLOCK_K], ACC)
-        sp1_v = tl.zeros([BLOCK_K], ACC)
-        sp2_v = tl.zeros([BLOCK_K], ACC)
+        log_s = lm.log_sum_rel_max(m, c, s)   # log sum e^(z - max)
+        log_s2 = tl.log(s)                    # log sum 2^(z log2e - c), for class_probs
+        inv_s = 1.0 / s
+        # pass 2: sums that need the final lse (re-read from L2), per group.  The label's
+        # group is left out of the loops and summed after them with the label flagged:
+        # no per-element label compare in the loops.
+        sa1_v = tl.zeros([GROUPS], ACC)
+        sa2_v = tl.zeros([GROUPS], ACC)
+        sp1_v = tl.zeros([GROUPS], ACC)
+        sp2_v = tl.zeros([GROUPS], ACC)
         if NEEDS_PASS2:   # no prefetch here: the nfl/ngce terms need the registers
-            # full chunks without masks, then the masked tail (as in passes 1 and 3)
+            label_group = tl.where(y_ok, y32 // VEC, -1)
             for start in range(0, full, BLOCK_K):
-                cols = start + cols0
-                z = tl.load(z_row + cols).to(ACC)
-                t1, t2, t3, t4 = lm.normalizer_terms(lm.log_softmax(z, m, log_s), cols == y32, True, gamma, q,
-                                                     min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
+                log_p, p = lm.class_probs(lm.widen(tl.load(z_row + start + offs), ACC), c, inv_s, log_s2)
+                t1, t2, t3, t4 = _group_sums(log_p, p, not_target, True, start // VEC + groups0 != label_group,
+                                             gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
                 sa1_v += t1   # unused slots add zeros: the compiler drops them
                 sa2_v += t2
                 sp1_v += t3
                 sp2_v += t4
             if full < K_row:
-                cols = full + cols0
-                mask = cols < K_row
-                z = tl.load(z_row + cols, mask=mask, other=float("-inf")).to(ACC)
-                t1, t2, t3, t4 = lm.normalizer_terms(lm.log_softmax(z, m, log_s), cols == y32, mask, gamma, q,
-                                                     min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
+                mask = full + offs < K_row
+                log_p, p = lm.class_probs(lm.widen(_load_groups(z_row, full, offs, K_row), ACC), c, inv_s, log_s2)
+                t1, t2, t3, t4 = _group_sums(log_p, p, not_target, mask, full // VEC + groups0 != label_group,
+                                             gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
                 sa1_v += t1
                 sa2_v += t2
                 sp1_v += t3
                 sp2_v += t4
+            # the label's group, with the label flagged (nothing for a row without a valid label)
+            cols_y = (y32 - y32 % VEC) + lanes   # (label_group * VEC: an int32 product the compile test flags)
+            mask_y = (cols_y < K_row) & y_ok
+            log_p_y, p_y = lm.class_probs(tl.load(z_row + cols_y, mask=mask_y, other=float("-inf")).to(ACC), c,
+                                          inv_s, log_s2)
+            y1, y2, y3, y4 = lm.normalizer_sums(log_p_y, p_y, cols_y == y32, mask_y, gamma, q, min_prob, ACTIVE, PASSIVE,
+                                                GRAD_MODE, GAMMA_HALF, 0)
+            sa1_v += tl.where(groups0 == 0, y1, 0.0)
+            sa2_v += tl.where(groups0 == 0, y2, 0.0)
+            sp1_v += tl.where(groups0 == 0, y3, 0.0)
+            sp2_v += tl.where(groups0 == 0, y4, 0.0)
         z_y = tl.where(y_ok, z_y, float("nan"))
         l_y = lm.log_softmax(z_y, m, log_s)
         loss, c_act, c_pas, c_pas2, c_target, g_sum = lm.finish_row(
@@ -347,29 +384,31 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
             # last use of these lines: evict first); a kept row with a valid label only
             g_row = grad_ptr + row * grad_stride
             if y_ok:   # else the loop after this one writes the row
-                nxt = _load_chunk(z_row, 0, cols0, full, True)
+                nxt = _load_groups(z_row, 0, offs, full)
                 for start in range(0, full, BLOCK_K):
                     if FOCAL:   # no prefetch: the focal terms need the registers (spills otherwise)
-                        z = tl.load(z_row + start + cols0).to(ACC)
+                        z = lm.widen(tl.load(z_row + start + offs), ACC)
                     else:
-                        z = nxt.to(ACC)
-                        nxt = tl.load(z_row + tl.minimum(start + BLOCK_K, last) + cols0)
-                    g = lm.grad_block(lm.log_softmax(z, m, log_s), not_target, c_act, c_pas, c_pas2, c_target,
-                                      g_sum, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
-                    tl.store(g_row + start + cols0, g.to(G_DTYPE), eviction_policy="evict_first")
+                        z = lm.widen(nxt, ACC)
+                        nxt = tl.load(z_row + tl.minimum(start + BLOCK_K, last) + offs)
+                    log_p, p = lm.class_probs(z, c, inv_s, log_s2)
+                    g = lm.grad_block(log_p, p, not_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q,
+                                      min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
+                    tl.store(g_row + start + offs, g.to(G_DTYPE), eviction_policy="evict_first")
                 if full < K:
-                    cols = full + cols0
-                    z = tl.load(z_row + cols, mask=cols < K, other=float("-inf")).to(ACC)
-                    g = lm.grad_block(lm.log_softmax(z, m, log_s), not_target, c_act, c_pas, c_pas2, c_target,
-                                      g_sum, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
+                    cols = full + offs
+                    log_p, p = lm.class_probs(lm.widen(_load_groups(z_row, full, offs, K), ACC), c, inv_s, log_s2)
+                    g = lm.grad_block(log_p, p, not_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q,
+                                      min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
                     tl.store(g_row + cols, g.to(G_DTYPE), mask=cols < K, eviction_policy="evict_first")
-                g_y = lm.grad_block(l_y, ~not_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q, min_prob,
-                                    ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
+                g_y = lm.grad_block(l_y, tl.exp(l_y), ~not_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q,
+                                    min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
                 tl.debug_barrier()   # after the loop's store of that column, by whichever thread made it
                 tl.store(g_row + y, g_y.to(G_DTYPE))
     if COMPUTE_GRAD:
         # The gradient rows the row loop left: 0 for an ignored row, NaN for an out-of-range label.
         # One flat loop over (row, chunk) of this program, outside the hot row loop.
+        cols0 = tl.arange(0, BLOCK_K)
         chunks = tl.cdiv(K, BLOCK_K).to(tl.int64)   # int64 index math: rows may pass 2^31
         programs = tl.num_programs(0).to(tl.int64)
         for i in range(tl.zeros([], tl.int64), tl.cdiv(N - first_row, programs) * chunks):

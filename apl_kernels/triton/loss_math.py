@@ -2,8 +2,8 @@
 
 Mirrors csrc/apl_loss_math.h step for step: per row,
 
-  1. softmax stats    max, sum exp(z - max), sum (max - z)   (``block_stats``; chunks: ``lane_update``,
-                      ``merge_lanes``, ``offset_free``); ece also the first index of the max
+  1. softmax stats    max, sum exp(z - max), sum (max - z)   (``block_stats``; chunks: ``group_update``,
+                      ``merge_groups``, ``offset_free``); ece also the first index of the max
   2. normaliser sums  the sums over k that need log p_k       (``normalizer_terms``/``_sums``)
   3. ``finish_row``   loss and gradient coefficients; ``grad_block`` d loss / d z.
 
@@ -91,6 +91,31 @@ def log2_ftz(x):
                                       pack=1)
     else:
         r = tl.log2(x)
+    return r
+
+
+@triton.jit
+def widen(x, ACC: tl.constexpr):
+    """x in the accumulation dtype.  bf16 on the GPU: a shift for the low and a mask for the high
+    half of each 32-bit pair (the compiler extracts the high one with two instructions)."""
+    if FAST_MATH and x.dtype == tl.bfloat16 and ACC == tl.float32:
+        r = tl.inline_asm_elementwise("{ shl.b32 $0, $2, 16; and.b32 $1, $2, 0xffff0000; }", "=r,=r,r", [x],
+                                      dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        r = x.to(ACC)
+    return r
+
+
+@triton.jit
+def fma(x, y, z):
+    """x y + z rounded once (FFMA on the GPU).  The interpreter's tl.fma rounds x y first (and
+    takes a Python float y as fp32), so there the fp32 case runs through fp64, where the
+    product of two fp32 numbers is exact: what the GPU computes, to an ulp."""
+    y = tl.full([], y, x.dtype)
+    if FAST_MATH or x.dtype == tl.float64:
+        r = tl.fma(x, y, z)
+    else:
+        r = (x.to(tl.float64) * y.to(tl.float64) + z.to(tl.float64)).to(x.dtype)
     return r
 
 
@@ -230,17 +255,70 @@ def first_max_index(z, m, cols, mask, none, AXIS: tl.constexpr):
 
 
 @triton.jit
-def lane_update(m, s, z):
-    """Per-lane online max / sumexp (no cross-thread reduction in the chunk loop), one exp.
+def first_max_index_update(z, m, cols, first, none):
+    """ece, per group of a [G, V] chunk: the first column of the group's max, moved where the
+    chunk raises the max m (strictly: an equal later value keeps the first occurrence)."""
+    chunk_m = tl.max(z, axis=1)
+    at = tl.min(tl.where(z == chunk_m[:, None], cols, none), axis=1)
+    return tl.where(chunk_m > m, at, first)
 
-    The smaller of (m, z) is exp'd relative to the larger.  A -inf logit (masked
-    lane or class) adds nothing, also while m is -inf; a NaN logit makes the lane's
-    s NaN; +inf becomes the lane max and turns NaN at the final lane merge.
+
+@triton.jit
+def exp2_shift(m):
+    """The base-2 shift of a max m: m log2(e) (rounded), 0 while m is -inf (then every exp is 0)."""
+    return tl.where(m == float("-inf"), 0.0, m * LOG2E)
+
+
+@triton.jit
+def group_update(m, c, s, z):
+    """Online max and sum of exps over the chunks of a row held as [G, V] blocks: V
+    elements per group, all in one thread, so the group max is in-thread work.
+
+    Per group: m its max so far, c = exp2_shift(m), s = sum 2^t, t = z log2e - c.  The
+    chunk's max comes first, so that an element costs one FFMA and one MUFU (and its
+    max and add); the old sum is rescaled once per group.  Also returns the chunk's
+    sum of t per group (see ``gap_to_ref``).  A -inf logit adds 0; a NaN makes its
+    group's s NaN (the max skips it); +inf makes c = inf and s NaN.
     """
-    d = z - m
-    e = fast_exp(-tl.abs(d))
-    s_new = tl.where(d > 0, s * e + 1.0, s + e)
-    return tl.maximum(m, z), tl.where(z == float("-inf"), s, s_new)
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    c_new = exp2_shift(m_new)
+    rescale = tl.where(m == float("-inf"), 0.0, exp2_ftz(c - c_new))
+    t = fma(z, LOG2E, -c_new[:, None])
+    return m_new, c_new, s * rescale + tl.sum(exp2_ftz(t), axis=1), tl.sum(t, axis=1)
+
+
+@triton.jit
+def gap_to_ref(t_sum, c, ref, V: tl.constexpr):
+    """sum (z_k - ref) of V logits from the sum of their t_k = z_k log2e - c (group_update):
+    (sum t - V (ref log2e - c)) / log2e, with ref log2e - c an exact FMA.  Each t_k is a
+    small number rounded once, so the row's common offset cancels exactly, as in
+    z_k - ref (``offset_free``), at one add per element instead of two."""
+    return (t_sum - V * fma(ref, LOG2E, -c)) * LN2
+
+
+@triton.jit
+def merge_groups(m, c, s):
+    """Row (max, its shift c, sum 2^(z log2e - c)) from the groups' (m, c, s) of group_update."""
+    row_m = tl.max(m, axis=0)
+    row_c = exp2_shift(row_m)
+    return row_m, row_c, tl.sum(tl.where(m == float("-inf"), 0.0, s * exp2_ftz(c - row_c)), axis=0)
+
+
+@triton.jit
+def log_sum_rel_max(m, c, s):
+    """log sum_k e^(z_k - m) from s = sum_k 2^(z_k log2e - c): c is m log2e rounded, and
+    that rounding (m log2e - c, exact as an FMA) moves into the log."""
+    r = tl.where(m == float("-inf"), 0.0, fma(m, LOG2E, -c))
+    return tl.log(s) - r * LN2
+
+
+@triton.jit
+def class_probs(z, c, inv_s, log_s):
+    """(log p, p) of a row's logits z from its shift c and s = sum 2^(z log2e - c)
+    (inv_s = 1/s, log_s = log s): one FFMA and one MUFU for 2^(z log2e - c), a multiply
+    for p, and one FFMA for log p where a term reads it (dead code elsewhere)."""
+    t = fma(z, LOG2E, -c)
+    return t * LN2 - log_s, exp2_ftz(t) * inv_s
 
 
 @triton.jit
@@ -253,14 +331,6 @@ def offset_free(z_ref):
 
 
 @triton.jit
-def merge_lanes(m, s, AXIS: tl.constexpr):
-    """Row (max, sumexp) from per-lane (max, sumexp)."""
-    row_m = tl.max(m, axis=AXIS)
-    row_safe = tl.where(row_m == float("-inf"), 0.0, row_m)
-    return row_m, tl.sum(s * tl.exp(m - row_safe), axis=AXIS)
-
-
-@triton.jit
 def log_softmax(z, m, log_s):
     # (z - max) - log(sumexp), not z - lse: lse rounds to the spacing of the
     # logits (1.5e-5 at 140 in fp32); this keeps log p as accurate as torch's.
@@ -269,9 +339,11 @@ def log_softmax(z, m, log_s):
 
 # ------------------------------------------------------------------ step 2
 @triton.jit
-def normalizer_terms(log_p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
+def normalizer_terms(log_p, p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
                      GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.constexpr):
     """Per class, 0 in masked lanes: the two active and the two passive summands.
+    log_p and p = e^log_p both come from the caller (``class_probs``): a term that
+    reads one of them only leaves the other's instructions to dead-code elimination.
 
       nfl        f = -(1-p)^gamma l,  f'                       (sum: the normaliser and its derivative)
       ngce       clamp(p)^q,  p^q where p is unclamped
@@ -291,12 +363,11 @@ def normalizer_terms(log_p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.cons
     p1 = zero
     p2 = zero
     if ACTIVE == NFL or PASSIVE == NNFL:
-        om = one_minus_p(fast_exp(log_p))
+        om = one_minus_p(p)
     if ACTIVE == NFL:
         a1 = tl.where(mask, focal_value(log_p, om, gamma, GAMMA_HALF), 0.0)
         a2 = tl.where(mask, focal_deriv(log_p, om, gamma, GRAD_MODE, GAMMA_HALF), 0.0)
     if ACTIVE == NGCE or PASSIVE == RCE or PASSIVE == NRCE or PASSIVE == AMSE or PASSIVE == NNCE:
-        p = fast_exp(log_p)
         if ACTIVE == NGCE:
             pq = pow_nonneg(clamp_prob(p), q)
             a1 = tl.where(mask, pq, 0.0)
@@ -320,10 +391,10 @@ def normalizer_terms(log_p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.cons
 
 
 @triton.jit
-def normalizer_sums(log_p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
+def normalizer_sums(log_p, p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
                     GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.constexpr, AXIS: tl.constexpr):
     """The four sums of ``normalizer_terms`` along AXIS (unused ones: 0, no reduction)."""
-    t1, t2, t3, t4 = normalizer_terms(log_p, is_target, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
+    t1, t2, t3, t4 = normalizer_terms(log_p, p, is_target, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
                                       GAMMA_HALF)
     zero = tl.sum(tl.zeros_like(log_p), axis=AXIS)
     s1 = zero
@@ -497,11 +568,11 @@ def finish_row(log_s, l_y, gap_sum, y_is_max, sa1, sa2, sp1, sp2, Kf, weight,
 
 
 @triton.jit
-def grad_block(log_p, is_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q, min_prob,
+def grad_block(log_p, p, is_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q, min_prob,
                ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
                GAMMA_HALF: tl.constexpr):
-    """d loss / d z_j = g_j - p_j sum_k g_k (coefficients broadcast by the caller)."""
-    p = fast_exp(log_p)
+    """d loss / d z_j = g_j - p_j sum_k g_k (coefficients broadcast by the caller; log_p and p as
+    in ``normalizer_terms``)."""
     if ACTIVE == NFL or PASSIVE == NNFL:
         om = one_minus_p(p)
     g = tl.where(is_target, c_target, 0.0)
@@ -511,8 +582,8 @@ def grad_block(log_p, is_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q
         g += c_act * focal_deriv(log_p, om, gamma, GRAD_MODE, GAMMA_HALF)
     if ACTIVE == NGCE:
         g += tl.where(unclamped(p), c_act * pow_nonneg(p, q), 0.0)
-    if PASSIVE == RCE or PASSIVE == NRCE:
-        g += p * tl.where(unclamped(p) & (~is_target), c_pas, c_pas2)
+    if PASSIVE == RCE or PASSIVE == NRCE:   # its own share of p_j sum g folded in: one FFMA
+        return g + p * tl.where(unclamped(p) & (~is_target), c_pas - g_sum, c_pas2 - g_sum)
     if PASSIVE == AMSE:
         g += c_pas * p * p
     if PASSIVE == NNCE:
