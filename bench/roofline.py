@@ -626,6 +626,13 @@ def _large_k(run: KernelRun, instructions, top, K: int, threads: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- the model
+def grid_spread(grid: int, warps: int, blocks_per_sm: int):
+    """(SMs used, warps per SM) of a grid: the block scheduler gives every SM a block before it
+    gives any a second one (breadth first), up to the occupancy limit."""
+    per_sm = min(max(1, blocks_per_sm), math.ceil(grid / SMS))
+    return min(SMS, grid), per_sm * warps
+
+
 def model(backend: str, loss: str, dtype: str, B: int, K: int, runs: List[KernelRun], kernels: Dict[str, dict]) -> dict:
     """One record: launches, syncs, HBM bytes, extra memory and the predicted % of copy bandwidth."""
     elem = ELEMENT_BYTES[dtype]
@@ -654,9 +661,8 @@ def model(backend: str, loss: str, dtype: str, B: int, K: int, runs: List[Kernel
     hbm_total = hbm + bwd_bytes
 
     # Issue: warp-instructions over the rate of the SMs the grid occupies.
-    occ = info["occupancy"]
-    sms_used = min(SMS, max(1, math.ceil(main.grid / max(1, occ["blocks_per_sm"]))))
-    rate = sms_used * min(ISSUE_PER_SM_CLOCK, max(1, occ["warps_per_sm"])) * CLOCK_HZ
+    sms_used, warps_per_sm = grid_spread(main.grid, main.warps, info["occupancy"]["blocks_per_sm"])
+    rate = sms_used * min(ISSUE_PER_SM_CLOCK, max(1, warps_per_sm)) * CLOCK_HZ
     issue_s = info["sass_per_element"] * B * K / 32 / rate
     static = info.get("sass_per_element_static", info["sass_per_element"])
     issue_static_s = static * B * K / 32 / rate

@@ -116,6 +116,19 @@ def test_resource_usage_and_occupancy():
     assert roofline.occupancy(32, 64 * 1024, 8)["blocks_per_sm"] == 3
 
 
+def test_a_grid_of_one_block_per_sm_uses_every_sm_whatever_the_occupancy_allows():
+    """The block scheduler spreads a grid breadth first: 132 blocks of a kernel that could run two per SM
+    still take all 132 SMs, one block (16 warps) each, not 66 SMs with two (the model's old reading)."""
+    assert roofline.grid_spread(132, 16, blocks_per_sm=2) == (132, 16)
+    assert roofline.grid_spread(264, 16, blocks_per_sm=2) == (132, 32)
+    assert roofline.grid_spread(1000, 8, blocks_per_sm=3) == (132, 24)
+    assert roofline.grid_spread(10, 4, blocks_per_sm=8) == (10, 4)
+    run = roofline.KernelRun("k", 132, 16, "chunked", {"BLOCK_K": 8192, "NEEDS_PASS2": True})
+    one, two = (roofline.model("triton", "nce+rce", "bf16", 8192, 131072, [run], _kernels_for(run, 40.0, regs))
+                for regs in (128, 64))
+    assert one["predicted_pct_copy"] == two["predicted_pct_copy"] > 70
+
+
 def _chunked_fixture(K=131072, block_k=8192, warps=16):
     run = roofline.KernelRun("k", 132, warps, "chunked", {"BLOCK_K": block_k, "NEEDS_PASS2": False})
     instructions = sass.parse_sass(_sass("k", NESTED))["k"]
