@@ -243,13 +243,13 @@ def _load_groups(z_row, start, offs, K):
 
 
 @triton.jit
-def _group_sums(log_p, p, is_target, mask, own, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
+def _group_sums(log_p, p, mask, own, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
                 GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.constexpr):
-    # normalizer_terms of a [groups, VEC] block summed per group (in-thread), 0 where not `own`.
-    t1, t2, t3, t4 = lm.normalizer_terms(log_p, p, is_target, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
-                                         GAMMA_HALF)
-    return (tl.where(own, tl.sum(t1, axis=1), 0.0), tl.where(own, tl.sum(t2, axis=1), 0.0),
-            tl.where(own, tl.sum(t3, axis=1), 0.0), tl.where(own, tl.sum(t4, axis=1), 0.0))
+    # normalizer_sums of a [groups, VEC] block per group (in-thread), no label flagged; 0 where not `own`.
+    not_target = tl.full([], 0, tl.int1)   # (a tensor: ~ of a Python False is -1)
+    s1, s2, s3, s4 = lm.normalizer_sums(log_p, p, not_target, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
+                                        GAMMA_HALF, 1)
+    return tl.where(own, s1, 0.0), tl.where(own, s2, 0.0), tl.where(own, s3, 0.0), tl.where(own, s4, 0.0)
 
 
 @triton.jit
@@ -341,7 +341,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
             label_group = tl.where(y_ok, y32 // VEC, -1)
             for start in range(0, full, BLOCK_K):
                 log_p, p = lm.class_probs(lm.widen(tl.load(z_row + start + offs), ACC), c, inv_s, log_s2)
-                t1, t2, t3, t4 = _group_sums(log_p, p, not_target, True, start // VEC + groups0 != label_group,
+                t1, t2, t3, t4 = _group_sums(log_p, p, True, start // VEC + groups0 != label_group,
                                              gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
                 sa1_v += t1   # unused slots add zeros: the compiler drops them
                 sa2_v += t2
@@ -350,7 +350,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
             if full < K_row:
                 mask = full + offs < K_row
                 log_p, p = lm.class_probs(lm.widen(_load_groups(z_row, full, offs, K_row), ACC), c, inv_s, log_s2)
-                t1, t2, t3, t4 = _group_sums(log_p, p, not_target, mask, full // VEC + groups0 != label_group,
+                t1, t2, t3, t4 = _group_sums(log_p, p, mask, full // VEC + groups0 != label_group,
                                              gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
                 sa1_v += t1
                 sa2_v += t2
