@@ -30,10 +30,11 @@ slots a thread loads per iteration, from the loads on the loop's path).  A row's
 fixed work (reductions, finish_row) is spread over its elements.  The result,
 `sass_per_element`, is thread-instructions per logit (warp-instructions per 32
 logits).  Triton bodies are straight-line (per-element choices are predicated),
-so the body's full count is what runs.  The CUDA kernels keep branches in their
-per-element code (edge slots; in the general variants, the loss terms chosen at
-run time; the large-K kernel has constant-term variants for the hot pairs, whose
-two figures lie close), so two figures bound what runs: `sass_per_element`, the cheapest path through each
+so the body's full count is what runs.  The CUDA kernels may keep branches in
+their per-element code (the small-K kernel and the general large-K variant: edge
+slots, the loss terms chosen at run time; large_k_fixed, the large-K kernel of the
+benchmark's losses, has straight-line loop bodies, so there its two figures differ
+by the once-per-row code only), so two figures bound what runs: `sass_per_element`, the cheapest path through each
 loop body that still loads every element and runs one exp per element (a lower
 bound: it may skip terms the loss needs), and `sass_per_element_static`, every
 instruction of the bodies (an upper bound).  `predicted_pct_copy` comes from the

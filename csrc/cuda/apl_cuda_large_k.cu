@@ -330,7 +330,7 @@ struct FixedRow {
   // (p <= 1 holds but for rounding); clamp(p)^q = 2^min(max(u, u_min), 0).
   float q = 0, q_log2_kp = 0, u_min = 0;
   // the gradient: g = c0 + e coef (+ the shape's terms)
-  float c0 = 0, coef_live = 0, coef_dead = 0, c_neg = 0, c_sq = 0, c_focal = 0, c_pow = 0;
+  float c0 = 0, c_target = 0, coef_live = 0, coef_dead = 0, c_neg = 0, c_sq = 0, c_focal = 0, c_pow = 0;
 
   __device__ __forceinline__ void add_sums(float z, FixedSums& a) const {
     const float t = ex.arg(z), e = ex.exp_of(t);
@@ -358,13 +358,15 @@ struct FixedRow {
     }
   }
 
-  // d loss / d z of a class that is not the label.
+  // d loss / d z of a class that is not the label, or of the label (kLabel: its c_target, and
+  // its p coefficient -g_sum, which no clamp zeroes: grad_element_from).
+  template <bool kLabel = false>
   __device__ __forceinline__ float grad(float z) const {
     const float t = ex.arg(z), e = ex.exp_of(t);
-    float c = c0, coef = coef_live;
-    if constexpr (kPassive == kShapeRCE) coef = e >= live_e ? coef_live : coef_dead;
-    if constexpr (kPassive == kShapeNNCE) c = e >= neg_e ? c0 + c_neg : c0;
-    if constexpr (kPassive == kShapeAMSE) coef = fmaf(c_sq, e, coef_live);
+    float c = kLabel ? c0 + c_target : c0, coef = kLabel ? coef_dead : coef_live;
+    if constexpr (kPassive == kShapeRCE && !kLabel) coef = e >= live_e ? coef_live : coef_dead;
+    if constexpr (kPassive == kShapeNNCE) c = e >= neg_e ? c + c_neg : c;
+    if constexpr (kPassive == kShapeAMSE) coef = fmaf(c_sq, e, coef);
     if constexpr (kActive == kShapeNFL) c = fmaf(c_focal, focal_weight_half(e * kp, ex.log_p(t, log_k)), c);
     if constexpr (kActive == kShapeNGCE) {
       const float u = fmaf(q, ex.log2_of(t), q_log2_kp);
@@ -374,19 +376,26 @@ struct FixedRow {
   }
 };
 
-// f(j) for the slots j = first, first + T, ... below `end` of one thread; the partial edge
-// slots (0 and ns - 1) apart: full(j) for the others in a loop, then edge(j).
-template <typename Full, typename Edge>
-__device__ __forceinline__ void for_slots(int64_t first, int64_t end, int64_t T, int64_t ns, Full&& full,
-                                          Edge&& edge) {
-  int64_t j = first;
-  if (j == 0 && j < end) {
-    edge(j);
-    j += T;
-  }
+// f(j) for the full slots j = first, first + T, ... below `end` of one thread: the partial
+// edge slots (0 and ns - 1) are left to edge_slot_of().
+template <typename Full>
+__device__ __forceinline__ void full_slots(int64_t first, int64_t end, int64_t T, int64_t ns, Full&& full) {
+  int64_t j = first == 0 ? first + T : first;
   const int64_t full_end = end < ns - 1 ? end : ns - 1;
   for (; j < full_end; j += T) full(j);
-  if (j == ns - 1 && j < end && j > 0) edge(j);
+}
+
+// The edge slot this thread takes in every pass (thread 0 slot 0, the last thread slot ns - 1),
+// or -1: one call site per pass, read from global memory element by element each time.
+__device__ __forceinline__ int64_t edge_slot_of(int64_t tid, int64_t T, int64_t ns) {
+  return tid == 0 ? 0 : (tid == T - 1 && ns > 1 ? ns - 1 : -1);
+}
+
+// The thread that writes slot j's gradient.
+__device__ __forceinline__ int64_t slot_owner(int64_t j, int64_t T, int64_t nc, int64_t ns) {
+  if (j == 0) return 0;
+  if (j == ns - 1) return T - 1;
+  return j < nc ? j % T : (j - nc) % T;
 }
 
 template <typename scalar_t, int kActive, int kPassive>
@@ -403,7 +412,17 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
                                                    : 32 * sizeof(FixedSums)];
   static_assert(32 * sizeof(double) <= sizeof(scratch), "reduce_loss's scratch");
 
-  const LossParams P = a.P;
+  // The terms a shape pins down, as constants: finish_row's choices of them fold away.
+  LossParams P = a.P;
+  if constexpr (kActive == kShapeNCE) P.active = apl::kNCE;
+  if constexpr (kActive == kShapeNFL) {
+    P.active = apl::kNFL;
+    P.gamma = 0.5;
+    P.grad_mode = apl::kOfficial;
+  }
+  if constexpr (kActive == kShapeNGCE) P.active = apl::kNGCE;
+  if constexpr (kPassive == kShapeAMSE) P.passive = apl::kAMSE;
+  if constexpr (kPassive == kShapeNNCE) P.passive = apl::kNNCE;
   const int64_t K = a.K, T = blockDim.x, tid = threadIdx.x;
   const unsigned long long kept = kept_rows(a, reinterpret_cast<unsigned long long*>(scratch));
   const float weight = grad_weight(a, kept);
@@ -444,14 +463,9 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
     float m = -INFINITY;
     auto max_of = [&](int, int64_t, float v) { m = fmaxf(m, v); };
     SlotMax<scalar_t> slot_max;
+    const int64_t my_edge = edge_slot_of(tid, T, ns);
     {
-      int64_t j = tid;
-      if (j == 0 && nc > 0) {
-        const S b = edge_slot(0);
-        cache[0] = b;
-        for_each_in_slot(b, -shift, K, max_of);
-        j += T;
-      }
+      int64_t j = tid == 0 ? T : tid;
       const int64_t full_end = nc < ns - 1 ? nc : ns - 1;
       for (; j + (kLoadBatch - 1) * T < full_end; j += kLoadBatch * T) {
         S buf[kLoadBatch];
@@ -468,15 +482,8 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
         cache[j] = b;
         slot_max.add(b);
       }
-      const int64_t last = ns - 1;  // the thread that owns it (j = tid mod T) fills it
-      if (last > 0 && last < nc && last % T == tid) {
-        const S b = edge_slot(last);
-        cache[last] = b;
-        for_each_in_slot(b, last * V - shift, K, max_of);
-      }
-      for_slots(
-          nc + tid, ns, T, ns, [&](int64_t j) { slot_max.add(full_slot(j)); },
-          [&](int64_t j) { for_each_in_slot(edge_slot(j), j * V - shift, K, max_of); });
+      full_slots(nc + tid, ns, T, ns, [&](int64_t j) { slot_max.add(full_slot(j)); });
+      if (my_edge >= 0) for_each_in_slot(edge_slot(my_edge), my_edge * V - shift, K, max_of);
       m = fmaxf(m, slot_max.value());
     }
     SoftmaxStats<float> s;
@@ -489,12 +496,9 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
         e.sum += ex.exp_of(t);
         if constexpr (kShifted) e.sum_arg += t;
       };
-      for_slots(
-          tid, nc, T, ns, [&](int64_t j) { for_each_in_full_slot(copy_slot(cache + j), 0, add); },
-          [&](int64_t j) { for_each_in_slot(copy_slot(cache + j), j * V - shift, K, add); });
-      for_slots(
-          nc + tid, ns, T, ns, [&](int64_t j) { for_each_in_full_slot(full_slot(j), 0, add); },
-          [&](int64_t j) { for_each_in_slot(edge_slot(j), j * V - shift, K, add); });
+      full_slots(tid, nc, T, ns, [&](int64_t j) { for_each_in_full_slot(copy_slot(cache + j), 0, add); });
+      full_slots(nc + tid, ns, T, ns, [&](int64_t j) { for_each_in_full_slot(full_slot(j), 0, add); });
+      if (my_edge >= 0) for_each_in_slot(edge_slot(my_edge), my_edge * V - shift, K, add);
       e = block_allreduce(e, reinterpret_cast<ExpSums*>(scratch));
       s.sumexp = e.sum * ex.unscale;
       s.sum_shifted = ex.shifted_sum(e.sum_arg, float(K));
@@ -520,12 +524,9 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
     if constexpr (kPass2) {
       FixedSums acc;
       auto add = [&](int, int64_t, float v) { R.add_sums(v, acc); };
-      for_slots(
-          tid, nc, T, ns, [&](int64_t j) { for_each_in_full_slot(copy_slot(cache + j), 0, add); },
-          [&](int64_t j) { for_each_in_slot(copy_slot(cache + j), j * V - shift, K, add); });
-      for_slots(
-          nc + tid, ns, T, ns, [&](int64_t j) { for_each_in_full_slot(full_slot(j), 0, add); },
-          [&](int64_t j) { for_each_in_slot(edge_slot(j), j * V - shift, K, add); });
+      full_slots(tid, nc, T, ns, [&](int64_t j) { for_each_in_full_slot(copy_slot(cache + j), 0, add); });
+      full_slots(nc + tid, ns, T, ns, [&](int64_t j) { for_each_in_full_slot(full_slot(j), 0, add); });
+      if (my_edge >= 0) for_each_in_slot(edge_slot(my_edge), my_edge * V - shift, K, add);
       acc = block_allreduce(acc, reinterpret_cast<FixedSums*>(scratch));
       FixedSums label;  // the label's own terms, as the loop added them
       R.add_sums(z_y, label);
@@ -561,36 +562,32 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
     // its slot's by the thread that wrote the slot.
     if (g != nullptr) {
       R.c0 = c.c_const;
+      R.c_target = c.c_target;
       R.coef_live = c.p_coef * R.kp;
       R.coef_dead = -c.g_sum * R.kp;
       R.c_neg = c.c_neg;
       R.c_sq = c.c_sq * R.kp * R.kp;
       R.c_focal = -c.c_focal;  // f' = -w
       R.c_pow = c.c_pow;
-      auto pass3 = [&](auto vec) {
-        auto grad_slot = [&](const S& in) {
-          S o;
+      auto grad_slot = [&](const S& in) {
+        S o;
 #pragma unroll
-          for (int t = 0; t < V; ++t) o.v[t] = static_cast<scalar_t>(R.grad(static_cast<float>(in.v[t])));
-          return o;
-        };
+        for (int t = 0; t < V; ++t) o.v[t] = static_cast<scalar_t>(R.grad(static_cast<float>(in.v[t])));
+        return o;
+      };
+      auto pass3 = [&](auto vec) {
         auto store_full = [&](int64_t j, const S& o) {
           if constexpr (decltype(vec)::value) *reinterpret_cast<uint4*>(g + (j * V - shift)) = *reinterpret_cast<const uint4*>(&o);
           else store_slot(g, j * V - shift, K, o, false);
         };
-        auto edge = [&](int64_t j, const S& in) { store_slot(g, j * V - shift, K, grad_slot(in), false); };
-        for_slots(
-            tid, nc, T, ns, [&](int64_t j) { store_full(j, grad_slot(copy_slot(cache + j))); },
-            [&](int64_t j) { edge(j, copy_slot(cache + j)); });
-        for_slots(
-            nc + tid, ns, T, ns, [&](int64_t j) { store_full(j, grad_slot(full_slot(j))); },
-            [&](int64_t j) { edge(j, edge_slot(j)); });
+        full_slots(tid, nc, T, ns, [&](int64_t j) { store_full(j, grad_slot(copy_slot(cache + j))); });
+        full_slots(nc + tid, ns, T, ns, [&](int64_t j) { store_full(j, grad_slot(full_slot(j))); });
       };
       if (slot_shift(g) == shift) pass3(std::true_type());
       else pass3(std::false_type());
-      const int64_t jy = (y + shift) / V;
-      if (jy < nc ? jy % T == tid : (jy - nc) % T == tid)
-        g[y] = static_cast<scalar_t>(apl::grad_element(z_y, true, c, P));
+      if (my_edge >= 0) store_slot(g, my_edge * V - shift, K, grad_slot(edge_slot(my_edge)), false);
+      if (slot_owner((y + shift) / V, T, nc, ns) == tid)
+        g[y] = static_cast<scalar_t>(R.template grad<true>(z_y));
     }
   }
   reduce_loss(a, partial, reinterpret_cast<double*>(scratch), kept);
