@@ -82,7 +82,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scal
       continue;
     }
 
-    const scalar_t* z = a.logits + row * a.row_stride;
+    const scalar_t* const z = a.logits + row * a.row_stride;
     const int shift = slot_shift(z);
     const int64_t ns = slot_count<scalar_t>(K, shift), nc = ns < cap ? ns : cap;
     const acc_t z_y = static_cast<acc_t>(z[y]);
