@@ -317,6 +317,24 @@ __device__ __forceinline__ void combine(ExpSums& a, const ExpSums& b) {
   a.sum_arg += b.sum_arg;
 }
 
+// Block-wide, every thread gets the same value, for blocks of 4 to 32 warps (a power of two: the
+// large-K blocks).  Each warp reads all the warps' partials and merges them by a butterfly over
+// groups of nwarps lanes: no serial loop over the warps, in the same order in every warp
+// (deterministic, as block_allreduce).
+template <typename R>
+__device__ __forceinline__ R block_allreduce_tree(R v, R* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  __syncthreads();  // the previous call's readers are done with scratch
+  group_allreduce(v, 32);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  R r = scratch[lane & (nwarps - 1)];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    if (o < nwarps) combine(r, shfl_xor(r, o));
+  return r;
+}
+
 // What the element code of a row reads: the exp at the row's max and the row's constants.
 template <int kActive, int kPassive>
 struct FixedRow {
@@ -487,7 +505,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
       m = fmaxf(m, slot_max.value());
     }
     SoftmaxStats<float> s;
-    s.max = block_allreduce(RowMax{m}, reinterpret_cast<RowMax*>(scratch)).v;
+    s.max = block_allreduce_tree(RowMax{m}, reinterpret_cast<RowMax*>(scratch)).v;
     const apl::ShiftedExp2 ex(s.max == -INFINITY ? 0.0f : s.max);
     {
       ExpSums e;
@@ -499,7 +517,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
       full_slots(tid, nc, T, ns, [&](int64_t j) { for_each_in_full_slot(copy_slot(cache + j), 0, add); });
       full_slots(nc + tid, ns, T, ns, [&](int64_t j) { for_each_in_full_slot(full_slot(j), 0, add); });
       if (my_edge >= 0) for_each_in_slot(edge_slot(my_edge), my_edge * V - shift, K, add);
-      e = block_allreduce(e, reinterpret_cast<ExpSums*>(scratch));
+      e = block_allreduce_tree(e, reinterpret_cast<ExpSums*>(scratch));
       s.sumexp = e.sum * ex.unscale;
       s.sum_shifted = ex.shifted_sum(e.sum_arg, float(K));
       s.count = float(K);
@@ -527,7 +545,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
       full_slots(tid, nc, T, ns, [&](int64_t j) { for_each_in_full_slot(copy_slot(cache + j), 0, add); });
       full_slots(nc + tid, ns, T, ns, [&](int64_t j) { for_each_in_full_slot(full_slot(j), 0, add); });
       if (my_edge >= 0) for_each_in_slot(edge_slot(my_edge), my_edge * V - shift, K, add);
-      acc = block_allreduce(acc, reinterpret_cast<FixedSums*>(scratch));
+      acc = block_allreduce_tree(acc, reinterpret_cast<FixedSums*>(scratch));
       FixedSums label;  // the label's own terms, as the loop added them
       R.add_sums(z_y, label);
       if constexpr (kActive == kShapeNFL) {
