@@ -30,10 +30,11 @@ slots a thread loads per iteration, from the loads on the loop's path).  A row's
 fixed work (reductions, finish_row) is spread over its elements.  The result,
 `sass_per_element`, is thread-instructions per logit (warp-instructions per 32
 logits).  Triton bodies are straight-line (per-element choices are predicated),
-so the body's full count is what runs.  The CUDA kernels keep branches in their
-per-element code (edge slots; in the general variants, the loss terms chosen at
-run time; the large-K kernel has constant-term variants for the hot pairs, whose
-two figures lie close), so two figures bound what runs: `sass_per_element`, the cheapest path through each
+so the body's full count is what runs.  The CUDA kernels may keep branches in
+their per-element code (the small-K kernel and the general large-K variant: edge
+slots, the loss terms chosen at run time; large_k_fixed, the large-K kernel of the
+benchmark's losses, has straight-line loop bodies, so there its two figures differ
+by the once-per-row code only), so two figures bound what runs: `sass_per_element`, the cheapest path through each
 loop body that still loads every element and runs one exp per element (a lower
 bound: it may skip terms the loss needs), and `sass_per_element_static`, every
 instruction of the bodies (an upper bound).  `predicted_pct_copy` comes from the
@@ -231,10 +232,12 @@ def cuda_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
     else:
         threads = 512 if max_slots >= 2048 else (256 if max_slots >= 512 else 128)
         cap = min(max_slots, (SMEM_OPTIN_PER_BLOCK - 2048) // 16)
-        # apl_cuda_large_k.cu: constant-term variants for the hot pairs, the run-time-term one (-1, -1) else.
-        pair = CUDA_CONSTANT_PAIRS.get(loss, (-1, -1))
-        main = KernelRun(f"cuda large_k_kernel<{tname}, {str(pow_terms).lower()}, {pair[0]}, {pair[1]}>", 0,
-                         threads // 32, "large_k", {"cap": cap, "V": V, "K": K, "smem": cap * 16,
+        # apl_cuda_large_k.cu: large_k_fixed (constant terms) for the losses of its shapes, the run-time-term
+        # kernel (-1, -1) else.
+        shapes = cuda_fixed_shapes(spec)
+        variant = (f"cuda large_k_fixed<{tname}, {shapes[0]}, {shapes[1]}>" if shapes else
+                   f"cuda large_k_kernel<{tname}, true, -1, -1>")     # the one general large-K variant
+        main = KernelRun(variant, 0, threads // 32, "large_k", {"cap": cap, "V": V, "K": K, "smem": cap * 16,
                                                     "threads": threads, "second_pass": _needs_pass2(active, passive)})
         grid = min(B, SMS)   # its grid (resident blocks) is set from occupancy later: one block per SM here
     # apl_cuda_op.cu: mean's count runs in the loss kernel (count_in_kernel) for one block or when the
@@ -252,8 +255,20 @@ def cuda_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
     return runs + [main]
 
 
-# The (active, passive) codes of the CUDA large-K kernel's constant-term variants (apl_cuda_large_k.cu).
-CUDA_CONSTANT_PAIRS = {"ce": (1, 0), "nce+rce": (3, 2), "nce+mae": (3, 1), "nfl+rce": (4, 2), "nfl+mae": (4, 1)}
+# The shapes of the CUDA large-K kernel's constant-term variants, large_k_fixed<scalar_t, active, passive>
+# (apl_cuda_large_k.cu: fixed_shapes and the pairs large_k_variant instantiates).
+CUDA_FIXED_ACTIVE = {"ce": 0, "fl": 0, "gce": 0, "taylor": 0, "nce": 1, "nfl": 2, "ngce": 3}
+CUDA_FIXED_PASSIVE = {"none": 0, "mae": 0, "nmae": 0, "agce": 0, "aul": 0, "ael": 0, "rce": 4, "nrce": 4,
+                      "amse": 5, "nnce": 6}
+CUDA_FIXED_PAIRS = {(0, 0), (1, 0), (1, 4), (1, 5), (1, 6), (2, 0), (2, 4), (3, 0)}
+
+
+def cuda_fixed_shapes(spec):
+    """(active, passive) shapes of the large_k_fixed variant that runs `spec`, or None (the general kernel)."""
+    if spec.active == "nfl" and (spec.gamma != 0.5 or spec.grad != "official"):
+        return None
+    pair = (CUDA_FIXED_ACTIVE.get(spec.active), CUDA_FIXED_PASSIVE.get(spec.passive))
+    return pair if pair in CUDA_FIXED_PAIRS else None
 
 
 PLANS = {"triton": triton_plan, "cuda": cuda_plan}
@@ -579,6 +594,47 @@ def _small_k(run: KernelRun, instructions, top, K: int) -> dict:
             "sass_per_element": lo / per_lane, "sass_per_element_static": hi / per_lane, "count": CUDA_COUNT}
 
 
+def _fixed_loops(run: KernelRun, instructions, children) -> Dict[str, sass.Loop]:
+    """The per-slot loops of large_k_fixed (apl_cuda_large_k.cu) by what they do: pass 1 fills shared
+    memory (batches of 8 slots, then one by one) and reads the streamed tail for its max, sums exp over
+    the cached slots and the tail; pass 2 (shapes with sums) the same; pass 3 writes the gradient from
+    the cached slots and the tail, with 16-byte stores (vec) or element by element (a gradient row
+    whose alignment differs from the logits').  The block reductions (loads from shared memory only)
+    are the rest of the row."""
+    def count(loop, prefix):
+        return sum(1 for i in instructions if loop.header <= i.address <= loop.latch and i.opcode.startswith(prefix))
+    found: Dict[str, list] = {}
+    for loop in sorted(children, key=lambda l: l.header):
+        if not loop.loads:      # fill_row (ignored and bad rows)
+            continue
+        exp = count(loop, "MUFU.EX2") > 0
+        if loop.stores.get("STS"):
+            kind = "fill8" if loop.loads.get("LDG", 0) > 16 else "fill1"
+        elif loop.stores.get("STG"):
+            kind = ("grad_" if count(loop, "STG") == 1 else "grad_bytes_") + ("tail" if loop.loads.get("LDG") else "cached")
+        elif loop.loads.get("LDG"):
+            kind = "tail_sum" if exp else "tail_max"
+        elif loop.loads.get("LDS") and exp:
+            kind = "cached_sum"
+        else:
+            continue
+        found.setdefault(kind, []).append(loop)
+    names = {"cached_sum": ("cached", "cached2"), "tail_sum": ("tail", "tail2")}
+    out = {}
+    for kind, loops in found.items():
+        labels = names.get(kind, (kind,))
+        if len(loops) > len(labels):
+            raise RuntimeError(f"{run.variant}: {len(loops)} loops of kind {kind}: update bench/roofline.py _fixed_loops")
+        out.update(zip(labels, loops))
+    expected = {"fill8", "fill1", "tail_max", "cached", "tail", "grad_cached", "grad_tail"}
+    if run.params["second_pass"]:
+        expected |= {"cached2", "tail2"}
+    if not expected <= set(out):
+        raise RuntimeError(f"{run.variant}: the row loop's structure changed (found {sorted(out)}, expected "
+                           f"{sorted(expected)}): update bench/roofline.py _fixed_loops")
+    return out
+
+
 def _large_k(run: KernelRun, instructions, top, K: int, threads: int) -> dict:
     """Large-K CUDA kernel: the per-slot loops inside its row loop, each weighted by the slots it visits."""
     rows = [l for l in top if l.children]
@@ -589,6 +645,15 @@ def _large_k(run: KernelRun, instructions, top, K: int, threads: int) -> dict:
     elem = 16 // V
     slots = _cdiv(K + V - 1, V)
     cached, streamed = min(slots, cap), max(0, slots - cap)
+    if "large_k_fixed" in run.variant:
+        named = _fixed_loops(run, instructions, row.children)
+        batches = threads * (cached // threads // 8)        # fill8 iterations of a row (all threads)
+        second = run.params["second_pass"]
+        visits = {"fill8": batches, "fill1": cached - 8 * batches, "tail_max": streamed, "cached": cached,
+                  "tail": streamed, "cached2": cached if second else 0, "tail2": streamed if second else 0,
+                  "grad_cached": cached, "grad_tail": streamed, "grad_bytes_cached": 0, "grad_bytes_tail": 0}
+        names, loops = list(named), list(named.values())
+        return _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, elem)
     # The loops of a row with loads, in source order (apl_cuda_large_k.cu): pass 1 fills shared memory (8
     # slots per thread per iteration), sums exp over the cached slots, streams the tail; the block
     # reduction of the stats (a loop over warps); pass 2 (losses with normaliser sums) over the cached
@@ -603,13 +668,18 @@ def _large_k(run: KernelRun, instructions, top, K: int, threads: int) -> dict:
                            f"expected {len(layout)}): update bench/roofline.py _large_k")
     names = [n for n in layout if n]
     loops = [l for n, l in zip(layout, loaded) if n]
-    children = sorted(row.children, key=lambda l: l.header)
     second = run.params["second_pass"]
     visits = {"fill": cached / 8, "cached": cached, "tail": streamed, "cached2": cached if second else 0,
               "tail2": streamed if second else 0, "grad": slots}
+    return _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, elem)
+
+
+def _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, elem) -> dict:
+    """The large-K count from its named per-slot loops and how often each runs per row (all threads)."""
+    children = sorted(row.children, key=lambda l: l.header)
     detail, lo, hi = [], 0.0, 0.0
     for name, loop in zip(names, loops):
-        elements = V * (8 if name == "fill" else 1)
+        elements = V * (8 if name in ("fill", "fill8") else 1)
         cheap = _doing(instructions, loop, elements, elem)
         lo += visits[name] * cheap
         hi += visits[name] * loop.static
@@ -792,7 +862,7 @@ def run(args) -> dict:
         meta["toolchains"]["cuda"] = label
         sources = [os.path.join(REPO, "csrc", "cuda", f) for f in ("apl_cuda_small_k.cu", "apl_cuda_large_k.cu")]
         needed = {r.variant.split(" ", 1)[1].split("<")[0] for c in configs if c[0] == "cuda" for r in c[5]}
-        sources = [s for s in sources if any(n.split("_kernel")[0] in os.path.basename(s) for n in needed)]
+        sources = [s for s in sources if any(os.path.basename(s) == f"apl_cuda_{n[:7]}.cu" for n in needed)]
         print(f"compiling {', '.join(os.path.relpath(s, REPO) for s in sources)} for sm_90 with {label} ...", flush=True)
         for name, res in compile_cuda(sources, workers).items():
             res["toolchain"] = label

@@ -112,6 +112,84 @@ APL_HD float apl_pow(float x, float y) {
 }
 APL_HD double apl_pow(double x, double y) { return pow(x, y); }
 
+// exp(z - shift) for every z of a row as 2^(z log2 e - c): one FFMA and one MUFU.EX2 per
+// element on the GPU (exp(z - shift) alone is FADD, FMUL and MUFU.EX2).  c = shift log2 e
+// rounded to float, and its rounding error r = shift log2 e - c (exact: an FMA) scales every
+// value of the row by the same 2^r: `unscale` = 2^-r, applied where a sum or a coefficient
+// of the row is formed, takes it back (once per row, not per element).  log p comes from
+// the same argument t: log_p(t, log_offset(log_sum)) = (z - shift) - log_sum.
+// Host (and the CPU emulator of the CUDA kernels): exp(z - shift), unscale = 1.
+struct ShiftedExp2 {
+  float c = 0, r = 0, unscale = 1;
+  APL_HD explicit ShiftedExp2(float shift) {
+#ifdef APL_CUDA_FAST_MATH
+    c = shift * 1.44269504088896341f;
+    r = fmaf(shift, 1.44269504088896341f, -c);
+    unscale = apl_ex2_ftz(-r);
+#else
+    c = shift;
+#endif
+  }
+  // The argument of the exp of z.
+  APL_HD float arg(float z) const {
+#ifdef APL_CUDA_FAST_MATH
+    return fmaf(z, 1.44269504088896341f, -c);
+#else
+    return z - c;
+#endif
+  }
+  // exp(z - shift) / unscale from arg(z).
+  APL_HD float exp_of(float t) const {
+#ifdef APL_CUDA_FAST_MATH
+    return apl_ex2_ftz(t);
+#else
+    return expf(t);
+#endif
+  }
+  APL_HD float operator()(float z) const { return exp_of(arg(z)); }
+  // The per-row constant of log_p for a row's log sum exp(z - shift).
+  APL_HD float log_offset(float log_sum) const {
+#ifdef APL_CUDA_FAST_MATH
+    return fmaf(r, 0.693147180559945309f, log_sum);
+#else
+    return log_sum;
+#endif
+  }
+  // log2 of exp_of(t).
+  APL_HD float log2_of(float t) const {
+#ifdef APL_CUDA_FAST_MATH
+    return t;
+#else
+    return t * 1.44269504088896341f;
+#endif
+  }
+  // 2^x (the powers p^q = 2^(q log2 p) of a row, from log2_of).
+  APL_HD static float exp2(float x) {
+#ifdef APL_CUDA_FAST_MATH
+    return apl_ex2_ftz(x);
+#else
+    return exp2f(x);
+#endif
+  }
+  // sum (z - shift) of n values from the sum of their arg(z).
+  APL_HD float shifted_sum(float sum_arg, float n) const {
+#ifdef APL_CUDA_FAST_MATH
+    return (sum_arg - n * r) * 0.693147180559945309f;
+#else
+    (void)n;
+    return sum_arg;
+#endif
+  }
+  // (z - shift) - log_sum from t = arg(z) and k = log_offset(log_sum).
+  APL_HD float log_p(float t, float k) const {
+#ifdef APL_CUDA_FAST_MATH
+    return fmaf(t, 0.693147180559945309f, -k);
+#else
+    return t - k;
+#endif
+  }
+};
+
 // 1 - p for p = exp(log_p), without cancellation.  GPU: 1 - p while p < 1/2
 // (exact to a rounding there; at most one class of a row has p >= 1/2), expm1 above.
 APL_HD float apl_one_minus_exp(float log_p, float p) {

@@ -118,6 +118,15 @@ def test_large_k_streamed_tail(monkeypatch, smem, dtype):
         check(logits, target, loss)
 
 
+@pytest.mark.parametrize("loss", ["ce", "nce+rce", "nfl+rce", "ngce+mae", "nce+nnce", "nce+amse"])
+def test_large_k_rows_with_a_large_offset(loss):
+    """Rows offset by 1e4: large_k_fixed's exps are 2^(z log2 e - c) with c = max log2 e rounded, whose
+    rounding (up to 5e-4 in the exponent here) is taken back once per row (ShiftedExp2).  The CUDA
+    emulator runs the host form (exp(z - max)), so only a GPU checks this."""
+    logits, target = make(64, 20000, torch.float32)
+    check(logits + 1e4, target, loss)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rows_longer_than_shared_memory(dtype):
     logits, target = make(6, 300_001, dtype, ignore_frac=0.0)

@@ -218,12 +218,13 @@ def test_plans_follow_the_launch_heuristics():
     assert chunked[1].grid == 132 and chunked[1].warps == 16 and chunked[1].params["NEEDS_PASS2"]
     assert not roofline.triton_plan("ce", "bf16", 8192, 131072)[1].params["NEEDS_PASS2"]
     large = roofline.cuda_plan("nce+rce", "bf16", 8192, 131072)
-    assert large[-1].variant == "cuda large_k_kernel<c10::BFloat16, false, 3, 2>"   # constant terms
+    assert large[-1].variant == "cuda large_k_fixed<c10::BFloat16, 1, 4>"   # constant terms: shapes nce, rce
     assert large[-1].params["cap"] == (232448 - 2048) // 16 and large[-1].params["threads"] == 512
     # 132 blocks: the count inside the loss kernel (132 * 32 B of labels <= a row's 256 KB), a workspace memset.
     assert [r.kind for r in large] == ["memset", "large_k"]
-    general = roofline.cuda_plan("nce+agce", "bf16", 8192, 131072)
-    assert general[-1].variant == "cuda large_k_kernel<c10::BFloat16, false, -1, -1>"
+    assert roofline.cuda_plan("nce+agce", "bf16", 8192, 131072)[-1].variant == "cuda large_k_fixed<c10::BFloat16, 1, 0>"
+    general = roofline.cuda_plan("sce", "bf16", 8192, 131072)   # ce + rce: no fixed variant instantiated
+    assert general[-1].variant == "cuda large_k_kernel<c10::BFloat16, true, -1, -1>"
     tiny = roofline.cuda_plan("nfl+rce", "fp32", 128, 10)
     assert tiny[-1].variant == "cuda small_k_kernel<float, 4, true>" and tiny[-1].params["group"] == 1
     assert len(tiny) == 1                           # [128, 10] mean: one block counts itself, no workspace

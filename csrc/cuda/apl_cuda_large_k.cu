@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 
 #include "cuda/apl_cuda_common.cuh"
@@ -81,7 +82,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scal
       continue;
     }
 
-    const scalar_t* z = a.logits + row * a.row_stride;
+    const scalar_t* const z = a.logits + row * a.row_stride;
     const int shift = slot_shift(z);
     const int64_t ns = slot_count<scalar_t>(K, shift), nc = ns < cap ? ns : cap;
     const acc_t z_y = static_cast<acc_t>(z[y]);
@@ -194,6 +195,422 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scal
   reduce_loss(a, partial, reinterpret_cast<double*>(scratch), kept);
 }
 
+// ---------------------------------------------------------------- constant-term variants
+// The kernel of the losses of csrc/apl_loss_math.h whose per-element code has one of a few
+// shapes, with every choice made at compile time: the loop bodies are straight-line, and
+// what the row needs once (the label's terms, the partial edge slots) is taken out of them.
+//   * active shape:  kShapeLabel (ce, fl, gce, taylor: terms of p_y alone), kShapeNCE (+ the
+//     sum of log p), kShapeNFL (focal sums; gamma = 1/2 and the official gradient only),
+//     kShapeNGCE (sums of clamp(p)^q);
+//   * passive shape: kShapeLabel (none, mae, nmae, agce, aul, ael), kShapeRCE (rce, nrce: the
+//     sums of the clamped p, k != y), kShapeAMSE (sum p^2, k != y), kShapeNNCE (sums of the
+//     live A + log p, k != y).
+// The terms' own parameters and coefficients stay run-time (finish_row, once per row).
+// Every exp of the row is ShiftedExp2 at the row's max: e_k = 2^(z_k log2 e - c) = exp(z_k -
+// max) / unscale, one FFMA and one MUFU; p_k = e_k kp with kp = unscale / sumexp folded into
+// the coefficients.  The sums over k != y add every class and take the label's term out once
+// per row, after the block reduction (the label's e_k is recomputed from the same bits).
+// The first and last slots of a row may be partial: they run the masked element loop, apart
+// from the loops over full slots.
+enum Shape : int { kShapeLabel = 0, kShapeNCE = 1, kShapeNFL = 2, kShapeNGCE = 3, kShapeRCE = 4, kShapeAMSE = 5,
+                   kShapeNNCE = 6 };
+
+// The shapes of a loss, or false when the general kernel must run it.
+inline bool fixed_shapes(const LossParams& P, int& active, int& passive) {
+  switch (P.active) {
+    case apl::kCE: case apl::kFL: case apl::kGCE: case apl::kTaylor: active = kShapeLabel; break;
+    case apl::kNCE: active = kShapeNCE; break;
+    case apl::kNFL:
+      if (P.gamma != 0.5 || P.grad_mode != apl::kOfficial) return false;
+      active = kShapeNFL;
+      break;
+    case apl::kNGCE: active = kShapeNGCE; break;
+    default: return false;  // none (a passive term alone), ece (argmax ties)
+  }
+  switch (P.passive) {
+    case apl::kPassiveNone: case apl::kMAE: case apl::kNMAE: case apl::kAGCE: case apl::kAUL: case apl::kAEL:
+      passive = kShapeLabel;
+      break;
+    case apl::kRCE: case apl::kNRCE: passive = kShapeRCE; break;
+    case apl::kAMSE: passive = kShapeAMSE; break;
+    case apl::kNNCE: passive = kShapeNNCE; break;
+    default: return false;  // nnfl
+  }
+  return true;
+}
+
+// (1 - p)^(1/2), the focal weight of gamma = 1/2.  GPU: 1 - p is exact for p >= 1/2 (Sterbenz)
+// and as accurate as p is, one MUFU.SQRT; host: from expm1 as focal_weight.
+__device__ __forceinline__ float focal_weight_half(float p, float log_p) {
+#ifdef APL_CUDA_FAST_MATH
+  (void)log_p;
+  return apl::apl_sqrt_ftz(1.0f - p);
+#else
+  return sqrtf(apl::apl_one_minus_exp(log_p, p));
+#endif
+}
+
+// The running max of a thread's full slots.  GPU, bf16 / fp16: two values per instruction on
+// the packed slot (HMNMX2 skips NaN as fmaxf does; a max of 16-bit values is exact in them),
+// so pass 1 neither converts nor compares element by element.
+template <typename scalar_t>
+struct SlotMax {
+  float m = -INFINITY;
+  __device__ __forceinline__ void add(const Slot<scalar_t>& b) {
+#pragma unroll
+    for (int t = 0; t < Slot<scalar_t>::V; ++t) m = fmaxf(m, static_cast<float>(b.v[t]));
+  }
+  __device__ __forceinline__ float value() const { return m; }
+};
+#if defined(__CUDA_ARCH__)
+template <>
+struct SlotMax<c10::BFloat16> {
+  __nv_bfloat162 m2 = __halves2bfloat162(__ushort_as_bfloat16(0xff80), __ushort_as_bfloat16(0xff80));  // -inf
+  __device__ __forceinline__ void add(const Slot<c10::BFloat16>& b) {
+    const __nv_bfloat162* w = reinterpret_cast<const __nv_bfloat162*>(&b);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) m2 = __hmax2(m2, w[i]);
+  }
+  __device__ __forceinline__ float value() const {
+    return fmaxf(__bfloat162float(__low2bfloat16(m2)), __bfloat162float(__high2bfloat16(m2)));
+  }
+};
+template <>
+struct SlotMax<c10::Half> {
+  __half2 m2 = __halves2half2(__ushort_as_half(0xfc00), __ushort_as_half(0xfc00));  // -inf
+  __device__ __forceinline__ void add(const Slot<c10::Half>& b) {
+    const __half2* w = reinterpret_cast<const __half2*>(&b);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) m2 = __hmax2(m2, w[i]);
+  }
+  __device__ __forceinline__ float value() const {
+    return fmaxf(__half2float(__low2half(m2)), __half2float(__high2half(m2)));
+  }
+};
+#endif
+
+// The pass-2 sums of a shape (fields unused by a shape stay 0).
+struct FixedSums {
+  float a0 = 0, a1 = 0;  // NFL: sum w l, sum w;  NGCE: sum clamp(p)^q, sum m p^q;  AMSE: sum e^2;  NNCE: sum live A + l, #live
+  float a2 = 0, a3 = 0;  // RCE: sum of the dead e, #dead
+  __device__ __forceinline__ void merge(const FixedSums& o) {
+    a0 += o.a0;
+    a1 += o.a1;
+    a2 += o.a2;
+    a3 += o.a3;
+  }
+};
+__device__ __forceinline__ FixedSums shfl_xor(const FixedSums& s, int o) { return shfl_xor_words(s, o); }
+__device__ __forceinline__ void combine(FixedSums& a, const FixedSums& b) { a.merge(b); }
+// Pass 1's block reductions: the row's max, then its sums of exp (and of their arguments).
+struct RowMax {
+  float v;
+};
+__device__ __forceinline__ RowMax shfl_xor(const RowMax& s, int o) { return {__shfl_xor_sync(0xffffffffu, s.v, o)}; }
+__device__ __forceinline__ void combine(RowMax& a, const RowMax& b) { a.v = fmaxf(a.v, b.v); }
+struct ExpSums {
+  float sum = 0, sum_arg = 0;
+};
+__device__ __forceinline__ ExpSums shfl_xor(const ExpSums& s, int o) { return shfl_xor_words(s, o); }
+__device__ __forceinline__ void combine(ExpSums& a, const ExpSums& b) {
+  a.sum += b.sum;
+  a.sum_arg += b.sum_arg;
+}
+
+// Block-wide, every thread gets the same value, for blocks of 4 to 32 warps (a power of two: the
+// large-K blocks).  Each warp reads all the warps' partials and merges them by a butterfly over
+// groups of nwarps lanes: no serial loop over the warps, in the same order in every warp
+// (deterministic, as block_allreduce).
+template <typename R>
+__device__ __forceinline__ R block_allreduce_tree(R v, R* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  __syncthreads();  // the previous call's readers are done with scratch
+  group_allreduce(v, 32);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  R r = scratch[lane & (nwarps - 1)];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1)
+    if (o < nwarps) combine(r, shfl_xor(r, o));
+  return r;
+}
+
+// What the element code of a row reads: the exp at the row's max and the row's constants.
+template <int kActive, int kPassive>
+struct FixedRow {
+  apl::ShiftedExp2 ex{0.0f};
+  float kp = 0;        // p = e kp
+  float log_k = 0;     // log p = ex.log_p(t, log_k)
+  float live_e = 0;    // unclamped(p) <=> e >= live_e  (rce, ngce)
+  float neg_e = 0;     // above_min_prob(p) <=> e >= neg_e  (nnce)
+  float neg_k = 0;     // A + log p = ex.log_p(t, neg_k)  (nnce)
+  // ngce: p^q = 2^u, u = q log2 p = q log2_of(t) + q_log2_kp; unclamped(p) <=> u >= u_min
+  // (p <= 1 holds but for rounding); clamp(p)^q = 2^min(max(u, u_min), 0).
+  float q = 0, q_log2_kp = 0, u_min = 0;
+  // the gradient: g = c0 + e coef (+ the shape's terms)
+  float c0 = 0, c_target = 0, coef_live = 0, coef_dead = 0, c_neg = 0, c_sq = 0, c_focal = 0, c_pow = 0;
+
+  __device__ __forceinline__ void add_sums(float z, FixedSums& a) const {
+    const float t = ex.arg(z), e = ex.exp_of(t);
+    if constexpr (kActive == kShapeNFL) {
+      const float p = e * kp, l = ex.log_p(t, log_k), w = focal_weight_half(p, l);
+      a.a0 = fmaf(w, l, a.a0);
+      a.a1 += w;
+    }
+    if constexpr (kActive == kShapeNGCE) {
+      const float u = fmaf(q, ex.log2_of(t), q_log2_kp);
+      const float pq = apl::ShiftedExp2::exp2(fminf(fmaxf(u, u_min), 0.0f));
+      a.a0 += pq;
+      a.a1 = fmaf(u >= u_min ? 1.0f : 0.0f, pq, a.a1);
+    }
+    if constexpr (kPassive == kShapeRCE) {  // 1 or 0 (FSET), then e times it: no select
+      const float dead = e >= live_e ? 0.0f : 1.0f;
+      a.a2 = fmaf(e, dead, a.a2);
+      a.a3 += dead;
+    }
+    if constexpr (kPassive == kShapeAMSE) a.a0 = fmaf(e, e, a.a0);
+    if constexpr (kPassive == kShapeNNCE) {
+      const bool live = e >= neg_e;
+      a.a0 += live ? ex.log_p(t, neg_k) : 0.0f;
+      a.a1 += live ? 1.0f : 0.0f;
+    }
+  }
+
+  // d loss / d z of a class that is not the label, or of the label (kLabel: its c_target, and
+  // its p coefficient -g_sum, which no clamp zeroes: grad_element_from).
+  template <bool kLabel = false>
+  __device__ __forceinline__ float grad(float z) const {
+    const float t = ex.arg(z), e = ex.exp_of(t);
+    float c = kLabel ? c0 + c_target : c0, coef = kLabel ? coef_dead : coef_live;
+    if constexpr (kPassive == kShapeRCE && !kLabel) coef = e >= live_e ? coef_live : coef_dead;
+    if constexpr (kPassive == kShapeNNCE) c = e >= neg_e ? c + c_neg : c;
+    if constexpr (kPassive == kShapeAMSE) coef = fmaf(c_sq, e, coef);
+    if constexpr (kActive == kShapeNFL) c = fmaf(c_focal, focal_weight_half(e * kp, ex.log_p(t, log_k)), c);
+    if constexpr (kActive == kShapeNGCE) {
+      const float u = fmaf(q, ex.log2_of(t), q_log2_kp);
+      c = fmaf(c_pow * (u >= u_min ? 1.0f : 0.0f), apl::ShiftedExp2::exp2(u), c);
+    }
+    return fmaf(e, coef, c);
+  }
+};
+
+// f(j) for the full slots j = first, first + T, ... below `end` of one thread: the partial
+// edge slots (0 and ns - 1) are left to edge_slot_of().
+template <typename Full>
+__device__ __forceinline__ void full_slots(int64_t first, int64_t end, int64_t T, int64_t ns, Full&& full) {
+  int64_t j = first == 0 ? first + T : first;
+  const int64_t full_end = end < ns - 1 ? end : ns - 1;
+  for (; j < full_end; j += T) full(j);
+}
+
+// The edge slot this thread takes in every pass (thread 0 slot 0, the last thread slot ns - 1),
+// or -1: one call site per pass, read from global memory element by element each time.
+__device__ __forceinline__ int64_t edge_slot_of(int64_t tid, int64_t T, int64_t ns) {
+  return tid == 0 ? 0 : (tid == T - 1 && ns > 1 ? ns - 1 : -1);
+}
+
+// The thread that writes slot j's gradient.
+__device__ __forceinline__ int64_t slot_owner(int64_t j, int64_t T, int64_t nc, int64_t ns) {
+  if (j == 0) return 0;
+  if (j == ns - 1) return T - 1;
+  return j < nc ? j % T : (j - nc) % T;
+}
+
+template <typename scalar_t, int kActive, int kPassive>
+__global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scalar_t> a, const int64_t cap) {
+  static_assert(sizeof(scalar_t) <= 4, "float accumulation");
+  constexpr int V = Slot<scalar_t>::V;
+  constexpr bool kShifted = kActive == kShapeNCE;  // sum (z - max): the NCE normaliser only
+  constexpr bool kPass2 = kActive == kShapeNFL || kActive == kShapeNGCE || kPassive != kShapeLabel;
+  using S = Slot<scalar_t>;
+  extern __shared__ uint4 smem_rows[];
+  S* cache = reinterpret_cast<S*>(smem_rows);
+  __shared__ alignas(16) unsigned char scratch[32 * sizeof(SoftmaxStats<float>) > 32 * sizeof(FixedSums)
+                                                   ? 32 * sizeof(SoftmaxStats<float>)
+                                                   : 32 * sizeof(FixedSums)];
+  static_assert(32 * sizeof(double) <= sizeof(scratch), "reduce_loss's scratch");
+
+  // The terms a shape pins down, as constants: finish_row's choices of them fold away.
+  LossParams P = a.P;
+  if constexpr (kActive == kShapeNCE) P.active = apl::kNCE;
+  if constexpr (kActive == kShapeNFL) {
+    P.active = apl::kNFL;
+    P.gamma = 0.5;
+    P.grad_mode = apl::kOfficial;
+  }
+  if constexpr (kActive == kShapeNGCE) P.active = apl::kNGCE;
+  if constexpr (kPassive == kShapeAMSE) P.passive = apl::kAMSE;
+  if constexpr (kPassive == kShapeNNCE) P.passive = apl::kNNCE;
+  const int64_t K = a.K, T = blockDim.x, tid = threadIdx.x;
+  const unsigned long long kept = kept_rows(a, reinterpret_cast<unsigned long long*>(scratch));
+  const float weight = grad_weight(a, kept);
+  double partial = 0;
+
+  for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
+    const int64_t y = a.target[row];
+    const RowStatus st = row_status(a, y);
+    scalar_t* g = a.grad != nullptr ? a.grad + row * K : nullptr;
+    if (st != kRowOk) {  // uniform over the block
+      if (tid == 0) {
+        const float l = row_loss_value(st, 0.0f);
+        if (a.reduction == apl::kReduceNone) a.loss[row] = l;
+        else partial += static_cast<double>(l);
+      }
+      if (g != nullptr) fill_row(g, K, static_cast<scalar_t>(st == kRowIgnored ? 0.0f : NAN), tid, T);
+      continue;
+    }
+
+    const scalar_t* z = a.logits + row * a.row_stride;
+    const int shift = slot_shift(z);
+    const int64_t ns = slot_count<scalar_t>(K, shift), nc = ns < cap ? ns : cap;
+    const float z_y = static_cast<float>(z[y]);
+    auto full_slot = [&](int64_t j) {  // an interior slot from global memory
+      S b;
+      *reinterpret_cast<uint4*>(&b) = __ldg(reinterpret_cast<const uint4*>(z + (j * V - shift)));
+      return b;
+    };
+    auto edge_slot = [&](int64_t j) {
+      S b;
+      load_slot(z, j * V - shift, K, b);
+      return b;
+    };
+
+    // Pass 1: the cached slots into shared memory (batches of loads in flight) and the
+    // row's max, the streamed tail read for its max; then the sum of exp at the row's max
+    // (sums of plain adds: the block reductions merge no rescaled partials).
+    float m = -INFINITY;
+    auto max_of = [&](int, int64_t, float v) { m = fmaxf(m, v); };
+    SlotMax<scalar_t> slot_max;
+    const int64_t my_edge = edge_slot_of(tid, T, ns);
+    {
+      int64_t j = tid == 0 ? T : tid;
+      const int64_t full_end = nc < ns - 1 ? nc : ns - 1;
+      for (; j + (kLoadBatch - 1) * T < full_end; j += kLoadBatch * T) {
+        S buf[kLoadBatch];
+#pragma unroll
+        for (int u = 0; u < kLoadBatch; ++u) buf[u] = full_slot(j + u * T);
+#pragma unroll
+        for (int u = 0; u < kLoadBatch; ++u) {
+          cache[j + u * T] = buf[u];
+          slot_max.add(buf[u]);
+        }
+      }
+      for (; j < full_end; j += T) {
+        const S b = full_slot(j);
+        cache[j] = b;
+        slot_max.add(b);
+      }
+      full_slots(nc + tid, ns, T, ns, [&](int64_t j) { slot_max.add(full_slot(j)); });
+      if (my_edge >= 0) for_each_in_slot(edge_slot(my_edge), my_edge * V - shift, K, max_of);
+      m = fmaxf(m, slot_max.value());
+    }
+    SoftmaxStats<float> s;
+    s.max = block_allreduce_tree(RowMax{m}, reinterpret_cast<RowMax*>(scratch)).v;
+    const apl::ShiftedExp2 ex(s.max == -INFINITY ? 0.0f : s.max);
+    {
+      ExpSums e;
+      auto add = [&](int, int64_t, float v) {
+        const float t = ex.arg(v);
+        e.sum += ex.exp_of(t);
+        if constexpr (kShifted) e.sum_arg += t;
+      };
+      full_slots(tid, nc, T, ns, [&](int64_t j) { for_each_in_full_slot(copy_slot(cache + j), 0, add); });
+      full_slots(nc + tid, ns, T, ns, [&](int64_t j) { for_each_in_full_slot(full_slot(j), 0, add); });
+      if (my_edge >= 0) for_each_in_slot(edge_slot(my_edge), my_edge * V - shift, K, add);
+      e = block_allreduce_tree(e, reinterpret_cast<ExpSums*>(scratch));
+      s.sumexp = e.sum * ex.unscale;
+      s.sum_shifted = ex.shifted_sum(e.sum_arg, float(K));
+      s.count = float(K);
+    }
+
+    // The row's constants.
+    FixedRow<kActive, kPassive> R;
+    const float mx = s.max, log_sum = s.log_sum();
+    R.ex = ex;
+    R.kp = R.ex.unscale / s.sumexp;
+    R.log_k = R.ex.log_offset(log_sum);
+    const float e_scale = s.sumexp / R.ex.unscale;  // e = p e_scale
+    R.live_e = float(apl::kPMin) * e_scale;
+    R.neg_e = float(P.min_prob) * e_scale;
+    R.neg_k = R.ex.log_offset(log_sum - float(P.neg_A));
+    R.q = float(P.q);
+    R.q_log2_kp = R.q * log2f(R.kp);
+    R.u_min = R.q * log2f(float(apl::kPMin));
+
+    // Pass 2: the normaliser sums, then the label's share of the sums over k != y out.
+    NormalizerSums<float> n;
+    if constexpr (kPass2) {
+      FixedSums acc;
+      auto add = [&](int, int64_t, float v) { R.add_sums(v, acc); };
+      full_slots(tid, nc, T, ns, [&](int64_t j) { for_each_in_full_slot(copy_slot(cache + j), 0, add); });
+      full_slots(nc + tid, ns, T, ns, [&](int64_t j) { for_each_in_full_slot(full_slot(j), 0, add); });
+      if (my_edge >= 0) for_each_in_slot(edge_slot(my_edge), my_edge * V - shift, K, add);
+      acc = block_allreduce_tree(acc, reinterpret_cast<FixedSums*>(scratch));
+      FixedSums label;  // the label's own terms, as the loop added them
+      R.add_sums(z_y, label);
+      if constexpr (kActive == kShapeNFL) {
+        n.focal = -acc.a0;
+        n.focal_deriv = -acc.a1;  // official: f' = -w
+      }
+      if constexpr (kActive == kShapeNGCE) {
+        n.clamp_pow = acc.a0;
+        n.live_pow = acc.a1;
+      }
+      if constexpr (kPassive == kShapeRCE) {
+        // sum_{k != y} p_k = 1 - p_y: the live sum from the dead one, without cancellation.
+        const float u_y = -apl::apl_expm1(apl::log_prob(z_y, mx, log_sum));
+        n.dead_other = (acc.a2 - label.a2) * R.kp;
+        n.live_other = u_y - n.dead_other;
+        n.clamp_other = n.live_other + float(apl::kPMin) * (acc.a3 - label.a3);
+      }
+      if constexpr (kPassive == kShapeAMSE) n.sq_other = (acc.a0 - label.a0) * (R.kp * R.kp);
+      if constexpr (kPassive == kShapeNNCE) {
+        n.neg_other = acc.a0 - label.a0;
+        n.neg_live = acc.a1 - label.a1;
+      }
+    }
+    const apl::RowResult<float> r = apl::finish_row(s, n, z_y, K, P, weight);
+    const GradCoefs<float>& c = r.grad;
+    if (tid == 0) {
+      if (a.reduction == apl::kReduceNone) a.loss[row] = r.loss;
+      else partial += static_cast<double>(r.loss);
+    }
+
+    // Pass 3: the gradient, one write; the label's entry is computed once and stored over
+    // its slot's by the thread that wrote the slot.
+    if (g != nullptr) {
+      R.c0 = c.c_const;
+      R.c_target = c.c_target;
+      R.coef_live = c.p_coef * R.kp;
+      R.coef_dead = -c.g_sum * R.kp;
+      R.c_neg = c.c_neg;
+      R.c_sq = c.c_sq * R.kp * R.kp;
+      R.c_focal = -c.c_focal;  // f' = -w
+      R.c_pow = c.c_pow;
+      auto grad_slot = [&](const S& in) {
+        S o;
+#pragma unroll
+        for (int t = 0; t < V; ++t) o.v[t] = static_cast<scalar_t>(R.grad(static_cast<float>(in.v[t])));
+        return o;
+      };
+      auto pass3 = [&](auto vec) {
+        auto store_full = [&](int64_t j, const S& o) {
+          if constexpr (decltype(vec)::value) *reinterpret_cast<uint4*>(g + (j * V - shift)) = *reinterpret_cast<const uint4*>(&o);
+          else store_slot(g, j * V - shift, K, o, false);
+        };
+        full_slots(tid, nc, T, ns, [&](int64_t j) { store_full(j, grad_slot(copy_slot(cache + j))); });
+        full_slots(nc + tid, ns, T, ns, [&](int64_t j) { store_full(j, grad_slot(full_slot(j))); });
+      };
+      if (slot_shift(g) == shift) pass3(std::true_type());
+      else pass3(std::false_type());
+      if (my_edge >= 0) store_slot(g, my_edge * V - shift, K, grad_slot(edge_slot(my_edge)), false);
+      if (slot_owner((y + shift) / V, T, nc, ns) == tid)
+        g[y] = static_cast<scalar_t>(R.template grad<true>(z_y));
+    }
+  }
+  reduce_loss(a, partial, reinterpret_cast<double*>(scratch), kept);
+}
+
 // Threads per block for a row of `slots` 16-byte slots.
 int block_threads(int64_t slots) {
   return slots >= 2048 ? 512 : (slots >= 512 ? 256 : 128);
@@ -240,25 +657,35 @@ KernelOnDevice& kernel_on_device(int device, const void* kernel, int64_t static_
 
 }  // namespace
 
-// The kernel variant a loss runs: the hot pairs have their own (constant
-// terms), the others the general one; fp64 keeps only the general one (build time).
+// The kernel variant a loss runs: large_k_fixed for the losses of its shapes (constant
+// terms), the general one else; fp64 keeps only the general one (build time).
+template <int kActive, typename scalar_t>
+auto large_k_fixed_for(int passive) {
+  switch (passive) {
+    case kShapeRCE: return large_k_fixed<scalar_t, kActive, kShapeRCE>;
+    case kShapeAMSE: return large_k_fixed<scalar_t, kActive, kShapeAMSE>;
+    case kShapeNNCE: return large_k_fixed<scalar_t, kActive, kShapeNNCE>;
+    default: return large_k_fixed<scalar_t, kActive, kShapeLabel>;
+  }
+}
+
 template <typename scalar_t>
 auto large_k_variant(const LossParams& P) {
-  using apl::kCE;
-  using apl::kMAE;
-  using apl::kNCE;
-  using apl::kNFL;
-  using apl::kRCE;
+  using Kernel = void (*)(const Args<scalar_t>, const int64_t);
   if constexpr (sizeof(scalar_t) == 8) {
-    return large_k_kernel<scalar_t, true>;
+    return Kernel(large_k_kernel<scalar_t, true>);
   } else {
-    const int a = P.active, p = P.passive;
-    if (a == kCE && p == apl::kPassiveNone) return large_k_kernel<scalar_t, false, kCE, apl::kPassiveNone>;
-    if (a == kNCE && p == kRCE) return large_k_kernel<scalar_t, false, kNCE, kRCE>;
-    if (a == kNCE && p == kMAE) return large_k_kernel<scalar_t, false, kNCE, kMAE>;
-    if (a == kNFL && p == kRCE) return large_k_kernel<scalar_t, true, kNFL, kRCE>;
-    if (a == kNFL && p == kMAE) return large_k_kernel<scalar_t, true, kNFL, kMAE>;
-    return has_pow_terms(P) ? large_k_kernel<scalar_t, true> : large_k_kernel<scalar_t, false>;
+    int act = 0, pas = 0;
+    // The pairs instantiated (build time): ce and the active term alone, nce with every
+    // passive shape, nfl and ngce with mae-like terms, nfl with rce-like terms.
+    if (fixed_shapes(P, act, pas)) {
+      if (act == kShapeLabel && pas == kShapeLabel) return Kernel(large_k_fixed<scalar_t, kShapeLabel, kShapeLabel>);
+      if (act == kShapeNCE) return Kernel(large_k_fixed_for<kShapeNCE, scalar_t>(pas));
+      if (act == kShapeNFL && pas == kShapeLabel) return Kernel(large_k_fixed<scalar_t, kShapeNFL, kShapeLabel>);
+      if (act == kShapeNFL && pas == kShapeRCE) return Kernel(large_k_fixed<scalar_t, kShapeNFL, kShapeRCE>);
+      if (act == kShapeNGCE && pas == kShapeLabel) return Kernel(large_k_fixed<scalar_t, kShapeNGCE, kShapeLabel>);
+    }
+    return Kernel(large_k_kernel<scalar_t, true>);  // the other losses: one general variant (build time)
   }
 }
 
