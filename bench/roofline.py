@@ -56,7 +56,10 @@ Model: one training step's fwd+bwd as `loss.backward()` runs it.
   extra_mem    bytes the step allocates (gradient buffers, the returned one
                included, and the small buffers) / logits bytes;
   time         forward: max(HBM bytes / copy bandwidth, warp-instructions / issue
-               rate of the SMs it occupies); backward: its bytes / copy bandwidth;
+               rate of the SMs it occupies, MUFU instructions (exp, log, square
+               root) / the MUFU rate, 16 per clock per SM: `mufu_per_element`);
+               the grid spreads over the SMs breadth first (grid_spread);
+               backward: its bytes / copy bandwidth;
                one-block serial kernels (Triton's count and sum, CUDA's count):
                SERIAL_ITERATION_S (an assumption) per iteration of their loop.
                Launch overheads are left out (they dominate the small shapes, whose
@@ -93,6 +96,8 @@ CACHE_DIR = os.path.join(REPO, "build", "roofline")
 # ----------------------------------------------------------------------------- the machine (H200, sm_90)
 SMS = 132
 ISSUE_PER_SM_CLOCK = 4          # warp-instructions per clock per SM (4 schedulers)
+MUFU_PER_SM_CLOCK = 16          # MUFU results (ex2, lg2, sqrt, rcp) per clock per SM, compute capability 9.0
+                                # (CUDA C++ Programming Guide, arithmetic instruction throughput)
 CLOCK_HZ = 1.98e9
 COPY_BYTES_S = 4.3e12           # measured device-to-device copy bandwidth of the H200 (KINDS.md / issue 13)
 L2_BYTES = 50e6
@@ -517,6 +522,8 @@ def per_element(run: KernelRun, instructions: List[sass.Instruction], B: int, K:
         trips = _cdiv(K, chunk)
         per_row = sass.executed(row, lambda loop: trips)
         elements_per_thread = K / threads
+        info["mufu_per_element"] = (_mufu(instructions, row) + sum((trips - 1) * _mufu(instructions, c)
+                                                                   for c in row.children)) / elements_per_thread
         info["hot_loops"] = [{"static": c.static, "elements_per_thread": chunk / threads,
                               "per_element": round(c.static * threads / chunk, 2)} for c in row.children]
         info["sass_per_element"] = per_row / elements_per_thread
@@ -537,13 +544,27 @@ def per_element(run: KernelRun, instructions: List[sass.Instruction], B: int, K:
                               "per_element": round(total / elements_per_thread, 2)}]
         info["sass_per_element"] = total / elements_per_thread
         info["count"] = "static"
+        info["mufu_per_element"] = info["sass_per_element"] * _mufu_share(instructions, top)
     elif run.kind == "small_k":
         info.update(_small_k(run, instructions, top, K))
+        info["mufu_per_element"] = info["sass_per_element"] * _mufu_share(instructions, top)
     elif run.kind == "large_k":
         info.update(_large_k(run, instructions, top, K, threads))
     else:
         raise ValueError(run.kind)
     return info
+
+
+def _mufu(instructions, loop: sass.Loop) -> int:
+    """MUFU instructions in a loop's body (its inner loops' bodies once)."""
+    return sum(1 for i in instructions if loop.header <= i.address <= loop.latch and i.opcode.startswith("MUFU"))
+
+
+def _mufu_share(instructions, loops) -> float:
+    """The MUFU share of the instructions of some loops' bodies: the MUFU count of kernels counted as a
+    whole (the one-program and tile kernels, small K), where the loops are not weighted one by one."""
+    total = sum(l.static for l in loops)
+    return sum(_mufu(instructions, l) for l in loops) / total if total else 0.0
 
 
 CUDA_COUNT = ("shortest path that still loads each element and runs one exp per element (a lower bound: "
@@ -677,12 +698,13 @@ def _large_k(run: KernelRun, instructions, top, K: int, threads: int) -> dict:
 def _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, elem) -> dict:
     """The large-K count from its named per-slot loops and how often each runs per row (all threads)."""
     children = sorted(row.children, key=lambda l: l.header)
-    detail, lo, hi = [], 0.0, 0.0
+    detail, lo, hi, mufu = [], 0.0, 0.0, 0.0
     for name, loop in zip(names, loops):
         elements = V * (8 if name in ("fill", "fill8") else 1)
         cheap = _doing(instructions, loop, elements, elem)
         lo += visits[name] * cheap
         hi += visits[name] * loop.static
+        mufu += visits[name] * _mufu(instructions, loop)
         detail.append({"loop": name, "cheapest_doing_the_work": cheap, "static": loop.static,
                        "elements_per_iteration": elements, "per_element": round(cheap / elements, 2),
                        "runs": bool(visits[name])})
@@ -691,8 +713,9 @@ def _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, el
     fixed = row.shortest + sum(c.shortest for c in others if c.loads.get("LDS"))
     lo, hi = lo / threads + fixed, hi / threads + row.static - sum(l.static for l in loops)
     per_thread = K / threads
+    mufu = mufu / threads + _mufu(instructions, row) - sum(_mufu(instructions, l) for l in loops)
     return {"hot_loops": detail, "sass_per_element": lo / per_thread, "sass_per_element_static": hi / per_thread,
-            "count": CUDA_COUNT}
+            "mufu_per_element": mufu / per_thread, "count": CUDA_COUNT}
 
 
 # ----------------------------------------------------------------------------- the model
@@ -734,13 +757,16 @@ def model(backend: str, loss: str, dtype: str, B: int, K: int, runs: List[Kernel
     sms_used, warps_per_sm = grid_spread(main.grid, main.warps, info["occupancy"]["blocks_per_sm"])
     rate = sms_used * min(ISSUE_PER_SM_CLOCK, max(1, warps_per_sm)) * CLOCK_HZ
     issue_s = info["sass_per_element"] * B * K / 32 / rate
+    # The MUFU unit (exps, logs, square roots) has its own, lower rate: 16 results per clock per SM.
+    mufu_s = info.get("mufu_per_element", 0.0) * B * K / (MUFU_PER_SM_CLOCK * sms_used * CLOCK_HZ)
+    issue_s, issue_bound = max(issue_s, mufu_s), ("MUFU" if mufu_s > issue_s else "issue")
     static = info.get("sass_per_element_static", info["sass_per_element"])
     issue_static_s = static * B * K / 32 / rate
     io_s = hbm / (COPY_BYTES_S * sms_used / SMS)
     serial_s = sum(r.serial_iterations for r in runs if r.kind == "serial") * SERIAL_ITERATION_S
     bwd_s = bwd_bytes / COPY_BYTES_S
     total_s = max(io_s, issue_s) + serial_s + bwd_s
-    total_static_s = max(io_s, issue_static_s) + serial_s + bwd_s
+    total_static_s = max(io_s, issue_static_s, mufu_s) + serial_s + bwd_s
     minimal_s = 2 * logits / COPY_BYTES_S
     # Beside the gradient buffers: Triton's row losses and count (several programs), CUDA's workspace
     # (16-byte header and one partial per block); the loss itself.  Raw bytes (the allocator rounds up).
@@ -761,7 +787,8 @@ def model(backend: str, loss: str, dtype: str, B: int, K: int, runs: List[Kernel
         "sass_per_element": round(info["sass_per_element"], 1),
         "sass_per_element_static": round(static, 1),
         "sass_count": info["count"],
-        "bound": "issue" if issue_s > io_s else "I/O",
+        "mufu_per_element": round(info.get("mufu_per_element", 0.0), 2),
+        "bound": issue_bound if issue_s > io_s else "I/O",
         "predicted_us": round(total_s * 1e6, 2),
         "predicted_pct_copy": round(100 * minimal_s / total_s, 1),
         # from the static count (every instruction of the loop bodies): CUDA's lower end

@@ -142,6 +142,23 @@ def test_per_element_count_of_a_chunked_kernel():
     # over 131072 / 512 = 256 elements.
     assert info["sass_per_element"] == pytest.approx(116 / 256)
     assert [h["per_element"] for h in info["hot_loops"]] == [round(3 / 16, 2), round(4 / 16, 2)]
+    # One MUFU in chunk loop 2, run 16 times a row: 16 per 256 elements.
+    assert info["mufu_per_element"] == pytest.approx(16 / 256)
+
+
+def test_the_mufu_rate_bounds_a_loss_with_many_exps_and_roots():
+    """Five MUFU instructions per element (nfl+rce's three exps and two square roots) at 16 per clock per
+    SM: 8192 * 131072 * 5 / (16 * 132 * 1.98e9) = 1.284 ms, over the 0.999 ms of its I/O and the 0.649 ms
+    its 10 SASS per element take to issue: 77.8%, MUFU-bound."""
+    run = roofline.KernelRun("k", 132, 16, "chunked", {"BLOCK_K": 8192, "NEEDS_PASS2": True})
+    kernels = _kernels_for(run, 10.0)
+    kernels["k"]["mufu_per_element"] = 5.0
+    r = roofline.model("triton", "nfl+rce", "bf16", 8192, 131072, [run], kernels)
+    assert r["bound"] == "MUFU" and r["mufu_per_element"] == 5.0
+    mufu_s = 8192 * 131072 * 5 / (16 * 132 * 1.98e9)
+    assert r["predicted_pct_copy"] == pytest.approx(100 * (2 * 8192 * 131072 * 2 / 4.3e12) / mufu_s, abs=0.05)
+    kernels["k"]["mufu_per_element"] = 1.0
+    assert roofline.model("triton", "nfl+rce", "bf16", 8192, 131072, [run], kernels)["bound"] == "I/O"
 
 
 def _kernels_for(run, per_element, regs=128):
