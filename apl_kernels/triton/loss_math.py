@@ -24,6 +24,7 @@ instruction each on the GPU, FAST_MATH; the interpreter, which cannot run
 inline PTX, takes tl.exp/tl.log).
 All math is in the accumulation dtype of the caller (fp32, or fp64 for fp64).
 """
+import math
 import os
 
 import triton
@@ -51,6 +52,7 @@ NNFL: tl.constexpr = tl.constexpr(PASSIVE_TERMS["nnfl"])
 AMSE: tl.constexpr = tl.constexpr(PASSIVE_TERMS["amse"])
 OFFICIAL: tl.constexpr = tl.constexpr(GRAD_MODES["official"])
 P_MIN: tl.constexpr = tl.constexpr(_P_MIN)
+LOG_P_MIN: tl.constexpr = tl.constexpr(math.log(_P_MIN))
 ECE_EPS: tl.constexpr = tl.constexpr(_ECE_EPS)
 
 # Terms with normaliser sums, which need the final lse (a second pass over a chunked row).
@@ -156,6 +158,13 @@ def pow_nonneg(b, e):
     else:
         r = tl.exp(e * tl.log(b))
     return tl.where(e == 0.0, 1.0, r)
+
+
+@triton.jit
+def clamped_prob_pow(log_p, q):
+    """clamp(p, P_MIN, 1)^q of a class from its log p: one MUFU ex2 on the GPU (the power of a
+    probability from its log, not as 2^(q lg2 p): no MUFU lg2, the scarcer unit's other half)."""
+    return tl.where(q == 0.0, 1.0, fast_exp(q * tl.maximum(log_p, LOG_P_MIN)))
 
 
 @triton.jit
@@ -369,7 +378,7 @@ def normalizer_terms(log_p, p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.c
         a2 = tl.where(mask, focal_deriv(log_p, om, gamma, GRAD_MODE, GAMMA_HALF), 0.0)
     if ACTIVE == NGCE or PASSIVE == RCE or PASSIVE == NRCE or PASSIVE == AMSE or PASSIVE == NNCE:
         if ACTIVE == NGCE:
-            pq = pow_nonneg(clamp_prob(p), q)
+            pq = clamped_prob_pow(log_p, q)
             a1 = tl.where(mask, pq, 0.0)
             a2 = tl.where(mask & unclamped(p), pq, 0.0)
         if PASSIVE == RCE or PASSIVE == NRCE:
@@ -581,7 +590,7 @@ def grad_block(log_p, p, is_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma
     if ACTIVE == NFL:
         g += c_act * focal_deriv(log_p, om, gamma, GRAD_MODE, GAMMA_HALF)
     if ACTIVE == NGCE:
-        g += tl.where(unclamped(p), c_act * pow_nonneg(p, q), 0.0)
+        g += tl.where(unclamped(p), c_act * clamped_prob_pow(log_p, q), 0.0)
     if PASSIVE == RCE or PASSIVE == NRCE:   # its own share of p_j sum g folded in: one FFMA
         return g + p * tl.where(unclamped(p) & (~is_target), c_pas - g_sum, c_pas2 - g_sum)
     if PASSIVE == AMSE:
