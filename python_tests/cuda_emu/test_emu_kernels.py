@@ -39,11 +39,15 @@ Known gaps.  The emulator does not model:
   order), so an inter-block race shows only as an order dependence;
 - cooperative groups, cp.async / TMA / wgmma and inline PTX: emu_build refuses
   sources that use them (and their headers are `#error` stubs);
-- the GPU's fast intrinsics: `__expf` and friends are libm's functions, so
-  numerics differ slightly from the GPU (ex2.approx); `__CUDA_ARCH__` is not
-  defined, code under `#ifdef __CUDA_ARCH__` compiles in its host form (so the
-  MUFU exp / pow / sqrt wrappers of csrc/apl_loss_math.h, inline PTX under
-  `__CUDA_ARCH__`, run as libm here: their accuracy is the GPU run's to check);
+- the accuracy of the GPU's approximate instructions: the device math form of
+  csrc/apl_loss_math.h runs here (emu_build defines APL_EMULATE_GPU_MATH: the
+  fma-based exp arguments and per-row corrections of ShiftedExp2, the fast pow
+  and 1 - exp, as under `__CUDA_ARCH__`), but its MUFU ex2 / lg2 / sqrt (inline
+  PTX on the GPU) are libm's exp2f / log2f / sqrtf with the flush to zero of
+  .ftz, and `__expf` and friends are libm's functions: the approximation error
+  of a few ulp is the one thing of the math left to a GPU run
+  (test_device_math_form checks that the device form is what was compiled).
+  Other code under `#ifdef __CUDA_ARCH__` compiles in its host form;
 - divergence inside a warp: lanes run independently between collectives and
   `__activemask()` is the warp's lanes that have not exited;
 - static `__shared__` starts zeroed (a fresh thread_local per block), not
@@ -281,6 +285,26 @@ def test_all_orders_bit_identical(K):
                                  f"{loss} K={K} forward vs {schedule}")
         assert_bit_identical(first, run_once(logits, target, spec, reduction, fibers="ucontext"),
                              f"{loss} K={K} asm vs ucontext fibers")
+
+
+@pytest.mark.parametrize("K", [7, 60, 700, 3000])  # the tiny-row, one-slot, wide and large-K kernels
+def test_device_math_form(K):
+    """The emulator compiles the GPU's math form (emu_build defines APL_EMULATE_GPU_MATH): its
+    exp is ex2.approx.ftz, which flushes a subnormal result to 0, so the gradient of a class
+    90 below the row's max is exactly 0 (exp(-90) = 8.2e-40 < 2^-126).  The host form (expf)
+    keeps it: p = exp(-90) / (K - 1) is a nonzero float subnormal for every K here."""
+    logits = torch.zeros(1, K)
+    logits[0, 1] = -90.0
+    target = torch.zeros(1, dtype=torch.long)
+    _, ref_grad = run_reference(logits, target, "ce", "sum")
+    p_1 = ref_grad[0, 1].item()
+    assert torch.finfo(torch.float32).smallest_normal > p_1 > 2.0 ** -149  # a nonzero subnormal in fp32
+    _, grad = run_emulated(logits, target, "ce", "sum")
+    assert grad[0, 1].item() == 0.0, (
+        f"K={K}: the gradient of p = {p_1:.3g} is {grad[0, 1].item():.3g}, not flushed to 0: the emulator "
+        "compiled the host math form of csrc/apl_loss_math.h (APL_EMULATE_GPU_MATH missing from emu_build?)")
+    others = [0, *range(2, K)]
+    torch.testing.assert_close(grad[0, others].double(), ref_grad[0, others], rtol=1e-5, atol=1e-7)
 
 
 def test_loads_beside_the_real_extension():
