@@ -47,7 +47,8 @@ Known gaps.  The emulator does not model:
   .ftz, and `__expf` and friends are libm's functions: the approximation error
   of a few ulp is the one thing of the math left to a GPU run
   (test_device_math_form checks that the device form is what was compiled).
-  Other code under `#ifdef __CUDA_ARCH__` compiles in its host form;
+  Other code under `#ifdef __CUDA_ARCH__` compiles in its host form (today
+  large_k's packed bf16 / fp16 max: exact in either form);
 - divergence inside a warp: lanes run independently between collectives and
   `__activemask()` is the warp's lanes that have not exited;
 - static `__shared__` starts zeroed (a fresh thread_local per block), not
