@@ -62,13 +62,15 @@ constexpr int kMaxTaylorOrder = 1000;  // spec.py's MAX_TAYLOR_ORDER
 // Math overloads that resolve to the float or double routine on host and device.
 // CUDA kernels may define APL_CUDA_FAST_EXP: float exp, pow and 1 - exp then run
 // on the GPU's MUFU unit (below; a few ulp, as Triton's tl.exp).  Host code and
-// double are unaffected.
-#if defined(__CUDA_ARCH__) && defined(APL_CUDA_FAST_EXP)
+// double are unaffected.  APL_EMULATE_GPU_MATH (defined by the CPU emulator of the
+// CUDA kernels, python_tests/cuda_emu/emu_build.py) selects the same device form
+// without __CUDA_ARCH__, so that the emulator runs the algebra the GPU runs.
+#if (defined(__CUDA_ARCH__) || defined(APL_EMULATE_GPU_MATH)) && defined(APL_CUDA_FAST_EXP)
 #define APL_CUDA_FAST_MATH 1
+#if defined(__CUDA_ARCH__)
 // ex2 / lg2 / sqrt .approx.ftz: one MUFU instruction each; without .ftz nvcc adds
 // a range test and two fix-ups per call (subnormal results are flushed to 0, far
-// below any tolerance: p < 2^-126).  Under __CUDA_ARCH__ only: the CPU emulator
-// of python_tests/cuda_emu compiles the host form.
+// below any tolerance: p < 2^-126).
 __device__ __forceinline__ float apl_ex2_ftz(float x) {
   float r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
@@ -84,6 +86,16 @@ __device__ __forceinline__ float apl_sqrt_ftz(float x) {
   asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
 }
+#else
+// The emulator's stand-ins: the correctly rounded libm functions, with .ftz's flush of
+// subnormal inputs and results to a zero of the same sign.  Only MUFU's approximation
+// error (a few ulp) is left to a GPU run.
+inline float apl_flush_subnormal(float x) { return fabsf(x) < 1.17549435e-38f ? copysignf(0.0f, x) : x; }
+inline float apl_ex2_ftz(float x) { return apl_flush_subnormal(exp2f(apl_flush_subnormal(x))); }
+// (log2 and the root of a normal float are never subnormal)
+inline float apl_lg2_ftz(float x) { return log2f(apl_flush_subnormal(x)); }
+inline float apl_sqrt_ftz(float x) { return sqrtf(apl_flush_subnormal(x)); }
+#endif
 #endif
 
 APL_HD float apl_exp(float x) {
@@ -118,7 +130,7 @@ APL_HD double apl_pow(double x, double y) { return pow(x, y); }
 // value of the row by the same 2^r: `unscale` = 2^-r, applied where a sum or a coefficient
 // of the row is formed, takes it back (once per row, not per element).  log p comes from
 // the same argument t: log_p(t, log_offset(log_sum)) = (z - shift) - log_sum.
-// Host (and the CPU emulator of the CUDA kernels): exp(z - shift), unscale = 1.
+// Host: exp(z - shift), unscale = 1 (the CPU emulator of the CUDA kernels runs the GPU form).
 struct ShiftedExp2 {
   float c = 0, r = 0, unscale = 1;
   APL_HD explicit ShiftedExp2(float shift) {

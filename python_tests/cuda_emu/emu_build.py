@@ -20,7 +20,9 @@ namespace `<ns>_emu`, so that the emulated op loads beside the real
 apl_kernels._C without a clash.  Features the emulator does not model (inline
 PTX, cooperative groups, cp.async, TMA, wgmma) are refused here, with the line.
 
-build() compiles the generated sources with torch.utils.cpp_extension.load.
+build() compiles the generated sources with torch.utils.cpp_extension.load,
+with APL_EMULATE_GPU_MATH defined: csrc/apl_loss_math.h then compiles its device
+math form (what the GPU runs), with libm stand-ins (ftz) for MUFU ex2 / lg2 / sqrt.
 """
 from __future__ import annotations
 
@@ -185,6 +187,10 @@ class Variant:
     ldflags: tuple = ()
 
 
+# The GPU's math form of csrc/apl_loss_math.h in every build (the one the kernels run under
+# __CUDA_ARCH__: the fma-based exp arguments, the per-row corrections of ShiftedExp2, the fast
+# pow and 1 - exp), with libm stand-ins for the MUFU ex2 / lg2 / sqrt instructions.
+GPU_MATH_FLAGS = ("-DAPL_EMULATE_GPU_MATH",)
 _ASAN_FLAGS = ("-fsanitize=address", "-fno-omit-frame-pointer")
 PLAIN = Variant("apl_cuda_emu", "_emu")                      # torch.ops.apl_kernels_emu
 PLANTED = Variant("apl_cuda_emu_planted", "_emu_planted")    # test_emu_faults.py: bugs planted
@@ -208,7 +214,7 @@ def build(build_dir: Path, variant: Variant = PLAIN, csrc: Path = CSRC, verbose:
     if (cuda_inc / "cccl").is_dir():
         includes.append(str(cuda_inc / "cccl"))
     cflags = ["-O1", "-g1", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-Wno-unused-variable",
-              *variant.cflags]
+              *GPU_MATH_FLAGS, *variant.cflags]
     ext.load(name=variant.name, sources=gen.sources, extra_cflags=cflags, extra_ldflags=list(variant.ldflags),
              extra_include_paths=includes, build_directory=str(out), with_cuda=False, is_python_module=False,
              verbose=verbose, keep_intermediates=False)

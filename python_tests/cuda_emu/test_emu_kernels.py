@@ -39,11 +39,16 @@ Known gaps.  The emulator does not model:
   order), so an inter-block race shows only as an order dependence;
 - cooperative groups, cp.async / TMA / wgmma and inline PTX: emu_build refuses
   sources that use them (and their headers are `#error` stubs);
-- the GPU's fast intrinsics: `__expf` and friends are libm's functions, so
-  numerics differ slightly from the GPU (ex2.approx); `__CUDA_ARCH__` is not
-  defined, code under `#ifdef __CUDA_ARCH__` compiles in its host form (so the
-  MUFU exp / pow / sqrt wrappers of csrc/apl_loss_math.h, inline PTX under
-  `__CUDA_ARCH__`, run as libm here: their accuracy is the GPU run's to check);
+- the accuracy of the GPU's approximate instructions: the device math form of
+  csrc/apl_loss_math.h runs here (emu_build defines APL_EMULATE_GPU_MATH: the
+  fma-based exp arguments and per-row corrections of ShiftedExp2, the fast pow
+  and 1 - exp, as under `__CUDA_ARCH__`), but its MUFU ex2 / lg2 / sqrt (inline
+  PTX on the GPU) are libm's exp2f / log2f / sqrtf with the flush to zero of
+  .ftz, and `__expf` and friends are libm's functions: the approximation error
+  of a few ulp is the one thing of the math left to a GPU run
+  (test_device_math_form checks that the device form is what was compiled).
+  Other code under `#ifdef __CUDA_ARCH__` compiles in its host form (today
+  large_k's packed bf16 / fp16 max: exact in either form);
 - divergence inside a warp: lanes run independently between collectives and
   `__activemask()` is the warp's lanes that have not exited;
 - static `__shared__` starts zeroed (a fresh thread_local per block), not
@@ -117,6 +122,17 @@ def test_large_k_streamed_tail(smem, dtype):
         logits, target = make_cpu(5, 30011, dtype)
         for loss in ("nce+rce", "nfl+nmae", "ngce+mae"):
             check_emulated(logits, target, loss)
+
+
+@pytest.mark.parametrize("loss", ["ce", "nce+rce", "nfl+rce", "nfl+mae", "ngce+mae", "nce+nnce", "nce+amse"])
+def test_large_k_rows_with_a_large_offset(loss):
+    """Rows offset by 1e5: large_k_fixed's exps are 2^(z log2 e - c) with c = max log2 e rounded, whose
+    rounding r (up to 2^-7 in the exponent here) ShiftedExp2 takes back once per row (unscale,
+    log_offset, shifted_sum): the device math form runs here.  At offsets near 0, r is below fp32's
+    tolerance; the GPU twin's 1e4 catches a lost unscale but only barely a lost log_offset (1 value
+    of nfl+mae), 1e5 catches both (a 4x larger r, 2^-7 being also fp32's spacing of these logits)."""
+    logits, target = make_cpu(6, 20000, torch.float32)
+    check_emulated(logits + 1e5, target, loss)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -281,6 +297,26 @@ def test_all_orders_bit_identical(K):
                                  f"{loss} K={K} forward vs {schedule}")
         assert_bit_identical(first, run_once(logits, target, spec, reduction, fibers="ucontext"),
                              f"{loss} K={K} asm vs ucontext fibers")
+
+
+@pytest.mark.parametrize("K", [7, 60, 700, 3000])  # the tiny-row, one-slot, wide and large-K kernels
+def test_device_math_form(K):
+    """The emulator compiles the GPU's math form (emu_build defines APL_EMULATE_GPU_MATH): its
+    exp is ex2.approx.ftz, which flushes a subnormal result to 0, so the gradient of a class
+    90 below the row's max is exactly 0 (exp(-90) = 8.2e-40 < 2^-126).  The host form (expf)
+    keeps it: p = exp(-90) / (K - 1) is a nonzero float subnormal for every K here."""
+    logits = torch.zeros(1, K)
+    logits[0, 1] = -90.0
+    target = torch.zeros(1, dtype=torch.long)
+    _, ref_grad = run_reference(logits, target, "ce", "sum")
+    p_1 = ref_grad[0, 1].item()
+    assert torch.finfo(torch.float32).smallest_normal > p_1 > 2.0 ** -149  # a nonzero subnormal in fp32
+    _, grad = run_emulated(logits, target, "ce", "sum")
+    assert grad[0, 1].item() == 0.0, (
+        f"K={K}: the gradient of p = {p_1:.3g} is {grad[0, 1].item():.3g}, not flushed to 0: the emulator "
+        "compiled the host math form of csrc/apl_loss_math.h (APL_EMULATE_GPU_MATH missing from emu_build?)")
+    others = [0, *range(2, K)]
+    torch.testing.assert_close(grad[0, others].double(), ref_grad[0, others], rtol=1e-5, atol=1e-7)
 
 
 def test_loads_beside_the_real_extension():
