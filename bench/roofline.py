@@ -207,6 +207,8 @@ def _triton_key(kernel: str, dtype: str, consts: dict, warps: int, B: int, K: in
 CUDA_SMALL_K_MAX = 1024
 CUDA_SMALL_BLOCK = 256
 CUDA_TINY_NV = 4
+CUDA_SPREAD_BYTES = 64 * 1024        # apl_cuda_small_k.cu kSpreadBytes
+CUDA_COUNT_LOADS_PER_THREAD = 8      # apl_cuda_common.cuh kCountLoadsPerThread
 
 
 def _slot_elems(dtype: str) -> int:
@@ -230,10 +232,14 @@ def cuda_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
                 group //= 2
         else:
             nv, group = _cdiv((CUDA_SMALL_K_MAX + 2 * V - 2) // V, 32), 32
-        rows_per_block = CUDA_SMALL_BLOCK // group
-        grid = max(1, min(_cdiv(B, rows_per_block), SMS * 8))
+        # plan_small_k: blocks shrink (to one warp) until they cover 3/4 of the SMs, above 64 KB of logits.
+        threads = CUDA_SMALL_BLOCK
+        if B * K * elem > CUDA_SPREAD_BYTES:
+            while threads // 2 >= max(32, group) and _cdiv(B, threads // group) < SMS * 3 // 4:
+                threads //= 2
+        grid = max(1, min(_cdiv(B, threads // group), SMS * 8))
         main = KernelRun(f"cuda small_k_kernel<{tname}, {nv}, {str(pow_terms).lower()}>", grid,
-                         CUDA_SMALL_BLOCK // 32, "small_k", {"group": group, "nv": nv, "V": V, "K": K})
+                         threads // 32, "small_k", {"group": group, "nv": nv, "V": V, "K": K})
     else:
         threads = 512 if max_slots >= 2048 else (256 if max_slots >= 512 else 128)
         cap = min(max_slots, (SMEM_OPTIN_PER_BLOCK - 2048) // 16)
@@ -245,10 +251,12 @@ def cuda_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
         main = KernelRun(variant, 0, threads // 32, "large_k", {"cap": cap, "V": V, "K": K, "smem": cap * 16,
                                                     "threads": threads, "second_pass": _needs_pass2(active, passive)})
         grid = min(B, SMS)   # its grid (resident blocks) is set from occupancy later: one block per SM here
-    # apl_cuda_op.cu: mean's count runs in the loss kernel (count_in_kernel) for one block or when the
-    # blocks' re-reads of the labels cost little; else a count kernel first.  Several blocks (or a count
-    # kernel) need a workspace: zeroed by a one-block count kernel, else by a memset.
-    count_inside = grid == 1 or grid * 32 <= K * elem
+    threads = main.warps * 32
+    # apl_cuda_op.cu: mean's count runs in the loss kernel (count_in_kernel) for one block, when the
+    # blocks' re-reads of the labels cost little, or when they are one round of loads a thread
+    # (kCountLoadsPerThread); else a count kernel first.  Several blocks (or a count kernel) need a
+    # workspace: zeroed by a one-block count kernel, else by a memset.
+    count_inside = grid == 1 or grid * 32 <= K * elem or B <= CUDA_COUNT_LOADS_PER_THREAD * threads
     runs = []
     if grid > 1 or not count_inside:
         if not count_inside and B <= 16384:   # kSingleBlockCount
@@ -911,19 +919,19 @@ def run(args) -> dict:
                 # maximum less the kernel's static shared memory (its reduction scratch) and 256 bytes.
                 dynamic_smem = min(dynamic_smem, (SMEM_OPTIN_PER_BLOCK - static_smem - 256) // 16 * 16)
             smem = static_smem + dynamic_smem
-            k.setdefault("occupancy", occupancy(k["usage"].get("REG", 0), smem, r.warps))
+            occ = occupancy(k["usage"].get("REG", 0), smem, r.warps)   # per launch: block sizes vary
             if r.kind == "large_k":
-                r.grid = max(1, min(B, k["occupancy"]["blocks_per_sm"] * SMS))
+                r.grid = max(1, min(B, occ["blocks_per_sm"] * SMS))
             memo = (r.variant, json.dumps(r.params, sort_keys=True), B if r.kind == "single" else 0, K)
             if memo not in counted_cache:
                 counted_cache[memo] = per_element(r, k["instructions"], B, K)
             counted = counted_cache[memo]
-            this[r.variant] = {**counted, "occupancy": k["occupancy"], "toolchain": k["toolchain"]}
+            this[r.variant] = {**counted, "occupancy": occ, "toolchain": k["toolchain"]}
             key = f"{r.variant} [{B},{K}]" + (" second pass on" if r.params.get("second_pass") else "")
             kernel_table[key] = {
                 "toolchain": k["toolchain"], "registers": k["usage"].get("REG"), "stack_bytes": k["usage"].get("STACK"),
                 "spills": bool(k["usage"].get("STACK", 0) or k["usage"].get("LOCAL", 0)),
-                "shared_bytes": smem, "warps": r.warps, "grid": r.grid, **k["occupancy"],
+                "shared_bytes": smem, "warps": r.warps, "grid": r.grid, **occ,
                 "sass_per_element": round(counted["sass_per_element"], 2),
                 "sass_per_element_static": round(counted.get("sass_per_element_static",
                                                              counted["sass_per_element"]), 2),

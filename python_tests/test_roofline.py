@@ -247,6 +247,11 @@ def test_plans_follow_the_launch_heuristics():
     assert len(tiny) == 1                           # [128, 10] mean: one block counts itself, no workspace
     many = roofline.cuda_plan("ce", "bf16", 8192, 1000)  # 8 * 132 blocks of short rows: a count kernel first
     assert [r.kind for r in many] == ["serial", "small_k"] and many[0].variant == "cuda count_kept_kernel"
+    # 256 rows of 1000: 2-warp blocks, 128 of them (not 32 of 8 warps); the labels counted in the kernel.
+    short = roofline.cuda_plan("ce", "fp32", 256, 1000)
+    assert [r.kind for r in short] == ["memset", "small_k"] and (short[1].grid, short[1].warps) == (128, 2)
+    short16 = roofline.cuda_plan("nce+rce", "bf16", 1024, 100)   # 16 lanes a row: 8 rows a 4-warp block
+    assert [r.kind for r in short16] == ["memset", "small_k"] and (short16[1].grid, short16[1].warps) == (128, 4)
 
 
 def test_goals_show_predictions_labelled_predicted():

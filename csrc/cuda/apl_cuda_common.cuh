@@ -278,6 +278,10 @@ __device__ __forceinline__ RowStatus row_status(const Args<scalar_t>& a, int64_t
   return in_range ? kRowOk : kRowBad;
 }
 
+// Labels each thread loads at once in count_kept_rows (apl_cuda_op.cu's
+// count_in_kernel keeps the count in the loss kernel when one round covers N).
+constexpr int kCountLoadsPerThread = 8;
+
 // The rows whose target is not ignore_index, counted by the whole block; every
 // thread gets the total.  Integers: the same in every block and every run.
 template <typename scalar_t>
@@ -285,12 +289,13 @@ __device__ unsigned long long count_kept_rows(const Args<scalar_t>& a, unsigned 
   unsigned long long c = 0;
   const int64_t T = blockDim.x;
   int64_t i = threadIdx.x;
-  for (; i + 3 * T < a.N; i += 4 * T) {  // 4 independent loads in flight per thread
-    int64_t v[4];
+  constexpr int U = kCountLoadsPerThread;
+  for (; i + (U - 1) * T < a.N; i += U * T) {  // U independent loads in flight per thread
+    int64_t v[U];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) v[u] = __ldg(a.target + i + u * T);
+    for (int u = 0; u < U; ++u) v[u] = __ldg(a.target + i + u * T);
 #pragma unroll
-    for (int u = 0; u < 4; ++u) c += v[u] != a.ignore_index;
+    for (int u = 0; u < U; ++u) c += v[u] != a.ignore_index;
   }
   for (; i < a.N; i += T) c += __ldg(a.target + i) != a.ignore_index;
   return block_allreduce(c, scratch);

@@ -8,8 +8,8 @@
 //   reduction mean:  as sum; the gradient's weight 1/count is needed before the
 //                    loss kernel writes a gradient, so every block of the loss
 //                    kernel counts the kept rows itself (one block always, several
-//                    when that re-read of the labels is small next to the logits),
-//                    or a count kernel runs first.
+//                    when that re-read of the labels is small next to the logits or
+//                    one round of loads a thread), or a count kernel runs first.
 // So [128, 10] mean is one launch.  A label outside [0, K) that is not
 // ignore_index is a device-side assert (apl_cuda_common.cuh row_status).
 // K <= kSmallKMax runs the warp-group kernel (fp64: K <= 62), larger K the
@@ -31,11 +31,12 @@ namespace {
 
 constexpr int64_t kSingleBlockCount = 16384;  // rows counted by one block of count_kept_kernel (no memset needed)
 
-// Whether each block of the loss kernel counts the kept rows itself: one block,
-// or when the grid's re-reads of the labels (8 bytes a row, from L2) are at most
-// a quarter of the logits' bytes.
-bool count_in_kernel(int64_t grid, int64_t K, int64_t element_bytes) {
-  return grid == 1 || grid * 32 <= K * element_bytes;
+// Whether each block of the loss kernel counts the kept rows itself: one block;
+// or the grid's re-reads of the labels (8 bytes a row, from L2) are at most a
+// quarter of the logits' bytes; or the labels are one round of loads for each
+// thread (count_kept_rows), cheaper than a launch.
+bool count_in_kernel(int64_t grid, int64_t threads, int64_t N, int64_t K, int64_t element_bytes) {
+  return grid == 1 || grid * 32 <= K * element_bytes || N <= kCountLoadsPerThread * threads;
 }
 
 // Counts the rows with target != ignore_index into ws->count and zeroes the
@@ -94,7 +95,7 @@ void run(const at::Tensor& logits, const at::Tensor& target, const apl::LossPara
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
   const bool mean = reduction == apl::kReduceMean;
-  a.count_in_kernel = mean && count_in_kernel(plan.grid, K, int64_t(sizeof(scalar_t)));
+  a.count_in_kernel = mean && count_in_kernel(plan.grid, plan.threads, N, K, int64_t(sizeof(scalar_t)));
   at::Tensor workspace;  // kept alive until the kernels are queued (the allocator is stream-ordered)
   if (reduction != apl::kReduceNone && (plan.grid > 1 || (mean && !a.count_in_kernel))) {
     workspace = at::empty({kWorkspaceHeader + 8 * plan.grid}, logits.options().dtype(at::kByte));

@@ -1,5 +1,5 @@
 // Small K (<= kSmallKMax): a group of G lanes (a power of two <= 32; G = 1 for
-// tiny rows) per row, 256 / G rows per block.  The row is read once, as 16-byte slots into
+// tiny rows) per row, blockDim / G rows per block (256 threads, fewer for short batches).  The row is read once, as 16-byte slots into
 // registers (at most NV slots per lane); the softmax statistics, the normaliser
 // sums and the gradient are all computed from those registers, with butterfly
 // shuffles merging the per-lane SoftmaxStats / NormalizerSums of a row.
@@ -14,7 +14,8 @@
 namespace apl_cuda {
 namespace {
 
-constexpr int kSmallBlock = 256;
+constexpr int kSmallBlock = 256;  // threads, the most; fewer for short batches (plan_small_k)
+constexpr int64_t kSpreadBytes = 64 * 1024;  // logits above it spread over the SMs
 
 // Slots of a row of K elements whatever its alignment (shift up to V - 1).
 template <typename scalar_t>
@@ -148,12 +149,17 @@ LaunchPlan plan_small_k(const Args<scalar_t>& a) {
     p.nv = wide_nv<scalar_t>();
     p.group = 32;
   }
-  const int64_t rows_per_block = kSmallBlock / p.group;
-  const int64_t blocks = (a.N + rows_per_block - 1) / rows_per_block;
+  const int64_t sms = at::cuda::getDeviceProperties(a.device)->multiProcessorCount;
+  auto blocks_of = [&](int threads) { return (a.N + threads / p.group - 1) / (threads / p.group); };
+  // Few rows of many bytes ([256, 1000]: 32 blocks of 256 threads) would leave most
+  // SMs idle: the blocks shrink, down to one warp, until they cover 3/4 of the SMs.
+  // Small batches keep one block (one launch, no workspace: [128, 10]).
+  p.threads = kSmallBlock;
+  if (a.N * a.K * int64_t(sizeof(scalar_t)) > kSpreadBytes)
+    while (p.threads / 2 >= std::max(32, p.group) && blocks_of(p.threads) < sms * 3 / 4) p.threads /= 2;
   // About two waves of blocks; each loops over its rows (and the last block
   // of a mean/sum adds one partial per block).
-  const int64_t cap = int64_t(at::cuda::getDeviceProperties(a.device)->multiProcessorCount) * 8;
-  p.grid = std::max<int64_t>(1, std::min(blocks, cap));
+  p.grid = std::max<int64_t>(1, std::min(blocks_of(p.threads), sms * 8));
   return p;
 }
 

@@ -275,13 +275,34 @@ def test_launches_of_the_reductions(tmp_path):
     for reduction in ("mean", "sum", "none"):
         got = queued(tmp_path, *small, reduction=reduction)
         assert len(got) == 1 and got[0].startswith("kernel ") and "apl_cuda_small_k.cu" in got[0], got
-        assert got[0].endswith("grid 1,1,1"), got
+        assert got[0].endswith("grid 1,1,1 block 256"), got
     large = make_cpu(40, 3000, torch.float32)  # 40 blocks, one a row: 40 x 8 label bytes a block
     got = queued(tmp_path, *large)
     assert got[0] == "memset 16" and len(got) == 2 and "apl_cuda_large_k.cu" in got[1], got
-    many = make_cpu(20000, 3, torch.float32)  # 79 blocks of 256 rows of 12 bytes: the count kernel
+    many = make_cpu(20000, 3, torch.float32)  # 157 blocks of 128 rows of 12 bytes: the count kernel
     got = queued(tmp_path, *many)
     assert [g.split()[0] for g in got] == ["memset", "kernel", "kernel"] and "apl_cuda_op.cu" in got[1], got
+    assert got[2].endswith("grid 157,1,1 block 128"), got
+
+
+@pytest.mark.parametrize("N, K, dtype, grid, block", [
+    (256, 1000, torch.float32, 128, 64),     # a warp a row: 32 blocks of 256 threads would leave 100 SMs idle
+    (256, 1000, torch.bfloat16, 128, 64),
+    (1024, 100, torch.bfloat16, 128, 128),   # 16 lanes a row
+    (1024, 100, torch.float32, 128, 256),    # 128 blocks of 256 threads already cover 3/4 of the SMs
+    (128, 100, torch.float32, 16, 256),      # 51 KB of logits (under 64 KB): 256-thread blocks kept
+])
+def test_short_batches_spread_over_the_sms(tmp_path, N, K, dtype, grid, block):
+    """Short batches of rows up to kSmallKMax: the small-K blocks shrink until the grid covers 3/4 of the
+    132 SMs, and the labels (one round of loads a thread) are counted in the loss kernel: no count
+    kernel, only the workspace memset of a several-block grid."""
+    logits, target = make_cpu(N, K, dtype)
+    got = queued(tmp_path, logits, target)
+    kernels = [g for g in got if g.startswith("kernel")]
+    assert len(kernels) == 1 and "apl_cuda_small_k.cu" in kernels[0], got
+    assert kernels[0].endswith(f"grid {grid},1,1 block {block}"), got
+    assert got[:-1] == (["memset 16"] if grid > 1 else []), got
+    check_emulated(logits, target, "nce+rce")
 
 
 # ---------------------------------------------------------------- properties

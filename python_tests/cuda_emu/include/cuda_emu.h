@@ -972,7 +972,8 @@ inline size_t max_dynamic_smem(const void* kernel) {
 }
 
 // Checks the launch as a GPU would; runs the blocks one after another.
-// CUDA_EMU_LAUNCH_LOG=<file>: one line appended per kernel launch and per memset,
+// CUDA_EMU_LAUNCH_LOG=<file>: one line appended per kernel launch (its grid and
+// threads per block) and per memset,
 // so that a test can count what the op queues.
 inline void log_launch(const std::string& line) {
   const char* path = std::getenv("CUDA_EMU_LAUNCH_LOG");
@@ -987,7 +988,7 @@ inline void launch(Site site, const void* kernel, dim3 grid, dim3 dim, size_t sm
                    void* arg) {
   std::lock_guard<std::mutex> lock(g_mutex);
   log_launch("kernel " + where(site) + " grid " + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," +
-             std::to_string(grid.z));
+             std::to_string(grid.z) + " block " + std::to_string(dim.x * dim.y * dim.z));
   const cudaDeviceProp& p = *device_props();
   const uint64_t threads = uint64_t(dim.x) * dim.y * dim.z;
   if (grid.x == 0 || grid.y == 0 || grid.z == 0 || dim.x == 0 || dim.y == 0 || dim.z == 0 ||
