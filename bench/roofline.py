@@ -66,6 +66,16 @@ Model: one training step's fwd+bwd as `loss.backward()` runs it.
                figures are bounds, not forecasts: see `launches`);
   predicted_pct_copy   minimal I/O (read logits + write gradient) / copy
                bandwidth, over that time: the figure `bench.kernels` reports as %copy.
+  predicted_pct_copy_serial_passes   the same with no overlap between the
+               passes of a row where one block (program) per SM runs them: each
+               phase of the row (`phases`: pass 1 reads the logits, pass 2 re-reads
+               the row on chip, pass 3 writes the gradient, the row's fixed work)
+               takes max(its HBM bytes / the SMs' share of the bandwidth, its
+               instructions / issue rate, its MUFU / MUFU rate), and the phases
+               add up.  A bound for the case where an SM in a pass that moves no
+               HBM bytes leaves its share idle (no SM pulls more than its share);
+               several blocks per SM overlap, and the two figures agree.  Which of
+               the two the GPU shows is for the GPU session's ncu step to say.
 """
 from __future__ import annotations
 
@@ -243,6 +253,10 @@ def cuda_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
     else:
         threads = 512 if max_slots >= 2048 else (256 if max_slots >= 512 else 128)
         cap = min(max_slots, (SMEM_OPTIN_PER_BLOCK - 2048) // 16)
+        # plan_large_k: 256-thread blocks when two cached rows fit in an SM's shared memory (with the
+        # kernel's static share, about 2 KB at most, and the runtime's 1 KB per block).
+        if threads > 256 and 2 * (cap * 16 + 2048 + SMEM_RESERVED_PER_BLOCK) <= SMEM_PER_SM:
+            threads = 256
         # apl_cuda_large_k.cu: large_k_fixed (constant terms) for the losses of its shapes, the run-time-term
         # kernel (-1, -1) else.
         shapes = cuda_fixed_shapes(spec)
@@ -535,6 +549,15 @@ def per_element(run: KernelRun, instructions: List[sass.Instruction], B: int, K:
         info["hot_loops"] = [{"static": c.static, "elements_per_thread": chunk / threads,
                               "per_element": round(c.static * threads / chunk, 2)} for c in row.children]
         info["sass_per_element"] = per_row / elements_per_thread
+        # The chunk loops are the passes in order: the first reads the logits, the last writes the
+        # gradient, a middle one (pass 2) re-reads the row; the rest of the row loop is its fixed work.
+        passes = sorted(row.children, key=lambda l: l.header)
+        roles = ["read"] + ["reread"] * (len(passes) - 2) + ["write"]
+        phases = [_phase(role, trips * sass.executed(c, lambda loop: 1) / elements_per_thread,
+                         trips * _mufu(instructions, c) / elements_per_thread) for role, c in zip(roles, passes)]
+        fixed = info["sass_per_element"] - sum(p["sass_per_element"] for p in phases)
+        fixed_mufu = info["mufu_per_element"] - sum(p["mufu_per_element"] for p in phases)
+        info["phases"] = phases + [_phase("none", fixed, fixed_mufu)]
         info["count"] = "static"
     elif run.kind in ("single", "tiles"):
         block_r = run.params["BLOCK_R"]
@@ -561,6 +584,21 @@ def per_element(run: KernelRun, instructions: List[sass.Instruction], B: int, K:
     else:
         raise ValueError(run.kind)
     return info
+
+
+# What each named per-slot loop of the large-K kernels moves: "read" the logits from HBM (pass 1),
+# "reread" the row again (shared memory, the streamed tail from L2), "write" the gradient to HBM.
+LARGE_K_PHASE = {"fill": "read", "fill8": "read", "fill1": "read", "tail_max": "read",
+                 "cached": "reread", "tail": "reread", "cached2": "reread", "tail2": "reread",
+                 "grad": "write", "grad_cached": "write", "grad_tail": "write",
+                 "grad_bytes_cached": "write", "grad_bytes_tail": "write"}
+
+
+def _phase(io: str, sass_per_element: float, mufu_per_element: float) -> dict:
+    """A phase of a row (`phases`): what it moves to or from HBM ("read" the logits, "write" the gradient,
+    "reread" the row (HBM only when what is in flight overflows L2), "none": the row's fixed work) and
+    its instructions per element of the row."""
+    return {"io": io, "sass_per_element": sass_per_element, "mufu_per_element": mufu_per_element}
 
 
 def _mufu(instructions, loop: sass.Loop) -> int:
@@ -707,12 +745,17 @@ def _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, el
     """The large-K count from its named per-slot loops and how often each runs per row (all threads)."""
     children = sorted(row.children, key=lambda l: l.header)
     detail, lo, hi, mufu = [], 0.0, 0.0, 0.0
+    per_thread = K / threads
+    phases = {role: _phase(role, 0.0, 0.0) for role in ("read", "reread", "write")}
     for name, loop in zip(names, loops):
         elements = V * (8 if name in ("fill", "fill8") else 1)
         cheap = _doing(instructions, loop, elements, elem)
         lo += visits[name] * cheap
         hi += visits[name] * loop.static
         mufu += visits[name] * _mufu(instructions, loop)
+        phase = phases[LARGE_K_PHASE[name]]
+        phase["sass_per_element"] += visits[name] * cheap / threads / per_thread
+        phase["mufu_per_element"] += visits[name] * _mufu(instructions, loop) / threads / per_thread
         detail.append({"loop": name, "cheapest_doing_the_work": cheap, "static": loop.static,
                        "elements_per_iteration": elements, "per_element": round(cheap / elements, 2),
                        "runs": bool(visits[name])})
@@ -720,10 +763,11 @@ def _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, el
     others = [c for c in children if c not in loops]
     fixed = row.shortest + sum(c.shortest for c in others if c.loads.get("LDS"))
     lo, hi = lo / threads + fixed, hi / threads + row.static - sum(l.static for l in loops)
-    per_thread = K / threads
-    mufu = mufu / threads + _mufu(instructions, row) - sum(_mufu(instructions, l) for l in loops)
+    row_mufu = _mufu(instructions, row) - sum(_mufu(instructions, l) for l in loops)
+    mufu = mufu / threads + row_mufu
     return {"hot_loops": detail, "sass_per_element": lo / per_thread, "sass_per_element_static": hi / per_thread,
-            "mufu_per_element": mufu / per_thread, "count": CUDA_COUNT}
+            "mufu_per_element": mufu / per_thread, "count": CUDA_COUNT,
+            "phases": list(phases.values()) + [_phase("none", fixed / per_thread, row_mufu / per_thread)]}
 
 
 # ----------------------------------------------------------------------------- the model
@@ -774,6 +818,21 @@ def model(backend: str, loss: str, dtype: str, B: int, K: int, runs: List[Kernel
     serial_s = sum(r.serial_iterations for r in runs if r.kind == "serial") * SERIAL_ITERATION_S
     bwd_s = bwd_bytes / COPY_BYTES_S
     total_s = max(io_s, issue_s) + serial_s + bwd_s
+    # One block a SM runs a row's passes one after another (barriers between them): a pass that moves
+    # no HBM bytes leaves that SM's share of the bandwidth idle, unless other SMs pull more than their
+    # share, which this bound assumes they cannot.  Several blocks a SM overlap: the same as above.
+    passes_s = max(io_s, issue_s)
+    if warps_per_sm == main.warps and info.get("phases"):
+        bandwidth = COPY_BYTES_S * sms_used / SMS
+        rereads = [p for p in info["phases"] if p["io"] in ("reread", "write")]
+        spread = (hbm - 2 * logits - labels * (1 + len(prepasses))) / max(1, len(rereads))   # re-reads from HBM
+        issue_per_element = B * K / 32 / rate
+        passes_s = 0.0
+        for p in info["phases"]:
+            moved = {"read": logits + labels, "write": logits + spread, "reread": spread, "none": 0}[p["io"]]
+            passes_s += max(moved / bandwidth, p["sass_per_element"] * issue_per_element,
+                            p["mufu_per_element"] * B * K / (MUFU_PER_SM_CLOCK * sms_used * CLOCK_HZ))
+    total_passes_s = max(passes_s, max(io_s, issue_s)) + serial_s + bwd_s
     total_static_s = max(io_s, issue_static_s, mufu_s) + serial_s + bwd_s
     minimal_s = 2 * logits / COPY_BYTES_S
     # Beside the gradient buffers: Triton's row losses and count (several programs), CUDA's workspace
@@ -801,6 +860,8 @@ def model(backend: str, loss: str, dtype: str, B: int, K: int, runs: List[Kernel
         "predicted_pct_copy": round(100 * minimal_s / total_s, 1),
         # from the static count (every instruction of the loop bodies): CUDA's lower end
         "predicted_pct_copy_static": round(100 * minimal_s / total_static_s, 1),
+        # with no overlap of a row's passes when one block a SM runs them (the phases one after another)
+        "predicted_pct_copy_serial_passes": round(100 * minimal_s / total_passes_s, 1),
         "kernel": main.variant,
         "toolchain": info["toolchain"],
     }
@@ -953,17 +1014,20 @@ def print_table(data: dict, file=sys.stdout) -> None:
           f"{meta['copy_bandwidth_assumed_gbps']:.0f} GB/s; toolchains: "
           + "; ".join(f"{k}: {v}" for k, v in meta["toolchains"].items()), file=file)
     header = (f"{'backend':<7} {'loss':<9} {'dtype':<5} {'shape':<15} {'lnch':>4} {'lnch*':>5} {'sync':>4} "
-              f"{'HBM MB':>9} {'mem x':>6} {'SASS/el':>8} {'bound':>5} {'pred us':>9} {'pred %copy':>12}")
+              f"{'HBM MB':>9} {'mem x':>6} {'SASS/el':>8} {'bound':>5} {'pred us':>9} {'pred %copy':>12} "
+              f"{'serial%':>7}")
     print(header, file=file)
     for r in data["records"]:
         print(f"{r['backend']:<7} {r['loss']:<9} {r['dtype']:<5} {'[%d,%d]' % (r['B'], r['K']):<15} "
               f"{r['launches']:>4} {r['launches_check_targets_false']:>5} {r['host_syncs']:>4} "
               f"{r['hbm_bytes'] / 1e6:>9.2f} {r['extra_mem_ratio']:>6.2f} {r['sass_per_element']:>8.1f} "
-              f"{r['bound']:>5} {r['predicted_us']:>9.2f} {_pct(r):>12}", file=file)
+              f"{r['bound']:>5} {r['predicted_us']:>9.2f} {_pct(r):>12} "
+              f"{r.get('predicted_pct_copy_serial_passes', r['predicted_pct_copy']):>7.1f}", file=file)
     print("lnch: the loss's launches per fwd+bwd with default arguments (check_targets=True), autograd's "
           "ones_like seed aside; lnch*: with check_targets=False (train/, bench.kernels).  CUDA: SASS/el is a lower bound (the cheapest path that "
           "still loads and exps each element; branches remain), so its %copy is an upper "
-          "bound, shown as a range down to the static count's.  Launch overheads are not in 'pred us'.", file=file)
+          "bound, shown as a range down to the static count's.  serial%: with a row's passes one after another "
+          "where one block a SM runs them (no overlap).  Launch overheads are not in 'pred us'.", file=file)
 
 
 def _pct(r: dict) -> str:

@@ -194,6 +194,35 @@ def test_model_of_the_chunked_fwd_bwd_by_hand(monkeypatch):
     assert 49 < r["predicted_pct_copy"] < 50
 
 
+def test_serial_passes_of_one_block_per_sm_add_up(monkeypatch):
+    """One 16-warp block per SM: a row's passes run one after another.  Pass 1 reads the logits, pass 2
+    moves no HBM bytes, pass 3 writes the gradient; each phase takes its own max(I/O, issue, MUFU)."""
+    monkeypatch.setitem(roofline.BACKWARD, "cuda", {"launches": 1, "passes": 0, "buffers": 0, "host_syncs": 0})
+    B, K = 8192, 131072
+    L = B * K * 2
+    run = roofline.KernelRun("k", 132, 16, "large_k", {"V": 8, "cap": 16384, "second_pass": True})
+    phases = [roofline._phase("read", 4.0, 0.0), roofline._phase("reread", 10.0, 1.0),
+              roofline._phase("write", 6.0, 0.0), roofline._phase("none", 1.0, 0.0)]
+    kernels = _kernels_for(run, 21.0, regs=100)        # 100 registers x 512 threads: one block a SM
+    kernels["k"].update(phases=phases, mufu_per_element=1.0)
+    r = roofline.model("cuda", "nce+rce", "bf16", B, K, [run], kernels)
+    issue = B * K / 32 / (132 * 4 * 1.98e9)             # seconds per instruction per element
+    read, write = (L + 8 * B) / 4.3e12, L / 4.3e12
+    # Overlapped: 21 instructions per element (1.36 ms) against 2.0 ms of I/O: I/O-bound, 100%.
+    assert r["bound"] == "I/O" and r["predicted_pct_copy"] == pytest.approx(100 * 2 * L / (2 * L + 8 * B), abs=0.05)
+    # Serial: read 1.0 ms (4 instr. take 0.26 ms), pass 2 10 instr. 0.65 ms (its one MUFU 0.26 ms), write
+    # 1.0 ms, fixed 1 instr. 0.065 ms: 2.71 ms against the minimal 2.0 ms.
+    serial = read + 10 * issue + write + 1 * issue
+    assert r["predicted_pct_copy_serial_passes"] == pytest.approx(100 * (2 * L / 4.3e12) / serial, abs=0.05)
+    assert 73 < r["predicted_pct_copy_serial_passes"] < 74
+    # Two blocks a SM (64 registers, a grid of 264): one's passes overlap the other's, the figures agree.
+    run2 = roofline.KernelRun("k", 264, 16, "large_k", run.params)
+    two = _kernels_for(run2, 21.0, regs=64)
+    two["k"].update(phases=phases, mufu_per_element=1.0)
+    r2 = roofline.model("cuda", "nce+rce", "bf16", B, K, [run2], two)
+    assert r2["predicted_pct_copy_serial_passes"] == r2["predicted_pct_copy"]
+
+
 def test_model_reads_the_backward_table(monkeypatch):
     """A backward that costs nothing when grad_output is 1 (the defects branch) drops a pass and a buffer."""
     B, K = 8192, 131072
@@ -250,6 +279,9 @@ def test_plans_follow_the_launch_heuristics():
     # 256 rows of 1000: 2-warp blocks, 128 of them (not 32 of 8 warps); the labels counted in the kernel.
     short = roofline.cuda_plan("ce", "fp32", 256, 1000)
     assert [r.kind for r in short] == ["memset", "small_k"] and (short[1].grid, short[1].warps) == (128, 2)
+    # K = 32000: a bf16 row fits an SM's shared memory twice (256-thread blocks), an fp32 row does not.
+    assert roofline.cuda_plan("nce+rce", "bf16", 4096, 32000)[-1].warps == 8
+    assert roofline.cuda_plan("nce+rce", "fp32", 4096, 32000)[-1].warps == 16
     short16 = roofline.cuda_plan("nce+rce", "bf16", 1024, 100)   # 16 lanes a row: 8 rows a 4-warp block
     assert [r.kind for r in short16] == ["memset", "small_k"] and (short16[1].grid, short16[1].warps) == (128, 4)
 

@@ -615,6 +615,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
 int block_threads(int64_t slots) {
   return slots >= 2048 ? 512 : (slots >= 512 ? 256 : 128);
 }
+constexpr int kTwoPerSmThreads = 256;  // plan_large_k: rows that fit an SM twice
 
 // APL_CUDA_SMEM_PER_BLOCK (bytes; a tuning knob, 0 = stream everything; -1 when
 // unset), read once.
@@ -633,6 +634,7 @@ struct KernelOnDevice {
   int64_t smem_budget = 0;  // dynamic shared memory allowed per block
   int64_t raised = 0;       // cudaFuncAttributeMaxDynamicSharedMemorySize set so far
   int64_t sms = 0;
+  int64_t smem_per_sm = 0;
   std::map<std::pair<int, int64_t>, int> blocks_per_sm;  // (threads, dynamic smem) -> occupancy
 };
 
@@ -652,6 +654,7 @@ KernelOnDevice& kernel_on_device(int device, const void* kernel, int64_t static_
   const int64_t hw = int64_t(prop->sharedMemPerBlockOptin) - static_smem;
   k.smem_budget = smem_env() >= 0 ? std::min<int64_t>(hw, smem_env()) : hw;
   k.sms = prop->multiProcessorCount;
+  k.smem_per_sm = int64_t(prop->sharedMemPerMultiprocessor);
   return known.emplace(std::make_pair(device, kernel), std::move(k)).first->second;
 }
 
@@ -703,6 +706,11 @@ LaunchPlan plan_large_k(const Args<scalar_t>& a) {
   KernelOnDevice& k = kernel_on_device(a.device, reinterpret_cast<const void*>(kernel), kStaticSmem);
   p.cap = std::min<int64_t>(max_slots, k.smem_budget / 16);
   p.smem = size_t(p.cap) * 16;
+  // Two cached rows or more fit in an SM's shared memory ([4096, 32000] bf16: 64 KB):
+  // 256-thread blocks, so that 2-3 of them run on each SM (one of 512 threads at 64-110
+  // registers) and one block's loads overlap another's reductions and barriers.
+  if (p.threads > kTwoPerSmThreads && 2 * (int64_t(p.smem) + kStaticSmem + 1024) <= k.smem_per_sm)
+    p.threads = kTwoPerSmThreads;
   if (p.smem > 48 * 1024 && k.raised < int64_t(p.smem)) {  // raised to the largest size asked for so far
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(p.smem)));
     k.raised = int64_t(p.smem);

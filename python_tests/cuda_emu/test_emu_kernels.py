@@ -56,6 +56,8 @@ Known gaps.  The emulator does not model:
 - registers and `__launch_bounds__` (not enforced), streams, events and CUDA
   graphs (a launch runs at once).
 """
+import os
+
 import pytest
 import torch
 
@@ -303,6 +305,39 @@ def test_short_batches_spread_over_the_sms(tmp_path, N, K, dtype, grid, block):
     assert kernels[0].endswith(f"grid {grid},1,1 block {block}"), got
     assert got[:-1] == (["memset 16"] if grid > 1 else []), got
     check_emulated(logits, target, "nce+rce")
+
+
+@pytest.mark.parametrize("dtype, block", [(torch.bfloat16, 256), (torch.float32, 512)], ids=str)
+def test_rows_that_fit_an_sm_twice_run_smaller_blocks(tmp_path, dtype, block):
+    """K = 32000: a bf16 row (64 KB) fits an SM's shared memory twice, so the large-K blocks have 256
+    threads (2-3 blocks an SM); an fp32 row (128 KB) does not, and keeps 512."""
+    logits, target = make_cpu(6, 32000, dtype)
+    got = queued(tmp_path, logits, target)
+    assert "apl_cuda_large_k.cu" in got[-1] and got[-1].endswith(f"grid 6,1,1 block {block}"), got
+    check_emulated(logits, target, "nce+rce")
+
+
+@pytest.mark.parametrize("N, K, dtype", [(128, 10, "fp32"), (128, 100, "fp32"), (256, 1000, "fp32"),
+                                         (256, 1000, "bf16"), (1024, 100, "bf16"), (2100, 1000, "bf16"),
+                                         (20000, 3, "fp32"), (6, 32000, "bf16"), (6, 32000, "fp32")])
+def test_roofline_plan_is_what_the_op_queues(tmp_path, N, K, dtype):
+    """bench.roofline models the CUDA launches from its own copy of the host plan (cuda_plan): each
+    launch's kind, source file and block size, and the small-K grid, as the emulated op queues them."""
+    from bench import roofline
+    plan = roofline.cuda_plan("nce+rce", dtype, N, K)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    got = [line.split() for line in queued(tmp_path, *make_cpu(N, K, torch_dtype))]
+    where = {"serial": "apl_cuda_op.cu", "prepass": "apl_cuda_op.cu", "small_k": "apl_cuda_small_k.cu",
+             "large_k": "apl_cuda_large_k.cu"}
+    assert len(got) == len(plan), (got, plan)
+    for line, run in zip(got, plan):
+        if run.kind == "memset":
+            assert line == ["memset", "16"], (got, plan)
+            continue
+        assert line[0] == "kernel" and os.path.basename(line[1]).startswith(where[run.kind]), (got, plan)
+        assert int(line[-1]) == run.warps * 32, (got, plan)
+        if run.kind in ("small_k", "serial"):
+            assert line[3] == f"{run.grid},1,1", (got, plan)
 
 
 # ---------------------------------------------------------------- properties
