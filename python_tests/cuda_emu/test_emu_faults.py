@@ -39,7 +39,13 @@ def runner(op, plant: int, schedules=("forward", "reverse")):
 
 
 def small_case():
-    return make(173, 100, torch.float32, device="cpu")  # 22 blocks of 8 rows, 32 lanes per row
+    return make(173, 100, torch.float32, device="cpu")  # 173 one-warp blocks, 32 lanes per row
+
+
+def count_case():
+    """Mean over 2100 rows of 10 (66 blocks of 32 rows): more labels than one round of loads a thread,
+    so the one-block count kernel (1024 threads) runs before the loss kernel."""
+    return make(2100, 10, torch.float32, device="cpu")
 
 
 def caught(op, plant, logits, target, loss="nce+rce", reduction="mean"):
@@ -62,7 +68,7 @@ def test_removed_syncthreads(planted):
 def test_exit_while_others_wait_at_a_barrier(planted):
     """Warps 1-31 of the count kernel return before its barrier; warp 0 waits there (forward order)."""
     op, csrc = planted
-    msg = caught(op, 11, *small_case())
+    msg = caught(op, 11, *count_case())
     assert "exit while others wait at a barrier" in msg, msg
     assert "block (0,0,0) thread (32,0,0) exited" in msg, msg
     file, line = line_of(csrc, PLANTS["exit_before_barrier"]).rsplit(":", 1)
@@ -85,7 +91,7 @@ def test_half_width_butterfly(planted):
 def test_shuffle_under_divergent_branch(planted):
     """Only odd lanes shuffle: an even lane is at the barrier while its warp waits for it."""
     op, csrc = planted
-    msg = caught(op, 4, *small_case())  # mean: the count kernel runs
+    msg = caught(op, 4, *count_case())
     assert "divergent warp collective" in msg, msg
     assert line_of(csrc, PLANTS["divergent_shuffle"]) in msg, msg
     assert re.search(r"block \(0,0,0\) thread \(\d+,0,0\)", msg), msg
@@ -94,7 +100,7 @@ def test_shuffle_under_divergent_branch(planted):
 def test_deadlock_lists_every_wait(planted):
     """Lane 0 waits at __syncwarp(0x3) for lane 1, which went on to the shuffle."""
     op, csrc = planted
-    msg = caught(op, DEADLOCK, *small_case())
+    msg = caught(op, DEADLOCK, *count_case())
     assert "deadlock" in msg, msg
     site = line_of(csrc, PLANTS["divergent_shuffle"])
     assert f"thread 0 waits at __syncwarp(mask 0x00000003) at {site}" in msg, msg
