@@ -76,6 +76,10 @@ Model: one training step's fwd+bwd as `loss.backward()` runs it.
                HBM bytes leaves its share idle (no SM pulls more than its share);
                several blocks per SM overlap, and the two figures agree.  Which of
                the two the GPU shows is for the GPU session's ncu step to say.
+               CUDA large K prefetches each block's next row into L2 when its
+               pass 1 loads are issued: there pass 1 reads L2 (L2_READ_BYTES_S,
+               an ASSUMPTION) and the HBM bytes of the later phases, the next
+               row's read among them, overlap as one span.
 """
 from __future__ import annotations
 
@@ -111,6 +115,7 @@ MUFU_PER_SM_CLOCK = 16          # MUFU results (ex2, lg2, sqrt, rcp) per clock p
 CLOCK_HZ = 1.98e9
 COPY_BYTES_S = 4.3e12           # measured device-to-device copy bandwidth of the H200 (KINDS.md / issue 13)
 L2_BYTES = 50e6
+L2_READ_BYTES_S = 8e12          # ASSUMPTION (not measured here): L2 to SM read bandwidth, all SMs together
 REGS_PER_SM = 65536
 MAX_WARPS_PER_SM = 64
 MAX_BLOCKS_PER_SM = 32
@@ -262,8 +267,10 @@ def cuda_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
         shapes = cuda_fixed_shapes(spec)
         variant = (f"cuda large_k_fixed<{tname}, {shapes[0]}, {shapes[1]}>" if shapes else
                    f"cuda large_k_kernel<{tname}, true, -1, -1>")     # the one general large-K variant
+        # prefetch: each block's next row into L2 during a row's on-chip passes (APL_CUDA_PREFETCH, on)
         main = KernelRun(variant, 0, threads // 32, "large_k", {"cap": cap, "V": V, "K": K, "smem": cap * 16,
-                                                    "threads": threads, "second_pass": _needs_pass2(active, passive)})
+                                                    "threads": threads, "second_pass": _needs_pass2(active, passive),
+                                                    "prefetch": True})
         grid = min(B, SMS)   # its grid (resident blocks) is set from occupancy later: one block per SM here
     threads = main.warps * 32
     # apl_cuda_op.cu: mean's count runs in the loss kernel (count_in_kernel) for one block, when the
@@ -759,10 +766,15 @@ def _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, el
         detail.append({"loop": name, "cheapest_doing_the_work": cheap, "static": loop.static,
                        "elements_per_iteration": elements, "per_element": round(cheap / elements, 2),
                        "runs": bool(visits[name])})
-    # The rest of the row (row status, reductions, finish_row) runs once per row per thread.
+    # The rest of the row (row status, reductions, finish_row) runs once per row per thread; the prefetch
+    # of the next row (CCTL.E.PF2, no loads) one iteration per 32 bytes of a row over the block.
     others = [c for c in children if c not in loops]
+    prefetch = [c for c in others if any(i.opcode.startswith("CCTL") and ".PF" in i.opcode
+                                         for i in instructions if c.header <= i.address <= c.latch)]
     fixed = row.shortest + sum(c.shortest for c in others if c.loads.get("LDS"))
+    fixed += sum(c.static for c in prefetch) * K * elem / 32 / threads
     lo, hi = lo / threads + fixed, hi / threads + row.static - sum(l.static for l in loops)
+    hi += sum(c.static for c in prefetch) * (K * elem / 32 / threads - 1)
     row_mufu = _mufu(instructions, row) - sum(_mufu(instructions, l) for l in loops)
     mufu = mufu / threads + row_mufu
     return {"hot_loops": detail, "sass_per_element": lo / per_thread, "sass_per_element_static": hi / per_thread,
@@ -827,11 +839,20 @@ def model(backend: str, loss: str, dtype: str, B: int, K: int, runs: List[Kernel
         rereads = [p for p in info["phases"] if p["io"] in ("reread", "write")]
         spread = (hbm - 2 * logits - labels * (1 + len(prepasses))) / max(1, len(rereads))   # re-reads from HBM
         issue_per_element = B * K / 32 / rate
-        passes_s = 0.0
-        for p in info["phases"]:
-            moved = {"read": logits + labels, "write": logits + spread, "reread": spread, "none": 0}[p["io"]]
-            passes_s += max(moved / bandwidth, p["sass_per_element"] * issue_per_element,
-                            p["mufu_per_element"] * B * K / (MUFU_PER_SM_CLOCK * sms_used * CLOCK_HZ))
+        mufu_per_element = B * K / (MUFU_PER_SM_CLOCK * sms_used * CLOCK_HZ)
+
+        def phase_s(moved, phases):
+            return max(moved / bandwidth, sum(p["sass_per_element"] for p in phases) * issue_per_element,
+                       sum(p["mufu_per_element"] for p in phases) * mufu_per_element)
+        if main.params.get("prefetch"):
+            # The next row's HBM read overlaps this row's later phases (one span); pass 1 reads L2.
+            first = [p for p in info["phases"] if p["io"] == "read"]
+            later = [p for p in info["phases"] if p["io"] != "read"]
+            passes_s = max(phase_s(labels, first), logits / (L2_READ_BYTES_S * sms_used / SMS)) + \
+                phase_s(2 * logits + spread * len(rereads), later)
+        else:
+            passes_s = sum(phase_s({"read": logits + labels, "write": logits + spread, "reread": spread,
+                                    "none": 0}[p["io"]], [p]) for p in info["phases"])
     total_passes_s = max(passes_s, max(io_s, issue_s)) + serial_s + bwd_s
     total_static_s = max(io_s, issue_static_s, mufu_s) + serial_s + bwd_s
     minimal_s = 2 * logits / COPY_BYTES_S

@@ -215,6 +215,13 @@ def test_serial_passes_of_one_block_per_sm_add_up(monkeypatch):
     serial = read + 10 * issue + write + 1 * issue
     assert r["predicted_pct_copy_serial_passes"] == pytest.approx(100 * (2 * L / 4.3e12) / serial, abs=0.05)
     assert 73 < r["predicted_pct_copy_serial_passes"] < 74
+    # With the next row prefetched into L2: pass 1 reads L2 (L / 8e12 = 0.27 ms, over its 4 instr.), and
+    # the next row's read overlaps the later phases: max(2 L / 4.3e12 = 2.0 ms, 17 instr. 1.1 ms).
+    fetched = roofline.KernelRun("k", 132, 16, "large_k", {**run.params, "prefetch": True})
+    r = roofline.model("cuda", "nce+rce", "bf16", B, K, [fetched], {"k": kernels["k"]})
+    serial = L / 8e12 + 2 * L / 4.3e12
+    assert r["predicted_pct_copy_serial_passes"] == pytest.approx(100 * (2 * L / 4.3e12) / serial, abs=0.05)
+    assert r["predicted_pct_copy"] == pytest.approx(100 * 2 * L / (2 * L + 8 * B), abs=0.05)   # unchanged
     # Two blocks a SM (64 registers, a grid of 264): one's passes overlap the other's, the figures agree.
     run2 = roofline.KernelRun("k", 264, 16, "large_k", run.params)
     two = _kernels_for(run2, 21.0, regs=64)

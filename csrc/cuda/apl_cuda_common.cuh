@@ -52,6 +52,7 @@ struct Args {
   acc_t* loss;
   Workspace* ws;  // nullptr for reduction none and for a one-block grid
   bool count_in_kernel;  // mean: every block counts the kept rows itself (else ws->count has them)
+  bool prefetch_next_row;  // large K: the block's next row into L2 during a row's on-chip passes
   LossParams P;
   int reduction;
   bool second_pass;
@@ -59,6 +60,17 @@ struct Args {
 };
 
 // ---------------------------------------------------------------- slots
+// A hint: the 32-byte sectors holding [p, p + bytes) into L2, spread over the block's
+// threads (a no-op off the GPU: the CPU emulator compiles the host form).
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes, int64_t tid, int64_t T) {
+#if defined(__CUDA_ARCH__)
+  const uintptr_t first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(31);
+  const int64_t span = int64_t(reinterpret_cast<uintptr_t>(p) - first) + bytes;
+  for (int64_t off = tid * 32; off < span; off += T * 32)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(first + off));
+#endif
+}
+
 template <typename scalar_t>
 struct alignas(16) Slot {
   static constexpr int V = 16 / int(sizeof(scalar_t));
@@ -106,13 +118,20 @@ __device__ __forceinline__ Slot<scalar_t> copy_slot(const Slot<scalar_t>* p) {
   return s;
 }
 
+// A full 16-byte slot of the gradient: a streaming store (evict first), so that the
+// gradient does not push out of L2 the rows still to be re-read or prefetched.
+template <typename scalar_t>
+__device__ __forceinline__ void store_full_slot(scalar_t* p, const Slot<scalar_t>& s) {
+  __stcs(reinterpret_cast<uint4*>(p), *reinterpret_cast<const uint4*>(&s));
+}
+
 // Store the in-row elements of a slot; one 16-byte store when `vec` (the
 // destination row has the same shift as the source row) and the slot is full.
 template <typename scalar_t>
 __device__ __forceinline__ void store_slot(scalar_t* row, int64_t e0, int64_t K, const Slot<scalar_t>& s, bool vec) {
   constexpr int V = Slot<scalar_t>::V;
   if (vec && slot_full<scalar_t>(e0, K)) {
-    *reinterpret_cast<uint4*>(row + e0) = *reinterpret_cast<const uint4*>(&s);
+    store_full_slot(row + e0, s);
   } else {
 #pragma unroll
     for (int t = 0; t < V; ++t) {

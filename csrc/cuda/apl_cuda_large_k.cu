@@ -25,6 +25,17 @@ namespace {
 constexpr int kLargeBlockMax = 512;
 constexpr int kLoadBatch = 8;  // 16-byte loads in flight per thread while filling shared memory
 
+// Called when a row's loads are issued: the block's next row into L2 while this
+// one's on-chip passes (shared memory, the L2 tail) run.  With one block a SM,
+// that SM's share of HBM would otherwise idle through them (bench/roofline.py:
+// predicted_pct_copy_serial_passes); its own pass 1 then reads L2.
+template <typename scalar_t>
+__device__ __forceinline__ void prefetch_next_row(const Args<scalar_t>& a, int64_t row, int64_t tid, int64_t T) {
+  const int64_t next = row + gridDim.x;
+  if (a.prefetch_next_row && next < a.N)
+    prefetch_l2(a.logits + next * a.row_stride, a.K * int64_t(sizeof(scalar_t)), tid, T);
+}
+
 // max that skips NaN (one FMNMX): a NaN logit still poisons its row, through
 // its exp in the row's sum.
 __device__ __forceinline__ float max_skipping_nan(float a, float b) { return fmaxf(a, b); }
@@ -113,6 +124,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_kernel(const Args<scal
         }
       }
     }
+    prefetch_next_row(a, row, tid, T);
     SoftmaxStats<acc_t> s;
     s.max = m;
     {
@@ -504,6 +516,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
       if (my_edge >= 0) for_each_in_slot(edge_slot(my_edge), my_edge * V - shift, K, max_of);
       m = fmaxf(m, slot_max.value());
     }
+    prefetch_next_row(a, row, tid, T);
     SoftmaxStats<float> s;
     s.max = block_allreduce_tree(RowMax{m}, reinterpret_cast<RowMax*>(scratch)).v;
     const apl::ShiftedExp2 ex(s.max == -INFINITY ? 0.0f : s.max);
@@ -595,7 +608,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
       };
       auto pass3 = [&](auto vec) {
         auto store_full = [&](int64_t j, const S& o) {
-          if constexpr (decltype(vec)::value) *reinterpret_cast<uint4*>(g + (j * V - shift)) = *reinterpret_cast<const uint4*>(&o);
+          if constexpr (decltype(vec)::value) store_full_slot(g + (j * V - shift), o);
           else store_slot(g, j * V - shift, K, o, false);
         };
         full_slots(tid, nc, T, ns, [&](int64_t j) { store_full(j, grad_slot(copy_slot(cache + j))); });

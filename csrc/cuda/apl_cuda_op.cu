@@ -21,6 +21,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <tuple>
 
 #include "apl_op_args.h"
@@ -37,6 +38,16 @@ constexpr int64_t kSingleBlockCount = 16384;  // rows counted by one block of co
 // thread (count_kept_rows), cheaper than a launch.
 bool count_in_kernel(int64_t grid, int64_t threads, int64_t N, int64_t K, int64_t element_bytes) {
   return grid == 1 || grid * 32 <= K * element_bytes || N <= kCountLoadsPerThread * threads;
+}
+
+// APL_CUDA_PREFETCH=0: A/B knob for the GPU session (large K's prefetch of the next
+// row into L2), read once.
+bool prefetch_next_row_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("APL_CUDA_PREFETCH");
+    return !(env && env[0] == '0');
+  }();
+  return on;
 }
 
 // Counts the rows with target != ignore_index into ws->count and zeroes the
@@ -85,6 +96,7 @@ void run(const at::Tensor& logits, const at::Tensor& target, const apl::LossPara
   a.loss = loss.mutable_data_ptr<acc_t>();
   a.ws = nullptr;
   a.count_in_kernel = false;
+  a.prefetch_next_row = prefetch_next_row_enabled();
   a.P = P;
   a.reduction = int(reduction);
   a.second_pass = apl::needs_second_pass(P);

@@ -57,6 +57,20 @@ def test_unsupported_features_are_refused_with_their_line(tmp_path, code, what):
         emu_build.generate(csrc, tmp_path / "out")
 
 
+def test_a_prefetch_hint_is_allowed_and_other_ptx_after_it_still_refused(tmp_path):
+    """prefetch.global.L2 changes no result (the host form the emulator compiles leaves it out)."""
+    csrc = tmp_path / "csrc"
+    (csrc / "cuda").mkdir(parents=True)
+    hint = '  asm volatile("prefetch.global.L2 [%0];" :: "l"(p));\n'
+    (csrc / "cuda" / "k.cu").write_text(f"__global__ void k(const char* p) {{\n{hint}}}\n")
+    (csrc / "ops.cpp").write_text('TORCH_LIBRARY(my_ops, m) {\n  m.def("f(Tensor x) -> Tensor");\n}\n')
+    emu_build.generate(csrc, tmp_path / "out")
+    (csrc / "cuda" / "k.cu").write_text(f"__global__ void k(const char* p) {{\n{hint}"
+                                        '  asm("ex2.approx.f32 %0, %1;" : "=f"(y) : "f"(x));\n}\n')
+    with pytest.raises(emu_build.Refused, match=r"k\.cu:3: inline PTX"):
+        emu_build.generate(csrc, tmp_path / "out2")
+
+
 def test_unsupported_headers_are_refused_by_the_compiler(tmp_path):
     src = tmp_path / "k.cpp"
     src.write_text("#include <cuda_pipeline.h>\n")
