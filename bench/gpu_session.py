@@ -72,7 +72,10 @@ GOAL_LOSSES = "ce,nce+rce,nce+mae,nfl+rce"
 ROBUST_PAIRS = "nce+rce,nce+mae,nfl+rce,nfl+mae,ngce+rce,ngce+mae"
 HEADLINE = {"loss": "nce+rce", "dtype": "bf16", "B": 8192, "K": 131072}
 # Kernel names as ncu reports them -> backend (apl_kernels/triton/kernels.py, csrc/cuda/apl_cuda_large_k.cu).
-NCU_KERNELS = {"chunked_kernel": "triton", "large_k_kernel": "cuda"}
+NCU_KERNELS = {"chunked_kernel": "triton", "large_k_fixed": "cuda", "large_k_kernel": "cuda"}
+# The ncu step's runs, in order (one CSV block each): both backends, then CUDA with its large-K
+# prefetch of the next row off (an A/B of the roofline's serial-passes bound).
+NCU_RUNS = ("", "APL_CUDA_PREFETCH=0")
 NCU_METRICS = {
     "dram__bytes_read.sum": "dram_read_bytes",
     "dram__bytes_write.sum": "dram_write_bytes",
@@ -271,11 +274,14 @@ def build_steps(s: Settings) -> list:
                _py(s, *head, "--backends", "cpu", "--shape", "64x1000")]
     else:
         shape = "1024x131072" if s.tiny else f"{HEADLINE['B']}x{HEADLINE['K']}"
-        ncu = [Command(["ncu", "--clock-control", "none", "--target-processes", "all",
-                        "--kernel-name", "regex:" + "|".join(NCU_KERNELS), "--launch-count", "2",
-                        "--metrics", ",".join(NCU_METRICS), "--csv", "--page", "raw", "--print-units", "base",
-                        s.python, *head, "--backends", "triton,cuda", "--shape", shape], tool="ncu")]
-    steps.append(Step("ncu", "ncu: DRAM bytes and occupancy of the headline kernels", 30, 75, 20, ncu))
+        profile = ["ncu", "--clock-control", "none", "--target-processes", "all",
+                   "--kernel-name", "regex:" + "|".join(NCU_KERNELS), "--metrics", ",".join(NCU_METRICS),
+                   "--csv", "--page", "raw", "--print-units", "base", "--launch-count"]
+        ncu = [Command([*profile, "2", s.python, *head, "--backends", "triton,cuda", "--shape", shape], tool="ncu"),
+               Command([*profile, "1", s.python, *head, "--backends", "cuda", "--shape", shape],
+                       env=dict([NCU_RUNS[1].split("=")]), tool="ncu", note=f"the CUDA kernel with {NCU_RUNS[1]}")]
+    steps.append(Step("ncu", "ncu: DRAM bytes and occupancy of the headline kernels (and CUDA without its prefetch)",
+                      45, 100, 30, ncu))
 
     # --- optional extras, last
     compiled = [_py(s, *kernels, "--backends", "compiled", "--passes", "fwd,fwd+bwd")]
@@ -599,23 +605,23 @@ def parse_ncu_csv(text: str) -> list:
     kernel, backend, and the NCU_METRICS under their short names (bytes, ns, %)."""
     import csv
     lines = [line for line in text.splitlines() if line.startswith('"')]
-    rows = list(csv.reader(lines))
-    header_at = next((i for i, r in enumerate(rows) if r and r[0] == "ID"), None)
-    if header_at is None:
-        return []
-    header = rows[header_at]
-    units = rows[header_at + 1] if header_at + 1 < len(rows) else []
-    has_units = bool(units) and units[0] == ""
-    kernels = []
-    for row in rows[header_at + (2 if has_units else 1):]:
-        if len(row) != len(header) or row[0] == "ID":
+    kernels, header, units, run = [], None, [], -1
+    for row in csv.reader(lines):
+        if row and row[0] == "ID":          # a new CSV block: the next of NCU_RUNS
+            header, units, run = row, [], run + 1
+            continue
+        if header is None or len(row) != len(header):
+            continue
+        if row[0] == "" and not units:      # the units line under the header
+            units = row
             continue
         cells = dict(zip(header, row))
         name = cells.get("Kernel Name", "")
-        entry = {"kernel": name, "backend": next((b for k, b in NCU_KERNELS.items() if k in name), None)}
+        entry = {"kernel": name, "backend": next((b for k, b in NCU_KERNELS.items() if k in name), None),
+                 "setting": NCU_RUNS[run] if run < len(NCU_RUNS) else f"run {run}"}
         for metric, short in NCU_METRICS.items():
             if metric in cells:
-                unit = units[header.index(metric)] if has_units else ""
+                unit = units[header.index(metric)] if units else ""
                 entry[short] = _ncu_number(cells[metric], unit)
         kernels.append(entry)
     return kernels
@@ -762,7 +768,7 @@ def _ncu_summary(text: str, roofline: list) -> list:
     minimal = 2 * B * K * 2  # bf16: read the logits once, write the gradient once
     for k in parse_ncu_csv(text):
         read, write, ns = k.get("dram_read_bytes"), k.get("dram_write_bytes"), k.get("time_ns")
-        parts = [f"{k['backend'] or '?'} {k['kernel'][:40]}"]
+        parts = [f"{k['backend'] or '?'} {k['kernel'][:40]}" + (f" ({k['setting']})" if k.get("setting") else "")]
         if ns:
             parts.append(f"{ns / 1e6:.3f} ms")
         if read is not None and write is not None:

@@ -209,13 +209,19 @@ NCU_CSV = textwrap.dedent("""\
     "0","4242","python3.12","127.0.0.1","chunked_kernel","1","7","(512, 1, 1)","(132, 1, 1)","0","9.0","2.15","2,148.00","1,010.5","128","50","47.3"
     "1","4242","python3.12","127.0.0.1","void large_k_kernel<c10::BFloat16, false>(Args<c10::BFloat16>, long)","1","7","(512, 1, 1)","(8192, 1, 1)","0","9.0","2.147483648","2,147.483648","950","40","100","88.1"
     ==PROF== Disconnected from process 4242
+    the CUDA kernel with APL_CUDA_PREFETCH=0
+    "ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","dram__bytes_read.sum","dram__bytes_write.sum","gpu__time_duration.sum"
+    "","","","","","","","","","","","Gbyte","Gbyte","msecond"
+    "0","4243","python3.12","127.0.0.1","void large_k_fixed<c10::BFloat16, 1, 4>(Args<c10::BFloat16>, long)","1","7","(512, 1, 1)","(132, 1, 1)","0","9.0","2.2","2.1","1.25"
     """)
 
 
 def test_parse_ncu_csv_converts_units_and_names_the_backend():
     rows = gpu_session.parse_ncu_csv(NCU_CSV)
-    assert [r["backend"] for r in rows] == ["triton", "cuda"]
-    triton, cuda = rows
+    assert [(r["backend"], r["setting"]) for r in rows] == [("triton", ""), ("cuda", ""),
+                                                            ("cuda", "APL_CUDA_PREFETCH=0")]
+    triton, cuda, unfetched = rows
+    assert unfetched["dram_read_bytes"] == pytest.approx(2.2e9) and unfetched["time_ns"] == pytest.approx(1.25e6)
     assert triton["dram_read_bytes"] == pytest.approx(2.15e9) and triton["dram_write_bytes"] == pytest.approx(2.148e9)
     assert triton["time_ns"] == pytest.approx(1_010_500) and triton["achieved_occupancy_pct"] == pytest.approx(47.3)
     assert cuda["dram_read_bytes"] == pytest.approx(2**31) and cuda["dram_write_bytes"] == pytest.approx(2**31)
@@ -301,13 +307,19 @@ def test_the_knobs_and_kernel_names_the_session_relies_on_exist():
     def source(*parts):
         with open(os.path.join(ROOT, *parts)) as f:
             return f.read()
-    cuda = source("csrc", "cuda", "apl_cuda_small_k.cu") + source("csrc", "cuda", "apl_cuda_large_k.cu")
-    for variant in gpu_kernels_once.CUDA_VARIANTS:
-        for knob in variant.env:
-            assert f'getenv("{knob}")' in cuda, knob
+    cuda = "".join(source("csrc", "cuda", f) for f in ("apl_cuda_small_k.cu", "apl_cuda_large_k.cu", "apl_cuda_op.cu"))
+    knobs = [knob for variant in gpu_kernels_once.CUDA_VARIANTS for knob in variant.env]
+    for knob in knobs + [setting.split("=")[0] for setting in gpu_session.NCU_RUNS if setting]:
+        assert f'getenv("{knob}")' in cuda, knob
     assert "def chunked_kernel(" in source("apl_kernels", "triton", "kernels.py")
-    assert "large_k_kernel(" in cuda
-    assert set(gpu_session.NCU_KERNELS) == {"chunked_kernel", "large_k_kernel"}
+    for name in gpu_session.NCU_KERNELS:
+        assert f"{name}(" in cuda or f"def {name}(" in source("apl_kernels", "triton", "kernels.py"), name
+    # The kernels that run the headline are the ones ncu's filter keeps (large_k_fixed since its variants).
+    from bench import roofline
+    h = gpu_session.HEADLINE
+    for plan in (roofline.triton_plan, roofline.cuda_plan):
+        main = plan(h["loss"], h["dtype"], h["B"], h["K"])[-1].variant
+        assert any(name in main for name in gpu_session.NCU_KERNELS), main
 
 
 def test_time_cap_fails_a_slow_test_and_spares_a_quick_one(tmp_path):
