@@ -169,11 +169,13 @@ def _predicted(predictions: Optional[dict]):
             return None
         r = found[0]
         low = r.get("predicted_pct_copy_static", r["predicted_pct_copy"])
+        serial = r.get("predicted_pct_copy_serial_passes", r["predicted_pct_copy"])
+        serial = f"; {serial:.1f}% if a row's passes do not overlap" if serial < min(low, r["predicted_pct_copy"]) else ""
         if low != r["predicted_pct_copy"]:   # CUDA: run-time loss terms, a range of instruction counts
             return (f"predicted {low:.1f}-{r['predicted_pct_copy']:.1f}% ({r['sass_per_element_static']:.0f} to "
-                    f"{r['sass_per_element']:.0f} SASS instructions per element)")
+                    f"{r['sass_per_element']:.0f} SASS instructions per element{serial})")
         return (f"predicted {r['predicted_pct_copy']:.1f}% ({r['bound']}-bound, {r['sass_per_element']:.0f} SASS "
-                f"instructions per element)")
+                f"instructions per element{serial})")
 
     def memory():
         if not records:

@@ -307,6 +307,12 @@ def test_goals_show_predictions_labelled_predicted():
         "predicted 2.00x")
     assert by_name["triton nfl+rce bf16 [8192, 131072] fwd+bwd >= 70% of copy bandwidth"]["predicted"] is None
     assert all(g["predicted"] is None for g in goals.evaluate({"meta": {"device": "cuda"}, "records": []}))
+    # The serial-passes bound, when below: beside the figure, and said to be that.
+    predictions["records"][0]["predicted_pct_copy_serial_passes"] = 20.1
+    by_name = {g["goal"]: g for g in goals.evaluate({"meta": {"device": "cuda"}, "records": []}, predictions)}
+    line = by_name["triton nce+rce bf16 [8192, 131072] fwd+bwd >= 85% of copy bandwidth"]["predicted"]
+    assert line == ("predicted 27.4% (issue-bound, 82 SASS instructions per element; 20.1% if a row's passes "
+                    "do not overlap)"), line
 
 
 def test_launch_count_uses_loss_backward(tmp_path, monkeypatch):
