@@ -77,9 +77,10 @@ Model: one training step's fwd+bwd as `loss.backward()` runs it.
                several blocks per SM overlap, and the two figures agree.  Which of
                the two the GPU shows is for the GPU session's ncu step to say.
                CUDA large K prefetches each block's next row into L2 when its
-               pass 1 loads are issued: there pass 1 reads L2 (L2_READ_BYTES_S,
-               an ASSUMPTION) and the HBM bytes of the later phases, the next
-               row's read among them, overlap as one span.
+               pass 1 loads are issued: the HBM bytes of the later phases, the
+               next row's read among them, overlap as one span; the next row's
+               pass 1 reads L2 in the previous row's pass 3 (large_k_fixed), or
+               on its own (the general kernel: L2_READ_BYTES_S, an ASSUMPTION).
 """
 from __future__ import annotations
 
@@ -267,10 +268,11 @@ def cuda_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
         shapes = cuda_fixed_shapes(spec)
         variant = (f"cuda large_k_fixed<{tname}, {shapes[0]}, {shapes[1]}>" if shapes else
                    f"cuda large_k_kernel<{tname}, true, -1, -1>")     # the one general large-K variant
-        # prefetch: each block's next row into L2 during a row's on-chip passes (APL_CUDA_PREFETCH, on)
+        # prefetch: each block's next row into L2 during a row's on-chip passes (APL_CUDA_PREFETCH, on);
+        # fused_pass1: large_k_fixed reads that row (from L2) while its pass 3 writes this one's gradient.
         main = KernelRun(variant, 0, threads // 32, "large_k", {"cap": cap, "V": V, "K": K, "smem": cap * 16,
                                                     "threads": threads, "second_pass": _needs_pass2(active, passive),
-                                                    "prefetch": True})
+                                                    "prefetch": True, "fused_pass1": bool(shapes)})
         grid = min(B, SMS)   # its grid (resident blocks) is set from occupancy later: one block per SM here
     threads = main.warps * 32
     # apl_cuda_op.cu: mean's count runs in the loss kernel (count_in_kernel) for one block, when the
@@ -598,7 +600,10 @@ def per_element(run: KernelRun, instructions: List[sass.Instruction], B: int, K:
 LARGE_K_PHASE = {"fill": "read", "fill8": "read", "fill1": "read", "tail_max": "read",
                  "cached": "reread", "tail": "reread", "cached2": "reread", "tail2": "reread",
                  "grad": "write", "grad_cached": "write", "grad_tail": "write",
-                 "grad_bytes_cached": "write", "grad_bytes_tail": "write"}
+                 "grad_bytes_cached": "write", "grad_bytes_tail": "write",
+                 # large_k_fixed: the next row's pass 1 runs with (and after) this row's pass 3
+                 "grad_fused": "write", "grad_bytes_fused": "write",
+                 "fill8_next": "write", "fill1_next": "write", "tail_max_next": "write"}
 
 
 def _phase(io: str, sass_per_element: float, mufu_per_element: float) -> dict:
@@ -672,9 +677,11 @@ def _fixed_loops(run: KernelRun, instructions, children) -> Dict[str, sass.Loop]
     """The per-slot loops of large_k_fixed (apl_cuda_large_k.cu) by what they do: pass 1 fills shared
     memory (batches of 8 slots, then one by one) and reads the streamed tail for its max, sums exp over
     the cached slots and the tail; pass 2 (shapes with sums) the same; pass 3 writes the gradient from
-    the cached slots and the tail, with 16-byte stores (vec) or element by element (a gradient row
-    whose alignment differs from the logits').  The block reductions (loads from shared memory only)
-    are the rest of the row."""
+    the cached slots (batches of 4 that also fill shared memory with the block's next row: `fused`,
+    then one by one) and the tail, with 16-byte stores (vec) or element by element (a gradient row
+    whose alignment differs from the logits'); then the rest of the next row's pass 1 (a second copy
+    of its loops, `_next`).  The block reductions (loads from shared memory only) are the rest of
+    the row."""
     def count(loop, prefix):
         return sum(1 for i in instructions if loop.header <= i.address <= loop.latch and i.opcode.startswith(prefix))
     found: Dict[str, list] = {}
@@ -682,10 +689,12 @@ def _fixed_loops(run: KernelRun, instructions, children) -> Dict[str, sass.Loop]
         if not loop.loads:      # fill_row (ignored and bad rows)
             continue
         exp = count(loop, "MUFU.EX2") > 0
-        if loop.stores.get("STS"):
+        if loop.stores.get("STG"):
+            vec = count(loop, "STG") <= max(1, count(loop, "STS"))   # one 16-byte store a slot
+            kind = ("grad_" if vec else "grad_bytes_") + (
+                "fused" if loop.stores.get("STS") else "tail" if loop.loads.get("LDG") else "cached")
+        elif loop.stores.get("STS"):
             kind = "fill8" if loop.loads.get("LDG", 0) > 16 else "fill1"
-        elif loop.stores.get("STG"):
-            kind = ("grad_" if count(loop, "STG") == 1 else "grad_bytes_") + ("tail" if loop.loads.get("LDG") else "cached")
         elif loop.loads.get("LDG"):
             kind = "tail_sum" if exp else "tail_max"
         elif loop.loads.get("LDS") and exp:
@@ -693,14 +702,16 @@ def _fixed_loops(run: KernelRun, instructions, children) -> Dict[str, sass.Loop]
         else:
             continue
         found.setdefault(kind, []).append(loop)
-    names = {"cached_sum": ("cached", "cached2"), "tail_sum": ("tail", "tail2")}
+    names = {"cached_sum": ("cached", "cached2"), "tail_sum": ("tail", "tail2"), "fill8": ("fill8", "fill8_next"),
+             "fill1": ("fill1", "fill1_next"), "tail_max": ("tail_max", "tail_max_next")}
     out = {}
     for kind, loops in found.items():
         labels = names.get(kind, (kind,))
         if len(loops) > len(labels):
             raise RuntimeError(f"{run.variant}: {len(loops)} loops of kind {kind}: update bench/roofline.py _fixed_loops")
         out.update(zip(labels, loops))
-    expected = {"fill8", "fill1", "tail_max", "cached", "tail", "grad_cached", "grad_tail"}
+    expected = {"fill8", "fill1", "tail_max", "cached", "tail", "grad_fused", "grad_cached", "grad_tail",
+                "fill8_next", "fill1_next", "tail_max_next"}
     if run.params["second_pass"]:
         expected |= {"cached2", "tail2"}
     if not expected <= set(out):
@@ -721,11 +732,16 @@ def _large_k(run: KernelRun, instructions, top, K: int, threads: int) -> dict:
     cached, streamed = min(slots, cap), max(0, slots - cap)
     if "large_k_fixed" in run.variant:
         named = _fixed_loops(run, instructions, row.children)
-        batches = threads * (cached // threads // 8)        # fill8 iterations of a row (all threads)
+        # Every row but a block's first has its pass 1 fused into the previous row's pass 3: batches
+        # of 4 slots, the rest one by one (then pass 1 of the next row for those slots).
+        fused = threads * (cached // threads // 4)          # grad_fused iterations of a row (all threads)
+        rest = cached - 4 * fused
         second = run.params["second_pass"]
-        visits = {"fill8": batches, "fill1": cached - 8 * batches, "tail_max": streamed, "cached": cached,
-                  "tail": streamed, "cached2": cached if second else 0, "tail2": streamed if second else 0,
-                  "grad_cached": cached, "grad_tail": streamed, "grad_bytes_cached": 0, "grad_bytes_tail": 0}
+        visits = {"fill8": 0, "fill1": 0, "tail_max": 0, "fill8_next": 0, "fill1_next": rest,
+                  "tail_max_next": streamed, "cached": cached, "tail": streamed,
+                  "cached2": cached if second else 0, "tail2": streamed if second else 0,
+                  "grad_fused": fused, "grad_cached": rest, "grad_tail": streamed,
+                  "grad_bytes_fused": 0, "grad_bytes_cached": 0, "grad_bytes_tail": 0}
         names, loops = list(named), list(named.values())
         return _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, elem)
     # The loops of a row with loads, in source order (apl_cuda_large_k.cu): pass 1 fills shared memory (8
@@ -755,7 +771,7 @@ def _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, el
     per_thread = K / threads
     phases = {role: _phase(role, 0.0, 0.0) for role in ("read", "reread", "write")}
     for name, loop in zip(names, loops):
-        elements = V * (8 if name in ("fill", "fill8") else 1)
+        elements = V * (8 if name in ("fill", "fill8", "fill8_next") else 4 if name.endswith("fused") else 1)
         cheap = _doing(instructions, loop, elements, elem)
         lo += visits[name] * cheap
         hi += visits[name] * loop.static
@@ -845,11 +861,12 @@ def model(backend: str, loss: str, dtype: str, B: int, K: int, runs: List[Kernel
             return max(moved / bandwidth, sum(p["sass_per_element"] for p in phases) * issue_per_element,
                        sum(p["mufu_per_element"] for p in phases) * mufu_per_element)
         if main.params.get("prefetch"):
-            # The next row's HBM read overlaps this row's later phases (one span); pass 1 reads L2.
+            # The next row's HBM read overlaps this row's later phases (one span); pass 1 reads L2, on its
+            # own unless it runs inside the previous row's pass 3 (fused_pass1: in the span too).
             first = [p for p in info["phases"] if p["io"] == "read"]
             later = [p for p in info["phases"] if p["io"] != "read"]
-            passes_s = max(phase_s(labels, first), logits / (L2_READ_BYTES_S * sms_used / SMS)) + \
-                phase_s(2 * logits + spread * len(rereads), later)
+            from_l2 = 0.0 if main.params.get("fused_pass1") else logits / (L2_READ_BYTES_S * sms_used / SMS)
+            passes_s = max(phase_s(labels, first), from_l2) + phase_s(2 * logits + spread * len(rereads), later)
         else:
             passes_s = sum(phase_s({"read": logits + labels, "write": logits + spread, "reread": spread,
                                     "none": 0}[p["io"]], [p]) for p in info["phases"])

@@ -6,7 +6,10 @@
 //
 // Thread t owns slots t, t + T, t + 2T, ... in every pass, so each thread only
 // reads back what it wrote to shared memory itself: the passes need barriers
-// only inside the block reductions.
+// only inside the block reductions.  So large_k_fixed refills a thread's slots
+// with the block's next row (prefetched into L2 during this row's on-chip passes)
+// while the same thread writes this row's gradient from them: HBM reads and
+// writes overlap even with one block per SM.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
@@ -24,11 +27,12 @@ namespace {
 
 constexpr int kLargeBlockMax = 512;
 constexpr int kLoadBatch = 8;  // 16-byte loads in flight per thread while filling shared memory
+constexpr int kFuseBatch = 4;  // the same in pass 3, which fills shared memory with the next row
 
 // Called when a row's loads are issued: the block's next row into L2 while this
 // one's on-chip passes (shared memory, the L2 tail) run.  With one block a SM,
 // that SM's share of HBM would otherwise idle through them (bench/roofline.py:
-// predicted_pct_copy_serial_passes); its own pass 1 then reads L2.
+// predicted_pct_copy_serial_passes); the next row's pass 1 then reads L2.
 template <typename scalar_t>
 __device__ __forceinline__ void prefetch_next_row(const Args<scalar_t>& a, int64_t row, int64_t tid, int64_t T) {
   const int64_t next = row + gridDim.x;
@@ -458,11 +462,53 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
   const float weight = grad_weight(a, kept);
   double partial = 0;
 
+  // Pass 1 of a row from slot `from` on (this thread's cached slots into shared memory,
+  // batches of loads in flight, its streamed tail and edge slot read for their max):
+  // `slot_max` takes the slots, the return value is this thread's max.
+  auto pass1 = [&](const scalar_t* zr, int shift_r, int64_t ns_r, int64_t nc_r, int64_t from,
+                   SlotMax<scalar_t>& slot_max) {
+    float m = -INFINITY;
+    auto slot_at = [&](int64_t j) {
+      S b;
+      *reinterpret_cast<uint4*>(&b) = __ldg(reinterpret_cast<const uint4*>(zr + (j * V - shift_r)));
+      return b;
+    };
+    int64_t j = tid == 0 ? T : tid;
+    if (j < from) j += (from - j + T - 1) / T * T;
+    const int64_t full_end = nc_r < ns_r - 1 ? nc_r : ns_r - 1;
+    for (; j + (kLoadBatch - 1) * T < full_end; j += kLoadBatch * T) {
+      S buf[kLoadBatch];
+#pragma unroll
+      for (int u = 0; u < kLoadBatch; ++u) buf[u] = slot_at(j + u * T);
+#pragma unroll
+      for (int u = 0; u < kLoadBatch; ++u) {
+        cache[j + u * T] = buf[u];
+        slot_max.add(buf[u]);
+      }
+    }
+    for (; j < full_end; j += T) {
+      const S b = slot_at(j);
+      cache[j] = b;
+      slot_max.add(b);
+    }
+    full_slots(nc_r + tid, ns_r, T, ns_r, [&](int64_t j) { slot_max.add(slot_at(j)); });
+    const int64_t edge = edge_slot_of(tid, T, ns_r);
+    if (edge >= 0) {
+      S b;
+      load_slot(zr, edge * V - shift_r, K, b);
+      for_each_in_slot(b, edge * V - shift_r, K, [&](int, int64_t, float v) { m = fmaxf(m, v); });
+    }
+    return fmaxf(m, slot_max.value());
+  };
+  // Whether this row's pass 1 ran inside the previous row's pass 3 (then `carried_max` is its max).
+  bool carried = false;
+  float carried_max = -INFINITY;
+
   for (int64_t row = blockIdx.x; row < a.N; row += gridDim.x) {
     const int64_t y = a.target[row];
     const RowStatus st = row_status(a, y);
     scalar_t* g = a.grad != nullptr ? a.grad + row * K : nullptr;
-    if (st != kRowOk) {  // uniform over the block
+    if (st != kRowOk) {  // uniform over the block (never a carried row: pass 3 fuses only kept rows)
       if (tid == 0) {
         const float l = row_loss_value(st, 0.0f);
         if (a.reduction == apl::kReduceNone) a.loss[row] = l;
@@ -487,35 +533,16 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
       return b;
     };
 
-    // Pass 1: the cached slots into shared memory (batches of loads in flight) and the
-    // row's max, the streamed tail read for its max; then the sum of exp at the row's max
-    // (sums of plain adds: the block reductions merge no rescaled partials).
-    float m = -INFINITY;
-    auto max_of = [&](int, int64_t, float v) { m = fmaxf(m, v); };
-    SlotMax<scalar_t> slot_max;
+    // Pass 1 (unless the previous row's pass 3 ran it): the cached slots into shared memory
+    // and the row's max, the streamed tail read for its max; then the sum of exp at the row's
+    // max (sums of plain adds: the block reductions merge no rescaled partials).
     const int64_t my_edge = edge_slot_of(tid, T, ns);
-    {
-      int64_t j = tid == 0 ? T : tid;
-      const int64_t full_end = nc < ns - 1 ? nc : ns - 1;
-      for (; j + (kLoadBatch - 1) * T < full_end; j += kLoadBatch * T) {
-        S buf[kLoadBatch];
-#pragma unroll
-        for (int u = 0; u < kLoadBatch; ++u) buf[u] = full_slot(j + u * T);
-#pragma unroll
-        for (int u = 0; u < kLoadBatch; ++u) {
-          cache[j + u * T] = buf[u];
-          slot_max.add(buf[u]);
-        }
-      }
-      for (; j < full_end; j += T) {
-        const S b = full_slot(j);
-        cache[j] = b;
-        slot_max.add(b);
-      }
-      full_slots(nc + tid, ns, T, ns, [&](int64_t j) { slot_max.add(full_slot(j)); });
-      if (my_edge >= 0) for_each_in_slot(edge_slot(my_edge), my_edge * V - shift, K, max_of);
-      m = fmaxf(m, slot_max.value());
+    float m = carried_max;
+    if (!carried) {
+      SlotMax<scalar_t> slot_max;
+      m = pass1(z, shift, ns, nc, 0, slot_max);
     }
+    carried = false;
     prefetch_next_row(a, row, tid, T);
     SoftmaxStats<float> s;
     s.max = block_allreduce_tree(RowMax{m}, reinterpret_cast<RowMax*>(scratch)).v;
@@ -606,12 +633,42 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
         for (int t = 0; t < V; ++t) o.v[t] = static_cast<scalar_t>(R.grad(static_cast<float>(in.v[t])));
         return o;
       };
+      // The block's next row, when kept, is loaded as this one's slots are freed: each thread
+      // reloads the shared-memory slots it alone reads (the same j in both rows), so HBM
+      // keeps reading while this pass writes, and no barrier is needed.
+      const int64_t next = row + gridDim.x;
+      const bool fuse = next < a.N && row_status(a, a.target[next]) == kRowOk;  // uniform
+      const scalar_t* zn = a.logits + (fuse ? next : row) * a.row_stride;
+      const int shift_n = slot_shift(zn);
+      const int64_t ns_n = slot_count<scalar_t>(K, shift_n), nc_n = ns_n < cap ? ns_n : cap;
+      const int64_t full_end = nc < ns - 1 ? nc : ns - 1, full_end_n = nc_n < ns_n - 1 ? nc_n : ns_n - 1;
+      const int64_t fused_end = fuse ? (full_end < full_end_n ? full_end : full_end_n) : 0;
+      SlotMax<scalar_t> next_max;
+      int64_t next_from = 0;  // this thread's first slot of the next row left to pass 1
       auto pass3 = [&](auto vec) {
         auto store_full = [&](int64_t j, const S& o) {
           if constexpr (decltype(vec)::value) store_full_slot(g + (j * V - shift), o);
           else store_slot(g, j * V - shift, K, o, false);
         };
-        full_slots(tid, nc, T, ns, [&](int64_t j) { store_full(j, grad_slot(copy_slot(cache + j))); });
+        auto next_slot = [&](int64_t j) {
+          S b;
+          *reinterpret_cast<uint4*>(&b) = __ldg(reinterpret_cast<const uint4*>(zn + (j * V - shift_n)));
+          return b;
+        };
+        int64_t j = tid == 0 ? T : tid;
+        for (; j + (kFuseBatch - 1) * T < fused_end; j += kFuseBatch * T) {
+          S buf[kFuseBatch];
+#pragma unroll
+          for (int u = 0; u < kFuseBatch; ++u) buf[u] = next_slot(j + u * T);
+#pragma unroll
+          for (int u = 0; u < kFuseBatch; ++u) {
+            store_full(j + u * T, grad_slot(copy_slot(cache + j + u * T)));
+            cache[j + u * T] = buf[u];
+            next_max.add(buf[u]);
+          }
+        }
+        next_from = j;
+        for (; j < full_end; j += T) store_full(j, grad_slot(copy_slot(cache + j)));
         full_slots(nc + tid, ns, T, ns, [&](int64_t j) { store_full(j, grad_slot(full_slot(j))); });
       };
       if (slot_shift(g) == shift) pass3(std::true_type());
@@ -619,6 +676,10 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
       if (my_edge >= 0) store_slot(g, my_edge * V - shift, K, grad_slot(edge_slot(my_edge)), false);
       if (slot_owner((y + shift) / V, T, nc, ns) == tid)
         g[y] = static_cast<scalar_t>(R.template grad<true>(z_y));
+      if (fuse) {  // the rest of the next row's pass 1: slots past the batches, its tail, its edge
+        carried_max = pass1(zn, shift_n, ns_n, nc_n, next_from, next_max);
+        carried = true;
+      }
     }
   }
   reduce_loss(a, partial, reinterpret_cast<double*>(scratch), kept);

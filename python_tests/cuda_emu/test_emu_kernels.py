@@ -137,6 +137,22 @@ def test_large_k_rows_with_a_large_offset(loss):
     check_emulated(logits + 1e5, target, loss)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "column_offset_1"])
+@pytest.mark.parametrize("loss", ["ce", "nce+mae", "nfl+mae"])
+def test_large_k_next_row_loaded_in_pass_3(loss, layout):
+    """fp32 rows of 60000 (240 KB, past the 227 KB cap): one block per SM, so 140 rows loop over 132
+    blocks, and large_k_fixed loads a block's second row into shared memory while it writes the first
+    row's gradient.  A third of the rows ignored (then the next row's pass 1 runs on its own); in the
+    offset view (row stride K + 7) consecutive rows have different 16-byte shifts.  (Not rce here: among
+    8.4 M probabilities one lands within fp32 rounding of its clamp at 1e-7, a step in the gradient.)"""
+    N, K = 140, 60000
+    logits, target = make_cpu(N, K, torch.float32, ignore_frac=0.3, seed=7)
+    if layout != "contiguous":
+        torch.manual_seed(0)   # _views draws from the global generator
+        logits = _views(N, K, torch.float32, device="cpu")[layout]
+    check_emulated(logits, target, loss)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rows_longer_than_shared_memory(dtype):
     logits, target = make_cpu(2, 300_001, dtype, ignore_frac=0.0)
