@@ -222,10 +222,13 @@ def test_serial_passes_of_one_block_per_sm_add_up(monkeypatch):
     serial = L / 8e12 + 2 * L / 4.3e12
     assert r["predicted_pct_copy_serial_passes"] == pytest.approx(100 * (2 * L / 4.3e12) / serial, abs=0.05)
     assert r["predicted_pct_copy"] == pytest.approx(100 * 2 * L / (2 * L + 8 * B), abs=0.05)   # unchanged
-    # large_k_fixed also reads the next row in this row's pass 3 (fused_pass1): no pass 1 of its own,
-    # the serial bound is the overlapped one.
+    # large_k_fixed also reads the next row in this row's pass 3 (fused_pass1): pass 1's 4 instructions
+    # move into the write phase, no pass 1 of its own; the serial bound is the overlapped one.
     fused = roofline.KernelRun("k", 132, 16, "large_k", {**run.params, "prefetch": True, "fused_pass1": True})
-    r = roofline.model("cuda", "nce+rce", "bf16", B, K, [fused], {"k": kernels["k"]})
+    fused_kernels = _kernels_for(fused, 21.0, regs=100)
+    fused_kernels["k"].update(mufu_per_element=1.0, phases=[
+        roofline._phase("read", 0.0, 0.0), phases[1], roofline._phase("write", 10.0, 0.0), phases[3]])
+    r = roofline.model("cuda", "nce+rce", "bf16", B, K, [fused], fused_kernels)
     assert r["predicted_pct_copy_serial_passes"] == r["predicted_pct_copy"]
     # Two blocks a SM (64 registers, a grid of 264): one's passes overlap the other's, the figures agree.
     run2 = roofline.KernelRun("k", 264, 16, "large_k", run.params)
