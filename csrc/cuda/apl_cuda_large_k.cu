@@ -425,6 +425,15 @@ __device__ __forceinline__ int64_t edge_slot_of(int64_t tid, int64_t T, int64_t 
   return tid == 0 ? 0 : (tid == T - 1 && ns > 1 ? ns - 1 : -1);
 }
 
+// Interior (in-row, full) slot j of the row at z, whose first element lies `shift`
+// elements past a 16-byte boundary: one 16-byte load.
+template <typename scalar_t>
+__device__ __forceinline__ Slot<scalar_t> interior_slot(const scalar_t* z, int64_t j, int shift) {
+  Slot<scalar_t> b;
+  *reinterpret_cast<uint4*>(&b) = __ldg(reinterpret_cast<const uint4*>(z + (j * Slot<scalar_t>::V - shift)));
+  return b;
+}
+
 // The thread that writes slot j's gradient.
 __device__ __forceinline__ int64_t slot_owner(int64_t j, int64_t T, int64_t nc, int64_t ns) {
   if (j == 0) return 0;
@@ -468,11 +477,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
   auto pass1 = [&](const scalar_t* zr, int shift_r, int64_t ns_r, int64_t nc_r, int64_t from,
                    SlotMax<scalar_t>& slot_max) {
     float m = -INFINITY;
-    auto slot_at = [&](int64_t j) {
-      S b;
-      *reinterpret_cast<uint4*>(&b) = __ldg(reinterpret_cast<const uint4*>(zr + (j * V - shift_r)));
-      return b;
-    };
+    auto slot_at = [&](int64_t j) { return interior_slot(zr, j, shift_r); };
     int64_t j = tid == 0 ? T : tid;
     if (j < from) j += (from - j + T - 1) / T * T;
     const int64_t full_end = nc_r < ns_r - 1 ? nc_r : ns_r - 1;
@@ -522,11 +527,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
     const int shift = slot_shift(z);
     const int64_t ns = slot_count<scalar_t>(K, shift), nc = ns < cap ? ns : cap;
     const float z_y = static_cast<float>(z[y]);
-    auto full_slot = [&](int64_t j) {  // an interior slot from global memory
-      S b;
-      *reinterpret_cast<uint4*>(&b) = __ldg(reinterpret_cast<const uint4*>(z + (j * V - shift)));
-      return b;
-    };
+    auto full_slot = [&](int64_t j) { return interior_slot(z, j, shift); };
     auto edge_slot = [&](int64_t j) {
       S b;
       load_slot(z, j * V - shift, K, b);
@@ -650,16 +651,11 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
           if constexpr (decltype(vec)::value) store_full_slot(g + (j * V - shift), o);
           else store_slot(g, j * V - shift, K, o, false);
         };
-        auto next_slot = [&](int64_t j) {
-          S b;
-          *reinterpret_cast<uint4*>(&b) = __ldg(reinterpret_cast<const uint4*>(zn + (j * V - shift_n)));
-          return b;
-        };
         int64_t j = tid == 0 ? T : tid;
         for (; j + (kFuseBatch - 1) * T < fused_end; j += kFuseBatch * T) {
           S buf[kFuseBatch];
 #pragma unroll
-          for (int u = 0; u < kFuseBatch; ++u) buf[u] = next_slot(j + u * T);
+          for (int u = 0; u < kFuseBatch; ++u) buf[u] = interior_slot(zn, j + u * T, shift_n);
 #pragma unroll
           for (int u = 0; u < kFuseBatch; ++u) {
             store_full(j + u * T, grad_slot(copy_slot(cache + j + u * T)));
