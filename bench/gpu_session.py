@@ -64,6 +64,7 @@ DEFAULT_BUDGET_S = 540          # the device tool allows 600 s per command; 60 s
 CPU_CHECK_BUDGET_S = 3600       # the CPU check's default: its steps run on 2 slow cores
 CPU_CHECK_CAP_SCALE = 5         # ... so each step's cap is this many times the GPU one
 SUMMARY_RESERVE_S = 10          # kept back for the summary and the last packing of the logs
+INT_GRACE_S = 8                 # after SIGINT, at a step's deadline: pytest then prints what ran and failed
 TERM_GRACE_S = 10               # between SIGTERM and SIGKILL of a step's process group
 ROOFLINE_PATH = os.path.join("bench", "results", "roofline-sm90.json")
 
@@ -418,7 +419,9 @@ def _on_sigterm(signum, frame):
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5)):
+    # SIGINT first: pytest (and xdist's controller) answer it with the summary of the tests
+    # run so far, which a killed test step would otherwise lose.
+    for sig, wait in ((signal.SIGINT, INT_GRACE_S), (signal.SIGTERM, TERM_GRACE_S), (signal.SIGKILL, 5)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:

@@ -335,6 +335,26 @@ def test_time_cap_fails_a_slow_test_and_spares_a_quick_one(tmp_path):
     assert "test_slow.py::test_slow ran longer than the cap of 1 s" in result.stdout
 
 
+def test_a_test_step_killed_at_its_deadline_still_logs_pytest_summary(tmp_path, monkeypatch):
+    """The deadline sends SIGINT first: pytest prints the tests that passed and failed so far,
+    which a SIGTERM would lose (it was lost before: the log ended at the last dot)."""
+    (tmp_path / "test_hang.py").write_text("import time\n\ndef test_fails():\n    assert 1 == 2\n\n"
+                                           "def test_hangs():\n    time.sleep(600)\n")
+    monkeypatch.setattr(gpu_session, "TERM_GRACE_S", 2)
+    pytest_cmd = Command([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(tmp_path / "test_hang.py")])
+    steps = [Step("tests", "one test hangs", 1, 6, 1, [pytest_cmd])]
+    session = gpu_session.Session(Settings(out=str(tmp_path / "out"), budget_s=gpu_session.SUMMARY_RESERVE_S + 60),
+                                  steps, ["tests"])
+    try:
+        results = session.run()
+    finally:
+        session.cleanup()
+    assert results[0].status == "timeout"
+    log = (tmp_path / "out" / "session.log").read_text()
+    assert "KeyboardInterrupt" in log and "FAILED" in log and "test_fails" in log and "1 failed" in log, log
+
+
 # ----------------------------------------------------------------------------- the CPU check, end to end
 
 def _step_table(summary: str) -> list:
