@@ -67,7 +67,8 @@ def _setup_compile(device: torch.device = torch.device("cpu")):
     # graph with donated buffers refuses (checked at backward time).  Donation only
     # lets the backward reuse saved buffers for its outputs: times are those of the
     # default torch.compile, its peak memory may be somewhat higher.
-    torch._functorch.config.donated_buffer = False
+    import torch._functorch.config as functorch_config  # not imported by `import torch` in 2.11
+    functorch_config.donated_buffer = False
     cfg = torch._dynamo.config
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
                  "accumulated_recompile_limit"):

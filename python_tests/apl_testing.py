@@ -5,6 +5,9 @@ A module of its own name (python_tests/ holds several conftests).
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -162,3 +165,25 @@ def make_inputs(n: int, k: int, dtype=torch.float32, scale: float = 3.0, seed: i
     if ignore_every:
         target[::ignore_every] = -100
     return logits, target
+
+
+# What both GPU kernels' bad-label asserts say (csrc/cuda/apl_cuda_common.cuh row_status,
+# apl_kernels/triton/kernels.py BAD_LABEL).
+DEVICE_ASSERT_MESSAGE = "outside [0, K) and is not ignore_index"
+
+
+def expect_device_assert(code: str) -> str:
+    """Run `code` (after ``import torch`` and ``from apl_kernels import LossSpec, apl_loss``)
+    in a child Python and check that a device-side assert with the bad-label message stops it.
+
+    A device-side assert leaves the CUDA context unusable for the rest of the process, so
+    the test that provokes one must not run it in pytest's own process (on xdist every later
+    test of that worker would fail).  Returns the child's stderr.
+    """
+    program = ("import torch\nfrom apl_kernels import LossSpec, apl_loss\n" + code +
+               "\ntorch.cuda.synchronize()\nprint('no error')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))  # the test helpers too
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode != 0 and "no error" not in run.stdout, run.stdout + run.stderr[-2000:]
+    assert DEVICE_ASSERT_MESSAGE in run.stderr, run.stderr[-2000:]
+    return run.stderr

@@ -13,8 +13,8 @@ import torch
 
 from apl_kernels import LossSpec, apl_loss
 
-from apl_testing import (ALL_LOSSES, PAPER_PAIRS, SHARED_Q_PAIRS, assert_close, check_against_reference, loss_and_grad,
-                         make_inputs, make_spec, uses_gamma)
+from apl_testing import (ALL_LOSSES, PAPER_PAIRS, SHARED_Q_PAIRS, assert_close, check_against_reference,
+                         expect_device_assert, loss_and_grad, make_inputs, make_spec, uses_gamma)
 
 REDUCTIONS = ("mean", "sum", "none")
 GRADS = ("official", "exact")
@@ -234,9 +234,17 @@ def test_non_finite_rows(backend, loss, reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_out_of_range_target_unchecked(backend, reduction):
-    """With check_targets=False a bad label gives a NaN row, never an out-of-bounds read."""
+    """With check_targets=False a bad label gives a NaN row on the CPU, never an out-of-bounds
+    read; the GPU kernels stop with a device-side assert instead (the documented contract;
+    the test expected NaN rows there until it first ran on a GPU)."""
     logits, target = make_inputs(5, 4, torch.float32)
     target[1], target[3] = 4, -7
+    if backend.device == "cuda":
+        expect_device_assert(f"x = torch.randn(5, 4, device='cuda', requires_grad=True)\n"
+                             f"y = torch.tensor({target.tolist()}, device='cuda')\n"
+                             f"apl_loss(x, y, 'nce+rce', reduction={reduction!r}, backend={backend.name!r}, "
+                             f"check_targets=False)")
+        return
     loss, grad = loss_and_grad(backend.name, logits.to(backend.device), target.to(backend.device),
                                LossSpec.from_name("nce+rce"), reduction, check_targets=False)
     loss, grad = loss.cpu(), grad.cpu()
@@ -345,3 +353,12 @@ def test_one_hot_logits_gradient(backend, loss):
     _, truth = loss_and_grad("reference", logits.double(), target, spec, "none")
     assert truth[0].abs().max() == 0
     assert (grad.cpu().double() - truth).abs().max().item() < 1e-11
+
+
+def test_expect_device_assert_needs_the_bad_label_message():
+    """The child-process check of the GPU assert tests: passes only when the child dies with
+    the assert's message (here a stand-in error), fails when the child carries on."""
+    stderr = expect_device_assert("raise RuntimeError('Assertion: a target is outside [0, K) and is not ignore_index')")
+    assert "RuntimeError" in stderr
+    with pytest.raises(AssertionError):
+        expect_device_assert("x = torch.ones(3)")
