@@ -86,7 +86,8 @@ NCU_METRICS = {
     "launch__registers_per_thread": "registers",
 }
 TEST_CAP_S = 120                # per test (bench.pytest_time_cap)
-XDIST_WORKERS = 8               # GPU tests in parallel when pytest-xdist is there (Triton compiles are serial)
+XDIST_WORKERS = 16              # GPU tests in parallel when pytest-xdist is there (Triton compiles are
+                                # CPU-bound; the H200 machine has 16 cores)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -205,10 +206,10 @@ def build_steps(s: Settings) -> list:
                  _py(s, "setup.py", "build_ext", "--inplace", env=build_env, fallback=True,
                      note="pip failed: the same build with setup.py build_ext --inplace")]
     build.append(_py(s, "-c", BUILD_INFO_SCRIPT, label="script: apl_kernels.build_info() as JSON"))
-    # Estimate: measured on the 2-core CPU machine (2026-11-30), the serial CUDA build is 555
-    # CPU-seconds, of which csrc/cuda/apl_cuda_small_k.cu alone is 153: with 16 jobs that one
-    # file is the critical path, so ~150 s of compiling plus pip's own ~20 s.
-    steps.append(Step("build", "build the extension (timed)", 180, 330, 60, build, protect_later=False))
+    # Estimates and caps below: the H200 machine, 2026-11-30 (bench/results/h200-2026-11-30/):
+    # build 58-60 s, tests 167 s for 63% of them (8 workers), kernels ~165 s, epochs 98 s,
+    # memcheck 73 s, ncu 22 s, racecheck 13 s, triton-suite 73 s for 89% of it.
+    steps.append(Step("build", "build the extension (timed)", 60, 240, 45, build, protect_later=False))
 
     # --- tests
     pytest = ["-m", "pytest", "-q", "-p", "bench.pytest_time_cap", "--time-cap", f"{s.test_cap_s:g}",
@@ -221,7 +222,7 @@ def build_steps(s: Settings) -> list:
     # pytest exits 5 when no test was collected: on the GPU a failure, in the CPU check the
     # expected outcome of a module that skips itself without a GPU.
     collected_none = (0, 5) if s.cpu_check else (0,)
-    steps.append(Step("tests", "pytest -m gpu (GPU tests; each capped)", 150, 210, 60,
+    steps.append(Step("tests", "pytest -m gpu (GPU tests; each capped)", 170, 240, 60,
                       [_py(s, *pytest, "-m", "gpu", *targets, ok_codes=collected_none)]))
 
     # --- compute-sanitizer
@@ -243,8 +244,8 @@ def build_steps(s: Settings) -> list:
                        env={"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}, tool="compute-sanitizer")]
         race = [Command([*sanitizer, "--tool", "racecheck", "--racecheck-report", "all", s.python, *once, "--quick"],
                         tool="compute-sanitizer")]
-    steps.append(Step("memcheck", "compute-sanitizer memcheck, every kernel variant once", 45, 90, 25, mem))
-    steps.append(Step("racecheck", "compute-sanitizer racecheck, every kernel variant once", 35, 75, 20, race))
+    steps.append(Step("memcheck", "compute-sanitizer memcheck, every kernel variant once", 75, 110, 30, mem))
+    steps.append(Step("racecheck", "compute-sanitizer racecheck, every kernel variant once", 15, 45, 10, race))
 
     # --- benchmarks
     if s.cpu_check:
@@ -256,14 +257,14 @@ def build_steps(s: Settings) -> list:
                   "--losses", GOAL_LOSSES]
         eager = ["reference", "cuda", "triton", "F.cross_entropy"]
     kernels = ["-m", "bench.kernels", *matrix, "--out", results, "--no-plots"]
-    steps.append(Step("kernels", "bench.kernels at the goal shapes, every backend", 90, 150, 50,
+    steps.append(Step("kernels", "bench.kernels at the goal shapes, every backend", 165, 210, 60,
                       [_py(s, *kernels, "--backends", ",".join(eager))]))
     if s.cpu_check:
         epochs = ["--device", "cpu", "--batch-size", "8", "--epochs", "2", "--steps", "1", "--losses", "nce+rce"]
     else:
         epochs = ["--device", "cuda", "--batch-size", "128", "--epochs", "3",
                   "--losses", "nce+rce" if s.tiny else ROBUST_PAIRS] + (["--steps", "20"] if s.tiny else [])
-    steps.append(Step("epochs", "bench.epochs: cnn8, batch 128, AMP bf16, synthetic, reference vs auto", 60, 120, 35,
+    steps.append(Step("epochs", "bench.epochs: cnn8, batch 128, AMP bf16, synthetic, reference vs auto", 100, 130, 40,
                       [_py(s, "-m", "bench.epochs", "--models", "cnn8", "--amp", "bf16", "--synthetic", *epochs,
                            "--out", results)]))
 
@@ -282,7 +283,7 @@ def build_steps(s: Settings) -> list:
                Command([*profile, "1", s.python, *head, "--backends", "cuda", "--shape", shape],
                        env=dict([NCU_RUNS[1].split("=")]), tool="ncu", note=f"the CUDA kernel with {NCU_RUNS[1]}")]
     steps.append(Step("ncu", "ncu: DRAM bytes and occupancy of the headline kernels (and CUDA without its prefetch)",
-                      45, 100, 30, ncu))
+                      25, 60, 20, ncu))
 
     # --- optional extras, last
     compiled = [_py(s, *kernels, "--backends", "compiled", "--passes", "fwd,fwd+bwd")]
