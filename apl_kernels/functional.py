@@ -1,6 +1,7 @@
 """The functional API: ``apl_loss(logits, target, "nce+rce", ...)``."""
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
@@ -140,6 +141,21 @@ def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *, re
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_spec(name: str, typed_params: tuple) -> LossSpec:
+    return LossSpec.from_name(name, **{key: value for key, _, value in typed_params})
+
+
+def _spec_from_name(name, params: dict) -> LossSpec:
+    """``LossSpec.from_name``, cached: parsing and validating the spec took ~25 us of a small
+    call's host time (LossSpec is frozen, so one instance serves every call).  The key holds
+    each value's type: True == 1 and hash alike, and alpha=True must still be refused."""
+    try:
+        return _cached_spec(name, tuple((key, type(value), value) for key, value in params.items()))
+    except TypeError:  # an unhashable argument (a list as alpha, say): from_name names the problem
+        return LossSpec.from_name(name, **params)
+
+
 def apl_loss(logits: torch.Tensor, target: torch.Tensor, loss: Union[str, LossSpec] = "nce+rce", *,
              alpha: Optional[float] = None, beta: Optional[float] = None, gamma: Optional[float] = None,
              q: Optional[float] = None, A: Optional[float] = None, reduction: str = "mean",
@@ -199,6 +215,6 @@ def apl_loss(logits: torch.Tensor, target: torch.Tensor, loss: Union[str, LossSp
             raise ValueError(f"pass either a LossSpec or parameters, not both (got {given})")
         spec = loss
     else:
-        spec = LossSpec.from_name(loss, **params)
+        spec = _spec_from_name(loss, params)
     return fused_loss(logits, target, spec, reduction=reduction, ignore_index=ignore_index,
                       backend=backend, check_targets=check_targets, overwrite_logits=overwrite_logits)

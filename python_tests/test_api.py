@@ -196,3 +196,18 @@ def test_new_parameters_are_validated(name, params, match):
         LossSpec.from_name(name, **params)
     with pytest.raises(ValueError, match=match):
         apl_loss(*_inputs(), name, backend="reference", **params)
+
+
+def test_cached_spec_by_name_still_refuses_what_from_name_refuses():
+    """apl_loss caches the LossSpec of a name and its parameters: a value that equals and
+    hashes as a good one (True == 1, 2 == 2.0) must still get its own validation."""
+    x, y = _inputs()
+    apl_loss(x, y, "taylor", t=1, backend="reference")          # caches t=1
+    with pytest.raises(ValueError, match="must be an integer"):
+        apl_loss(x, y, "taylor", t=True, backend="reference")   # True == 1
+    apl_loss(x, y, "nce+rce", alpha=2, backend="reference")
+    with pytest.raises(ValueError, match="alpha must be a finite number"):
+        apl_loss(x, y, "nce+rce", alpha=[2], backend="reference")  # unhashable: not cached
+    a = apl_loss(x, y, "nce+rce", alpha=2.0, beta=0.5, backend="reference")
+    b = apl_loss(x, y, "nce+rce", alpha=2.0, beta=1.0, backend="reference")
+    assert not torch.equal(a, b)  # a parameter change reaches the loss
