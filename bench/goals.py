@@ -171,6 +171,9 @@ def _predicted(predictions: Optional[dict]):
         low = r.get("predicted_pct_copy_static", r["predicted_pct_copy"])
         serial = r.get("predicted_pct_copy_serial_passes", r["predicted_pct_copy"])
         serial = f"; {serial:.1f}% if a row's passes do not overlap" if serial < min(low, r["predicted_pct_copy"]) else ""
+        latency = r.get("predicted_pct_copy_latency")
+        if latency is not None and latency < min(low, r["predicted_pct_copy"]):
+            serial += f"; {latency:.1f}% with each load's latency exposed (calibrated on the H200)"
         if low != r["predicted_pct_copy"]:   # CUDA: run-time loss terms, a range of instruction counts
             return (f"predicted {low:.1f}-{r['predicted_pct_copy']:.1f}% ({r['sass_per_element_static']:.0f} to "
                     f"{r['sass_per_element']:.0f} SASS instructions per element{serial})")

@@ -144,6 +144,8 @@ def test_per_element_count_of_a_chunked_kernel():
     assert [h["per_element"] for h in info["hot_loops"]] == [round(3 / 16, 2), round(4 / 16, 2)]
     # One MUFU in chunk loop 2, run 16 times a row: 16 per 256 elements.
     assert info["mufu_per_element"] == pytest.approx(16 / 256)
+    # Both chunk loops load from global memory: 2 passes x 16 chunks = 32 iterations that wait a row.
+    assert info["waits_per_row"] == 32
 
 
 def test_the_mufu_rate_bounds_a_loss_with_many_exps_and_roots():
@@ -301,6 +303,30 @@ def test_plans_follow_the_launch_heuristics():
     assert [r.kind for r in short16] == ["memset", "small_k"] and (short16[1].grid, short16[1].warps) == (128, 4)
 
 
+def test_exposed_latency_of_one_block_per_sm_rows(monkeypatch):
+    """One 16-warp program per SM loops over its rows; each of a row's 32 chunk iterations waits
+    LOOP_LATENCY_S for its loads and nothing else on the SM overlaps it."""
+    monkeypatch.setitem(roofline.BACKWARD, "triton", {"launches": 1, "passes": 0, "buffers": 0, "host_syncs": 0})
+    monkeypatch.setitem(roofline.LOOP_LATENCY_S, "triton", 0.75e-6)
+    B, K = 8192, 131072
+    run = roofline.KernelRun("k", 132, 16, "chunked", {"BLOCK_K": 8192, "NEEDS_PASS2": False})
+    kernels = _kernels_for(run, 10.0, regs=100)          # one block a SM
+    kernels["k"]["waits_per_row"] = 32
+    r = roofline.model("triton", "ce", "bf16", B, K, [run], kernels)
+    # A row: 32 x 0.75 us + 10 x 131072 / 32 warp-instructions at 4 a clock (5.17 us) = 29.17 us; 63 rows
+    # a program (8192 / 132, rounded up): 1.838 ms, against the minimal 2 x 2 GiB / 4.3e12 = 0.999 ms.
+    row = 32 * 0.75e-6 + 10 * K / 32 / (4 * 1.98e9)
+    minimal = 2 * B * K * 2 / 4.3e12
+    assert r["predicted_pct_copy_latency"] == pytest.approx(100 * minimal / (63 * row), abs=0.05)
+    assert 54 < r["predicted_pct_copy_latency"] < 55 and r["waits_per_row"] == 32
+    assert r["predicted_pct_copy"] == pytest.approx(100 * 2 * B * K * 2 / (2 * B * K * 2 + 8 * B), abs=0.05)
+    # Two blocks a SM hide each other's waits: no such figure.
+    two = _kernels_for(run, 10.0, regs=64)
+    two["k"]["waits_per_row"] = 32
+    run2 = roofline.KernelRun("k", 264, 16, "chunked", run.params)
+    assert roofline.model("triton", "ce", "bf16", B, K, [run2], {"k": two["k"]})["predicted_pct_copy_latency"] is None
+
+
 def test_goals_show_predictions_labelled_predicted():
     predictions = {"meta": {"what": "PREDICTED", "toolchains": {}}, "records": [
         {"backend": "triton", "loss": "nce+rce", "dtype": "bf16", "B": 8192, "K": 131072, "launches": 11,
@@ -321,6 +347,11 @@ def test_goals_show_predictions_labelled_predicted():
     line = by_name["triton nce+rce bf16 [8192, 131072] fwd+bwd >= 85% of copy bandwidth"]["predicted"]
     assert line == ("predicted 27.4% (issue-bound, 82 SASS instructions per element; 20.1% if a row's passes "
                     "do not overlap)"), line
+    # ... and the exposed-latency figure, when lower still.
+    predictions["records"][0]["predicted_pct_copy_latency"] = 15.2
+    by_name = {g["goal"]: g for g in goals.evaluate({"meta": {"device": "cuda"}, "records": []}, predictions)}
+    line = by_name["triton nce+rce bf16 [8192, 131072] fwd+bwd >= 85% of copy bandwidth"]["predicted"]
+    assert line.endswith("; 15.2% with each load's latency exposed (calibrated on the H200))"), line
 
 
 def test_launch_count_uses_loss_backward(tmp_path, monkeypatch):
