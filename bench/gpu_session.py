@@ -19,6 +19,7 @@ needs first, so that a short budget cuts the sanitizers and extras, not the figu
   ncu           ncu --clock-control none: DRAM bytes and occupancy of the headline kernels
                 (nce+rce bf16 [8192, 131072], triton and cuda), against bench/results/roofline-sm90.json
   racecheck     compute-sanitizer --tool racecheck on the same program as memcheck (one call per variant and dtype)
+  sweep         bench.gpu_sweep: the large-K launch knobs one at a time at the headline (fwd+bwd)
   compiled      bench.kernels, backend compiled (torch.compile of the reference), same matrix, fwd and fwd+bwd
   triton-suite  python_tests/triton/test_triton_kernels.py on the GPU (not marked gpu, so not in `tests`)
   summary       tests passed/failed, sanitizer findings, every GPU goal measured (and predicted)
@@ -33,6 +34,7 @@ own log; OUT ends up with at most 8 files (the device tool brings back no more):
   OUT/session.log     every step's command, output, exit status and time, in order
   OUT/logs.tar.gz     the same logs, one file per step, plus steps.json (for --summarize)
   OUT/results.json    bench.kernels and bench.epochs records (bench.goals reads it)
+  OUT/sweep.json      bench.gpu_sweep's records
 
 --cpu-check runs here what the GPU run would run: the same programs with --device cpu
 and small shapes, pytest with its flags (the GPU tests skip), the build as
@@ -286,6 +288,15 @@ def build_steps(s: Settings) -> list:
                       25, 60, 20, ncu))
 
     # --- optional extras, last
+    # The large-K launch knobs one at a time (bench.gpu_sweep): which redesign moves the headline.
+    sweep_out = os.path.join(s.out, "sweep.json")
+    if s.cpu_check:   # the Triton configurations interpreted on a small fp32 shape; CUDA is unavailable here
+        sweep = [_py(s, "-m", "bench.gpu_sweep", "--device", "cpu", "--shape", "2x10000" if s.tiny else "8x20000",
+                     "--dtype", "fp32", "--losses", "ce", "--quick", "--out", sweep_out, env={"TRITON_INTERPRET": "1"})]
+    else:
+        sweep = [_py(s, "-m", "bench.gpu_sweep", "--device", "cuda", "--out", sweep_out)]
+    steps.append(Step("sweep", "bench.gpu_sweep: the large-K launch knobs at the headline, fwd+bwd", 90, 150, 40,
+                      sweep, optional=True))
     compiled = [_py(s, *kernels, "--backends", "compiled", "--passes", "fwd,fwd+bwd")]
     if s.cpu_check:
         compiled = [_py(s, "-m", "bench.kernels", "--device", "cpu", "--quick", "--threads", "1", "--dtypes", "fp32",
@@ -306,7 +317,7 @@ def build_steps(s: Settings) -> list:
 
 # The order: what the goals table needs comes first (the tests, then the benchmarks),
 # the sanitizers and ncu after, the optional extras last; --budget cuts from the end.
-STEP_NAMES = ("env", "build", "tests", "kernels", "epochs", "memcheck", "ncu", "racecheck", "compiled",
+STEP_NAMES = ("env", "build", "tests", "kernels", "epochs", "memcheck", "ncu", "racecheck", "sweep", "compiled",
               "triton-suite")
 
 
@@ -763,6 +774,11 @@ def _step_note(name: str, text: str, record: dict) -> str:
     if name in ("kernels", "compiled", "epochs"):
         m = re.findall(r"^(\d+) (?:epoch )?records written", text, re.M)
         return f"{m[-1]} records" if m else "no records written (see the log)"
+    if name == "sweep":
+        m = re.findall(r"^(\d+) records -> ", text, re.M)
+        fastest = re.findall(r"^fastest first, per loss:\n(.+)$", text, re.M)
+        return (f"{m[-1]} configurations" + (f"; fastest: {' '.join(fastest[-1].split())}" if fastest else "")) \
+            if m else "no sweep records (see the log)"
     return ""
 
 

@@ -13,6 +13,7 @@ import textwrap
 import time
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -381,20 +382,26 @@ def test_cpu_check_runs_every_step_it_can(cpu_check):
     assert summary in result.stdout  # printed last, and written
     steps = {line.split()[0]: line.split()[1] for line in _step_table(summary)}
     assert steps == {"env": "ok", "build": "ok", "tests": "ok", "memcheck": "ok", "kernels": "ok", "epochs": "ok",
-                     "ncu": "ok"}, summary
+                     "ncu": "ok", "sweep": "ok"}, summary
     assert "CPU check" in summary and "compute-sanitizer not run" in summary and "ncu not run" in summary
     log = (out / "session.log").read_text()
     assert "skipped: compute-sanitizer not found on PATH (CPU check)" in log or \
         "compute-sanitizer is not run" in log
     assert "Would install apl_kernels" in log  # pip's dry run, nothing installed
     assert "headline cpu nce+rce bf16 [64,1000]: loss" in log
+    # the sweep: every Triton configuration timed, interpreted, with the default's loss
+    sweep = json.loads((out / "sweep.json").read_text())["records"]
+    triton = [r for r in sweep if r["backend"] == "triton"]
+    assert len(triton) == 5 and all("ms" in r and r["loss_matches_default"] for r in triton), triton
+    assert {r["plan"][0] for r in triton} == {"chunked"}
+    assert all(r["error"].startswith("RuntimeError: unavailable") for r in sweep if r["backend"] == "cuda")
 
 
 def test_cpu_check_output_fits_what_the_device_tool_brings_back(cpu_check):
     out, _ = cpu_check
     files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
     assert sorted(os.path.relpath(f, out) for f in files) == ["logs.tar.gz", "results.json", "session.log",
-                                                              "summary.txt"]
+                                                              "summary.txt", "sweep.json"]
     assert all(os.path.getsize(f) < 16 << 20 for f in files)
     data = json.loads((out / "results.json").read_text())
     kinds = {r["kind"] for r in data["records"]}
@@ -410,3 +417,35 @@ def test_an_output_folder_of_an_earlier_session_is_refused(cpu_check):
     out, _ = cpu_check
     result = _run(str(out), "--cpu-check", "--steps", "env")
     assert result.returncode != 0 and "already holds a session" in result.stderr
+
+
+# ----------------------------------------------------------------------------- bench.gpu_sweep
+
+def test_sweep_child_process_reads_its_environment_and_returns_the_timing():
+    """The CUDA configurations run in a child (their knobs are read once per process): the protocol,
+    on the CPU kernel with an environment knob of its own."""
+    from bench import gpu_sweep
+    from apl_kernels import apl_loss
+    got = gpu_sweep._child("cpu", "nce+rce", "fp32", (4, 50), "cpu", True, {"APL_CPU_ISA": "base"})
+    assert got["ms"] > 0 and got["plan"] is None
+    generator = torch.Generator().manual_seed(0)   # measure()'s inputs, rebuilt here
+    logits = torch.randn(4, 50, generator=generator) * 3
+    target = torch.randint(0, 50, (4,), generator=generator)
+    expected = float(apl_loss(logits, target, "nce+rce", backend="reference"))
+    assert got["loss_value"] == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(RuntimeError, match="exit"):
+        gpu_sweep._child("no-such-backend", "nce+rce", "fp32", (4, 50), "cpu", True, {})
+
+
+def test_sweep_triton_settings_are_restored_and_checked():
+    pytest.importorskip("triton")
+    from bench import gpu_sweep
+    from apl_kernels.triton import kernels
+    chunk, programs = kernels.CHUNK, kernels._programs_in_flight
+    with gpu_sweep.triton_settings({"CHUNK": {2: 4096}, "programs_per_sm": 2}):
+        assert kernels.CHUNK == {2: 4096}
+        assert kernels._programs_in_flight(torch.device("cpu"), 1 << 20, 1000, 8) == 2
+    assert kernels.CHUNK is chunk and kernels._programs_in_flight is programs
+    with pytest.raises(ValueError, match="no \\['NO_SUCH_KNOB'\\]"):
+        with gpu_sweep.triton_settings({"NO_SUCH_KNOB": 1}):
+            pass
