@@ -125,10 +125,14 @@ def evaluate(data: dict, predictions: Optional[dict] = None) -> list:
     goals.append(_gpu_only(_at_most(
         f"triton {list(TINY)} fwd+bwd <= 2 launches", worst and worst["launches"], 2,
         f"worst {_cfg(worst)} of {len(launches)}" if worst else "no record"), device))
-    worst = max(tiny, key=lambda r: r["ms"]) if tiny else None
+    # Kernel time: the CUDA-graph replay where the run measured one (the eager time at this size is
+    # the host's: Python, autograd and launch calls), else the eager time, said so.
+    graphed = [r for r in tiny if r.get("graph_ms") is not None]
+    timed, key, how = (graphed, "graph_ms", "as a CUDA graph replays it") if graphed else (tiny, "ms", "eager")
+    worst = max(timed, key=lambda r: r[key]) if timed else None
     goals.append(_gpu_only(_at_most(
-        f"triton {list(TINY)} fwd+bwd <= 10 us", worst and worst["ms"] * 1e3, 10.0,
-        f"worst {_cfg(worst)} of {len(tiny)}" if worst else "no record", " us"), device))
+        f"triton {list(TINY)} fwd+bwd <= 10 us", worst and worst[key] * 1e3, 10.0,
+        f"worst {_cfg(worst)} of {len(timed)}, {how}" if worst else "no record", " us"), device))
     goals.append(_gpu_only(_ratio_everywhere(
         records, "triton >= 2x faster than compiled reference everywhere (fwd, fwd+bwd)",
         "triton", "compiled", 2.0, passes=("fwd", "fwd+bwd")), device))

@@ -337,19 +337,24 @@ def run(args) -> dict:
                     except Exception as error:  # noqa: BLE001
                         rows[backend] = _failed(backend, error, skipped, loss, B, K, dtype_name, gpu)
                         continue
+                    graph_ms = common.graph_replay_ms(fn, device, quick=args.quick) \
+                        if gpu and pass_name == "fwd+bwd" and nbytes <= common.GRAPH_MAX_BYTES else None
                     gbps = io_bytes(B, K, dtype, pass_name) / (ms * 1e6)
                     results[backend][pass_name] = {
                         "kind": "kernel", "loss": loss, "B": B, "K": K, "dtype": dtype_name, "backend": backend,
                         "pass": pass_name, "ms": common.sig(ms), "gbps": common.sig(gbps),
                         "pct_copy_bw": common.sig(100 * gbps / copy_bw) if copy_bw else None,
                         "peak_mem_ratio": None if peak is None else common.sig(peak / nbytes),
-                        "launches": launches}
+                        "launches": launches, "graph_ms": None if graph_ms is None else common.sig(graph_ms)}
                 for backend in list(fns):
                     if backend in rows and "failed" in rows[backend]:
                         fns.pop(backend)  # failed in this pass: not timed further
             wall_line = _time_default_wall(fns, args, default_threads, meta, (loss, B, K, dtype_name)) \
                 if also_default_wall and "fwd+bwd" in passes and fns else None
             for backend, res in results.items():
+                if res.get("fwd+bwd", {}).get("graph_ms") is not None:
+                    print(f"  {backend:<16} fwd+bwd as a CUDA graph replays it (kernels only, no host time): "
+                          f"{res['fwd+bwd']['graph_ms'] * 1e3:.1f} us", flush=True)
                 records.extend(res.values())
                 if res and backend not in rows:
                     rows[backend] = res

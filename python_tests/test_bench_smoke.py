@@ -32,8 +32,9 @@ def _check_format(data):
     assert set(data) == {"meta", "records"}
     assert META_KEYS <= set(data["meta"])
     for record in data["records"]:
-        keys = KERNEL_KEYS if record["kind"] == "kernel" else EPOCH_KEYS
+        keys = KERNEL_KEYS | {"graph_ms"} if record["kind"] == "kernel" else EPOCH_KEYS   # graph_ms: None off CUDA
         assert set(record) == keys, record
+        assert record["kind"] != "kernel" or record["graph_ms"] is None
     assert common.validate_results(data) == []
 
 
@@ -203,3 +204,27 @@ def test_goals_logic_on_handmade_records():
     # On a CPU run the GPU goals are reported as not applicable.
     cpu = goals.evaluate({"meta": {"device": "cpu"}, "records": records})
     assert {g["status"] for g in cpu if g["goal"].startswith("triton")} == {"n/a", "not measured"}
+
+
+def test_tiny_time_goal_reads_the_graph_replay_where_measured():
+    """At [128, 10] the eager fwd+bwd time is the host's; a run that measured the CUDA-graph replay
+    (graph_ms) is judged by it, and the line says which one it used."""
+    eager_only = [_k("triton", "ce", 128, 10, "bf16", ms=0.43, launches=2)]
+    graphed = [dict(eager_only[0], graph_ms=0.006)]
+
+    def tiny(records):
+        (goal,) = [g for g in goals.evaluate({"meta": {"device": "cuda"}, "records": records})
+                   if g["goal"] == "triton [128, 10] fwd+bwd <= 10 us"]
+        return goal
+
+    assert tiny(eager_only)["status"] == "missed" and "eager" in tiny(eager_only)["detail"]
+    assert tiny(graphed)["status"] == "met" and "CUDA graph" in tiny(graphed)["detail"]
+    assert tiny(graphed)["value"] == pytest.approx(6.0)
+    # both record shapes are valid results
+    assert common.validate_results({"meta": {k: None for k in common.META_KEYS}, "records": graphed + eager_only}) == []
+    assert common.validate_results({"meta": {k: None for k in common.META_KEYS},
+                                    "records": [dict(eager_only[0], bogus=1)]}) != []
+
+
+def test_graph_replay_is_cuda_only():
+    assert common.graph_replay_ms(lambda: None, torch.device("cpu")) is None
