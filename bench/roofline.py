@@ -240,6 +240,13 @@ CUDA_SMALL_BLOCK = 256
 CUDA_TINY_NV = 4
 CUDA_SPREAD_BYTES = 64 * 1024        # apl_cuda_small_k.cu kSpreadBytes
 CUDA_COUNT_LOADS_PER_THREAD = 8      # apl_cuda_common.cuh kCountLoadsPerThread
+CUDA_TAIL_BATCH = 4                  # apl_cuda_large_k.cu kTailBatch (large_k_fixed's streamed-tail loads)
+
+
+def _tail_batches(streamed: int, threads: int) -> int:
+    """Iterations (all threads) of large_k_fixed's streamed-tail loops over a row: thread t takes slots
+    t, t + threads, ... of the tail, CUDA_TAIL_BATCH an iteration (the last one predicated)."""
+    return sum(_cdiv(_cdiv(streamed - t, threads), CUDA_TAIL_BATCH) for t in range(min(threads, streamed)))
 
 
 def _slot_elems(dtype: str) -> int:
@@ -692,7 +699,8 @@ def _small_k(run: KernelRun, instructions, top, K: int) -> dict:
 
 def _fixed_loops(run: KernelRun, instructions, children) -> Dict[str, sass.Loop]:
     """The per-slot loops of large_k_fixed (apl_cuda_large_k.cu) by what they do: pass 1 fills shared
-    memory (batches of 8 slots, then one by one) and reads the streamed tail for its max, sums exp over
+    memory (batches of 8 slots, then one by one) and reads the streamed tail for its max (every tail loop
+    takes CUDA_TAIL_BATCH slots an iteration), sums exp over
     the cached slots and the tail; pass 2 (shapes with sums) the same; pass 3 writes the gradient from
     the cached slots (batches of 4 that also fill shared memory with the block's next row: `fused`,
     then one by one) and the tail, with 16-byte stores (vec) or element by element (a gradient row
@@ -707,7 +715,9 @@ def _fixed_loops(run: KernelRun, instructions, children) -> Dict[str, sass.Loop]
             continue
         exp = count(loop, "MUFU.EX2") > 0
         if loop.stores.get("STG"):
-            vec = count(loop, "STG") <= max(1, count(loop, "STS"))   # one 16-byte store a slot
+            # one 16-byte store a slot: a fused slot also has its STS, a tail iteration CUDA_TAIL_BATCH slots
+            slots = count(loop, "STS") or (CUDA_TAIL_BATCH if loop.loads.get("LDG") else 1)
+            vec = count(loop, "STG") <= slots
             kind = ("grad_" if vec else "grad_bytes_") + (
                 "fused" if loop.stores.get("STS") else "tail" if loop.loads.get("LDG") else "cached")
         elif loop.stores.get("STS"):
@@ -753,11 +763,12 @@ def _large_k(run: KernelRun, instructions, top, K: int, threads: int) -> dict:
         # of 4 slots, the rest one by one (then pass 1 of the next row for those slots).
         fused = threads * (cached // threads // 4)          # grad_fused iterations of a row (all threads)
         rest = cached - 4 * fused
+        tail = _tail_batches(streamed, threads)             # the tail loops' iterations (all threads)
         second = run.params["second_pass"]
         visits = {"fill8": 0, "fill1": 0, "tail_max": 0, "fill8_next": 0, "fill1_next": rest,
-                  "tail_max_next": streamed, "cached": cached, "tail": streamed,
-                  "cached2": cached if second else 0, "tail2": streamed if second else 0,
-                  "grad_fused": fused, "grad_cached": rest, "grad_tail": streamed,
+                  "tail_max_next": tail, "cached": cached, "tail": tail,
+                  "cached2": cached if second else 0, "tail2": tail if second else 0,
+                  "grad_fused": fused, "grad_cached": rest, "grad_tail": tail,
                   "grad_bytes_fused": 0, "grad_bytes_cached": 0, "grad_bytes_tail": 0}
         names, loops = list(named), list(named.values())
         return _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, elem)
@@ -788,7 +799,9 @@ def _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, el
     per_thread = K / threads
     phases = {role: _phase(role, 0.0, 0.0) for role in ("read", "reread", "write")}
     for name, loop in zip(names, loops):
-        elements = V * (8 if name in ("fill", "fill8", "fill8_next") else 4 if name.endswith("fused") else 1)
+        tail_batch = "large_k_fixed" in run.variant and name.startswith(("tail", "grad_tail", "grad_bytes_tail"))
+        elements = V * (8 if name in ("fill", "fill8", "fill8_next") else 4 if name.endswith("fused") else
+                        CUDA_TAIL_BATCH if tail_batch else 1)
         cheap = _doing(instructions, loop, elements, elem)
         lo += visits[name] * cheap
         hi += visits[name] * loop.static

@@ -419,6 +419,27 @@ __device__ __forceinline__ void full_slots(int64_t first, int64_t end, int64_t T
   for (; j < full_end; j += T) full(j);
 }
 
+// The streamed tail's full slots (past the shared-memory cache, read from L2 or HBM) as
+// full_slots visits them, up to kTailBatch loads in flight before their uses: one by one, each
+// iteration waited for its load (the H200's 2026-11-30 run put most of large_k_fixed's time
+// in such waits; `#pragma unroll` alone keeps each load behind its bound check).  use(j, slot).
+constexpr int kTailBatch = 4;
+template <typename Load, typename Use>
+__device__ __forceinline__ void streamed_slots(int64_t first, int64_t end, int64_t T, int64_t ns, Load&& load,
+                                               Use&& use) {
+  int64_t j = first == 0 ? first + T : first;
+  const int64_t full_end = end < ns - 1 ? end : ns - 1;
+  for (; j < full_end; j += kTailBatch * T) {  // the last batch predicated: one wait for 1..kTailBatch slots
+    decltype(load(j)) buf[kTailBatch];
+#pragma unroll
+    for (int u = 0; u < kTailBatch; ++u)
+      if (j + u * T < full_end) buf[u] = load(j + u * T);
+#pragma unroll
+    for (int u = 0; u < kTailBatch; ++u)
+      if (j + u * T < full_end) use(j + u * T, buf[u]);
+  }
+}
+
 // The edge slot this thread takes in every pass (thread 0 slot 0, the last thread slot ns - 1),
 // or -1: one call site per pass, read from global memory element by element each time.
 __device__ __forceinline__ int64_t edge_slot_of(int64_t tid, int64_t T, int64_t ns) {
@@ -496,7 +517,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
       cache[j] = b;
       slot_max.add(b);
     }
-    full_slots(nc_r + tid, ns_r, T, ns_r, [&](int64_t j) { slot_max.add(slot_at(j)); });
+    streamed_slots(nc_r + tid, ns_r, T, ns_r, slot_at, [&](int64_t, const S& b) { slot_max.add(b); });
     const int64_t edge = edge_slot_of(tid, T, ns_r);
     if (edge >= 0) {
       S b;
@@ -556,7 +577,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
         if constexpr (kShifted) e.sum_arg += t;
       };
       full_slots(tid, nc, T, ns, [&](int64_t j) { for_each_in_full_slot(copy_slot(cache + j), 0, add); });
-      full_slots(nc + tid, ns, T, ns, [&](int64_t j) { for_each_in_full_slot(full_slot(j), 0, add); });
+      streamed_slots(nc + tid, ns, T, ns, full_slot, [&](int64_t, const S& b) { for_each_in_full_slot(b, 0, add); });
       if (my_edge >= 0) for_each_in_slot(edge_slot(my_edge), my_edge * V - shift, K, add);
       e = block_allreduce_tree(e, reinterpret_cast<ExpSums*>(scratch));
       s.sumexp = e.sum * ex.unscale;
@@ -584,7 +605,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
       FixedSums acc;
       auto add = [&](int, int64_t, float v) { R.add_sums(v, acc); };
       full_slots(tid, nc, T, ns, [&](int64_t j) { for_each_in_full_slot(copy_slot(cache + j), 0, add); });
-      full_slots(nc + tid, ns, T, ns, [&](int64_t j) { for_each_in_full_slot(full_slot(j), 0, add); });
+      streamed_slots(nc + tid, ns, T, ns, full_slot, [&](int64_t, const S& b) { for_each_in_full_slot(b, 0, add); });
       if (my_edge >= 0) for_each_in_slot(edge_slot(my_edge), my_edge * V - shift, K, add);
       acc = block_allreduce_tree(acc, reinterpret_cast<FixedSums*>(scratch));
       FixedSums label;  // the label's own terms, as the loop added them
@@ -665,7 +686,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
         }
         next_from = j;
         for (; j < full_end; j += T) store_full(j, grad_slot(copy_slot(cache + j)));
-        full_slots(nc + tid, ns, T, ns, [&](int64_t j) { store_full(j, grad_slot(full_slot(j))); });
+        streamed_slots(nc + tid, ns, T, ns, full_slot, [&](int64_t j, const S& b) { store_full(j, grad_slot(b)); });
       };
       if (slot_shift(g) == shift) pass3(std::true_type());
       else pass3(std::false_type());
