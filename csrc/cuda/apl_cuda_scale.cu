@@ -45,9 +45,15 @@ __global__ void __launch_bounds__(kThreads)
     not_one = !(s == acc_t(1));  // NaN is not 1: applied
   }
   if (!__syncthreads_or(not_one)) return;  // every scale 1: the gradient is not read
-  const int elements = rows * cols;
-  for (int e = threadIdx.x; e < elements; e += kThreads) {
-    const int r = e / cols, c = e - r * cols;
+  // Element e = r * cols + c of the block, e = threadIdx.x + i * kThreads: (r, c)
+  // advance by (kThreads / cols, kThreads % cols) with a carry, not a division an element.
+  const int step_r = kThreads / cols, step_c = kThreads % cols;
+  int r = int(threadIdx.x) / cols, c = int(threadIdx.x) % cols;
+  for (; r < rows; r += step_r, c += step_c) {
+    if (c >= cols) {
+      c -= cols;
+      if (++r >= rows) break;
+    }
     grad_t* p = grad + (row0 + r) * row_stride + col0 + c;
     *p = grad_t(acc_t(*p) * row_scale[r]);
   }
