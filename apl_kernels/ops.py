@@ -28,8 +28,11 @@ for fp64 logits) so that a GradScaler scale of 65536 cannot overflow fp16:
 * The first backward scales the saved buffer in place and hands it over: no
   second [N, K] buffer, and no pass at all when grad_output is 1 (the usual
   ``loss.backward()``).  On CPU tensors the scale is read on the host, which is
-  free there; on CUDA tensors a device-side "scale unless 1" kernel
-  (``triton/scale.py``) returns early when it is 1, so there is no host sync.
+  free there; on CUDA tensors a device-side "scale unless 1" kernel returns
+  early when it is 1, so there is no host sync: the C++ op
+  ``apl_kernels::scale_rows_`` (``csrc/cuda/apl_cuda_scale.cu``; predicted a
+  few us of host time a call) when the extension was built with CUDA, else the
+  Triton kernel (``triton/scale.py``; a Triton launch from Python costs tens of us).
 * A later backward of the same graph (``retain_graph=True``) recomputes the
   gradient with the fused op from the saved logits and labels into a new
   buffer, so no two returned gradients share storage: a hook or an in-place
@@ -117,13 +120,18 @@ def _fp32_scale(scale: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
 
 
 def scale_gradient_(grad: torch.Tensor, grad_loss: torch.Tensor, reduction: int, *,
-                    use_triton: bool) -> torch.Tensor:
+                    device_side: bool) -> torch.Tensor:
     """grad *= grad_output in place (per row for reduction "none"), in fp32, without a host sync.
 
-    use_triton: the device-side "scale unless 1" kernel (CUDA tensors, or CPU
-    tensors under TRITON_INTERPRET=1); else the CPU path, which reads the scale.
+    device_side: the "scale unless 1" kernel, which reads the scale on the device
+    (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); else the CPU path,
+    which reads the scale.  The kernel is the extension's C++ op for CUDA tensors
+    when it was built with CUDA (predicted a few us of host time, against tens for
+    a Triton launch), else the Triton kernel, else (no triton) a plain fp32 multiply.
     """
-    if use_triton:
+    if device_side:
+        if grad.device.type == "cuda" and _CUDA_SCALE_OP:
+            return torch.ops.apl_kernels.scale_rows_.default(grad, grad_loss)
         try:
             from .triton.scale import scale_rows_
         except ImportError:  # CUDA without triton: a plain fp32 multiply, a pass even at 1, no sync
@@ -163,7 +171,7 @@ def _differentiable_grad(ctx, grad_loss: torch.Tensor) -> torch.Tensor:
     return grad
 
 
-def _backward(op, scale_with_triton, ctx, grad_loss):
+def _backward(op, scale_on_device, ctx, grad_loss):
     reduction = ctx.op_args[-3]
     if ctx.traced:
         (grad,) = ctx.saved_tensors
@@ -176,14 +184,15 @@ def _backward(op, scale_with_triton, ctx, grad_loss):
         _, grad = op(logits.detach(), target, *ctx.op_args[:-1], True)
     if _tracing(grad_loss):  # compiled autograd traces the backward of an eager forward
         return _scaled_copy(grad, grad_loss, reduction)
-    return scale_gradient_(grad, grad_loss, reduction, use_triton=scale_with_triton or grad.device.type == "cuda")
+    return scale_gradient_(grad, grad_loss, reduction, device_side=scale_on_device or grad.device.type == "cuda")
 
 
 def register_fused_autograd(op, *, triton_on_cpu: bool = False) -> None:
     """Give a fused op (C++ or Triton) its fake kernel's partner: the autograd formula.
 
     triton_on_cpu: the op's CPU tensors run under the Triton interpreter, so its
-    backward scales with the Triton kernel there too (CUDA tensors always do).
+    backward scales with the device-side kernel (Triton's) there too (CUDA
+    tensors always use a device-side kernel).
     """
     callable_op = getattr(torch.ops.apl_kernels, op.split("::")[1]).default if isinstance(op, str) else op
 
@@ -204,6 +213,9 @@ try:
 except ImportError as error:
     _C = None
     EXTENSION_ERROR = error
+# The backward's C++ "scale unless 1" op (apl_kernels::scale_rows_) has a CUDA
+# kernel only in a CUDA build of the extension.
+_CUDA_SCALE_OP = _C is not None and bool(_C.build_info()["cuda"])
 
 if _C is not None:
     torch.library.register_fake("apl_kernels::fused_loss")(fake_fused_loss)

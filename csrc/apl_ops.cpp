@@ -1,8 +1,11 @@
-// The op schema of apl_kernels::fused_loss and the Python module apl_kernels._C.
+// The op schemas of apl_kernels::fused_loss and apl_kernels::scale_rows_, and the
+// Python module apl_kernels._C.
 //
-// The schema is documented in apl_kernels/ops.py; the CPU kernel registers in
-// csrc/cpu/, the CUDA kernels in csrc/cuda/, the fake kernel and autograd in
-// ops.py.  Importing _C registers them all.
+// fused_loss is documented in apl_kernels/ops.py; its CPU kernel registers in
+// csrc/cpu/, its CUDA kernels in csrc/cuda/, the fake kernel and autograd in
+// ops.py.  scale_rows_ is the backward's "scale unless 1" step on CUDA tensors
+// (csrc/cuda/apl_cuda_scale.cu; CUDA builds only, ops.py scale_gradient_ calls it).
+// Importing _C registers them all.
 #include <torch/extension.h>
 #include <torch/library.h>
 
@@ -15,6 +18,8 @@ TORCH_LIBRARY(apl_kernels, m) {
       "float q, float A, int grad_mode, float a, float m, int t, float min_prob, int reduction, int ignore_index, "
       "bool compute_grad) "
       "-> (Tensor loss, Tensor grad)");
+  // grad [N, K] *= scale (0-dim) or scale[i] ([N]) in place, in fp32 (fp64 for fp64 grad).
+  m.def("scale_rows_(Tensor(a!) grad, Tensor scale) -> Tensor(a!)");
 }
 
 namespace {
@@ -39,7 +44,8 @@ pybind11::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
-  mod.doc() = "apl_kernels._C: registers torch.ops.apl_kernels.fused_loss (CPU, and CUDA when built)";
+  mod.doc() = "apl_kernels._C: registers torch.ops.apl_kernels.fused_loss (CPU, and CUDA when built) and "
+             "scale_rows_ (CUDA when built)";
   mod.def("build_info", &build_info, "What the extension was built with: version, cpu, cuda, CUDA version, "
                                      "arch list, torch version");
   // The codes of csrc/apl_loss_math.h, for the test that they equal apl_kernels/spec.py's.

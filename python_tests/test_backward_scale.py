@@ -40,3 +40,55 @@ def test_grad_scaler_scale_per_row_half_gradient():
     (per_row * weights * 65536.0 / 64).sum().backward()
     assert torch.isfinite(fused).all()
     torch.testing.assert_close(fused, oracle.grad, rtol=2e-3, atol=0.5)
+
+
+# ------------------------------------------------------------------ the C++ "scale unless 1" op
+def test_cuda_scale_op_chosen_iff_its_cuda_kernel_is_registered():
+    """ops.scale_gradient_ calls apl_kernels::scale_rows_ on CUDA tensors exactly when it has a CUDA kernel."""
+    from apl_kernels import ops
+    if ops._C is None:
+        pytest.skip(f"apl_kernels._C did not import: {ops.EXTENSION_ERROR}")
+    registered = torch._C._dispatch_has_kernel_for_dispatch_key("apl_kernels::scale_rows_", "CUDA")
+    assert ops._CUDA_SCALE_OP == registered == apl_kernels.build_info()["cuda"]
+
+
+def _cuda_scale_op_reason():
+    if not torch.cuda.is_available():
+        return "needs a CUDA device"
+    if not apl_kernels.build_info()["cuda"]:
+        return "the extension was built without CUDA"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cuda_scale_op_reason() is not None, reason=str(_cuda_scale_op_reason()))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32, torch.float64), ids=str)
+def test_cuda_scale_op_on_the_gpu(dtype):
+    """torch.ops.apl_kernels.scale_rows_ on CUDA tensors against fp64 torch arithmetic: GradScaler's
+    65536 (fp32 multiply), per-row scales with a stride and a NaN, rows with a stride, scale 1 bit for bit."""
+    op = torch.ops.apl_kernels.scale_rows_
+    g = torch.Generator().manual_seed(0)
+    scale_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for N, K in ((128, 10), (5, 1300), (3, 9000), (3000, 7)):
+        grad = (torch.randn(N, K, generator=g, dtype=torch.float64) * 1e-3).to(dtype).cuda()
+        expected = (grad.double() * 65536.0).to(dtype)
+        assert op(grad, torch.tensor(65536.0, dtype=scale_dtype, device="cuda")) is grad
+        assert torch.equal(grad, expected)
+
+        base = torch.randn(N, K + 5, generator=g, dtype=torch.float64).to(dtype).cuda()
+        untouched = base.clone()
+        rows = base[:, 2:2 + K]
+        scales = torch.tensor([1.0, 2.0, -0.5, 0.0, 1.0, float("nan")], dtype=scale_dtype).repeat(N)[:2 * N]
+        scale = scales.cuda()[::2]
+        expected = (rows.double() * scale.double()[:, None]).to(dtype)
+        op(rows, scale)
+        torch.testing.assert_close(rows, expected, rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(base[:, :2], untouched[:, :2]) and torch.equal(base[:, 2 + K:], untouched[:, 2 + K:])
+
+        before = base.clone()
+        op(base, torch.ones((), dtype=scale_dtype, device="cuda"))
+        assert torch.equal(base.view(torch.uint8), before.view(torch.uint8))
+    with pytest.raises(RuntimeError, match="scale is on cpu"):
+        op(torch.zeros(4, 6, device="cuda"), torch.ones(()))
+    with pytest.raises(RuntimeError, match="unit column stride"):
+        op(torch.zeros(4, 6, device="cuda").t(), torch.ones((), device="cuda"))

@@ -90,7 +90,7 @@ class _InplaceLoss(torch.autograd.Function):
         ctx.used = True
         (grad,) = ctx.saved_tensors
         # Scale in place, in fp32: the point of this mode is to never hold two [N, K] buffers.
-        ops.scale_gradient_(grad, grad_loss, ctx.reduction, use_triton=True)
+        ops.scale_gradient_(grad, grad_loss, ctx.reduction, device_side=True)
         return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
 
 

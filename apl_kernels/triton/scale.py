@@ -8,8 +8,11 @@ every program returns before touching the gradient when its scales are all 1, so
 multiplies in fp32 (fp64 for fp64 gradients): a GradScaler scale of 65536
 would be inf in fp16.
 
-Used by the cuda and triton backends (``apl_kernels/ops.py``); it also runs on
-CPU tensors under ``TRITON_INTERPRET=1``.
+Used by ``apl_kernels/ops.py`` ``scale_gradient_`` for CUDA tensors when the
+C++ extension was built without CUDA (a CUDA build has the same step as the C++
+op ``apl_kernels::scale_rows_``, ``csrc/cuda/apl_cuda_scale.cu``: predicted a
+few us of host time a call, against tens for a Triton launch from Python); it
+also runs on CPU tensors under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
 
