@@ -238,9 +238,21 @@ def _triton_key(kernel: str, dtype: str, consts: dict, warps: int, B: int, K: in
 CUDA_SMALL_K_MAX = 1024
 CUDA_SMALL_BLOCK = 256
 CUDA_TINY_NV = 4
-CUDA_SPREAD_BYTES = 64 * 1024        # apl_cuda_small_k.cu kSpreadBytes
-CUDA_COUNT_LOADS_PER_THREAD = 8      # apl_cuda_common.cuh kCountLoadsPerThread
-CUDA_TAIL_BATCH = 4                  # apl_cuda_large_k.cu kTailBatch (large_k_fixed's streamed-tail loads)
+
+
+def cuda_constant(file: str, name: str) -> int:
+    """`constexpr int[64_t] name = <integer product>;` of csrc/cuda/<file>: the host plan's constants
+    are read from the kernels' source, not copied here."""
+    with open(os.path.join(REPO, "csrc", "cuda", file)) as f:
+        found = re.search(rf"constexpr\s+(?:int|int64_t)\s+{name}\s*=\s*([0-9\s*]+);", f.read())
+    if not found:
+        raise RuntimeError(f"csrc/cuda/{file} no longer defines `constexpr int {name} = ...;`: update bench/roofline.py")
+    return math.prod(int(factor) for factor in found.group(1).split("*"))
+
+
+CUDA_SPREAD_BYTES = cuda_constant("apl_cuda_small_k.cu", "kSpreadBytes")
+CUDA_COUNT_LOADS_PER_THREAD = cuda_constant("apl_cuda_common.cuh", "kCountLoadsPerThread")
+CUDA_TAIL_BATCH = cuda_constant("apl_cuda_large_k.cu", "kTailBatch")   # large_k_fixed's streamed-tail loads
 
 
 def _tail_batches(streamed: int, threads: int) -> int:

@@ -444,3 +444,11 @@ def test_small_k_row_loop_is_the_first_loop_that_reads_and_writes():
     region = loop(0x3140, 0x11F30, 3808, {"LDS": 513, "LDG": 32}, {"STG": 80, "STS": 17})
     assert roofline.small_k_row_loop("k", [count, row, region]) is row
     assert roofline.small_k_row_loop("k", [count]) is count      # no gradient store: the largest loader
+
+
+def test_cuda_plan_constants_are_read_from_the_kernel_sources():
+    """kSpreadBytes, kCountLoadsPerThread and kTailBatch have one home, csrc/cuda/; a renamed one fails loudly."""
+    assert roofline.CUDA_SPREAD_BYTES == 64 * 1024      # apl_cuda_small_k.cu: `64 * 1024`
+    assert roofline.cuda_constant("apl_cuda_large_k.cu", "kTailBatch") == roofline.CUDA_TAIL_BATCH
+    with pytest.raises(RuntimeError, match="no longer defines"):
+        roofline.cuda_constant("apl_cuda_large_k.cu", "kNoSuchConstant")
