@@ -253,6 +253,7 @@ def cuda_constant(file: str, name: str) -> int:
 CUDA_SPREAD_BYTES = cuda_constant("apl_cuda_small_k.cu", "kSpreadBytes")
 CUDA_COUNT_LOADS_PER_THREAD = cuda_constant("apl_cuda_common.cuh", "kCountLoadsPerThread")
 CUDA_TAIL_BATCH = cuda_constant("apl_cuda_large_k.cu", "kTailBatch")   # large_k_fixed's streamed-tail loads
+CUDA_LOAD_BATCH = cuda_constant("apl_cuda_large_k.cu", "kLoadBatch")   # large_k_kernel's shared-memory fill
 
 
 def _tail_batches(streamed: int, threads: int) -> int:
@@ -633,13 +634,13 @@ def per_element(run: KernelRun, instructions: List[sass.Instruction], B: int, K:
 
 # What each named per-slot loop of the large-K kernels moves: "read" the logits from HBM (pass 1),
 # "reread" the row again (shared memory, the streamed tail from L2), "write" the gradient to HBM.
-LARGE_K_PHASE = {"fill": "read", "fill8": "read", "fill1": "read", "tail_max": "read",
+LARGE_K_PHASE = {"fill": "read", "tail_max": "read", "cached_max": "read",
                  "cached": "reread", "tail": "reread", "cached2": "reread", "tail2": "reread",
                  "grad": "write", "grad_cached": "write", "grad_tail": "write",
                  "grad_bytes_cached": "write", "grad_bytes_tail": "write",
                  # large_k_fixed: the next row's pass 1 runs with (and after) this row's pass 3
                  "grad_fused": "write", "grad_bytes_fused": "write",
-                 "fill8_next": "write", "fill1_next": "write", "tail_max_next": "write"}
+                 "fill_next": "write", "tail_max_next": "write", "cached_max_next": "write"}
 
 
 def _phase(io: str, sass_per_element: float, mufu_per_element: float) -> dict:
@@ -710,15 +711,15 @@ def _small_k(run: KernelRun, instructions, top, K: int) -> dict:
 
 
 def _fixed_loops(run: KernelRun, instructions, children) -> Dict[str, sass.Loop]:
-    """The per-slot loops of large_k_fixed (apl_cuda_large_k.cu) by what they do: pass 1 fills shared
-    memory (batches of 8 slots, then one by one) and reads the streamed tail for its max (every tail loop
-    takes CUDA_TAIL_BATCH slots an iteration), sums exp over
-    the cached slots and the tail; pass 2 (shapes with sums) the same; pass 3 writes the gradient from
-    the cached slots (batches of 4 that also fill shared memory with the block's next row: `fused`,
-    then one by one) and the tail, with 16-byte stores (vec) or element by element (a gradient row
-    whose alignment differs from the logits'); then the rest of the next row's pass 1 (a second copy
-    of its loops, `_next`).  The block reductions (loads from shared memory only) are the rest of
-    the row."""
+    """The per-slot loops of large_k_fixed (apl_cuda_large_k.cu) by what they do: pass 1 copies the
+    cached slots into shared memory (cp.async: LDGSTS, no wait per iteration), reads the streamed tail
+    for its max (every tail loop takes CUDA_TAIL_BATCH slots an iteration), then takes the max of the
+    cached slots from shared memory; the sums of exp over the cached slots and the tail; pass 2 (shapes
+    with sums) the same; pass 3 writes the gradient from the cached slots (`fused`: each slot then
+    refilled by cp.async with the block's next row; then one by one) and the tail, with 16-byte stores
+    (vec) or element by element (a gradient row whose alignment differs from the logits'); then the
+    rest of the next row's pass 1 (a second copy of its loops, `_next`).  The block reductions (loads
+    from shared memory only) are the rest of the row."""
     def count(loop, prefix):
         return sum(1 for i in instructions if loop.header <= i.address <= loop.latch and i.opcode.startswith(prefix))
     found: Dict[str, list] = {}
@@ -727,30 +728,30 @@ def _fixed_loops(run: KernelRun, instructions, children) -> Dict[str, sass.Loop]
             continue
         exp = count(loop, "MUFU.EX2") > 0
         if loop.stores.get("STG"):
-            # one 16-byte store a slot: a fused slot also has its STS, a tail iteration CUDA_TAIL_BATCH slots
-            slots = count(loop, "STS") or (CUDA_TAIL_BATCH if loop.loads.get("LDG") else 1)
+            # one 16-byte store a slot, a tail iteration CUDA_TAIL_BATCH slots
+            slots = CUDA_TAIL_BATCH if loop.loads.get("LDG") else 1
             vec = count(loop, "STG") <= slots
             kind = ("grad_" if vec else "grad_bytes_") + (
-                "fused" if loop.stores.get("STS") else "tail" if loop.loads.get("LDG") else "cached")
-        elif loop.stores.get("STS"):
-            kind = "fill8" if loop.loads.get("LDG", 0) > 16 else "fill1"
+                "fused" if loop.loads.get("LDGSTS") else "tail" if loop.loads.get("LDG") else "cached")
+        elif loop.loads.get("LDGSTS"):
+            kind = "fill"
         elif loop.loads.get("LDG"):
             kind = "tail_sum" if exp else "tail_max"
-        elif loop.loads.get("LDS") and exp:
-            kind = "cached_sum"
+        elif count(loop, "LDS.128"):
+            kind = "cached_sum" if exp else "cached_max"
         else:
             continue
         found.setdefault(kind, []).append(loop)
-    names = {"cached_sum": ("cached", "cached2"), "tail_sum": ("tail", "tail2"), "fill8": ("fill8", "fill8_next"),
-             "fill1": ("fill1", "fill1_next"), "tail_max": ("tail_max", "tail_max_next")}
+    names = {"cached_sum": ("cached", "cached2"), "tail_sum": ("tail", "tail2"), "fill": ("fill", "fill_next"),
+             "tail_max": ("tail_max", "tail_max_next"), "cached_max": ("cached_max", "cached_max_next")}
     out = {}
     for kind, loops in found.items():
         labels = names.get(kind, (kind,))
         if len(loops) > len(labels):
             raise RuntimeError(f"{run.variant}: {len(loops)} loops of kind {kind}: update bench/roofline.py _fixed_loops")
         out.update(zip(labels, loops))
-    expected = {"fill8", "fill1", "tail_max", "cached", "tail", "grad_fused", "grad_cached", "grad_tail",
-                "fill8_next", "fill1_next", "tail_max_next"}
+    expected = {"fill", "tail_max", "cached_max", "cached", "tail", "grad_fused", "grad_cached", "grad_tail",
+                "fill_next", "tail_max_next", "cached_max_next"}
     if run.params["second_pass"]:
         expected |= {"cached2", "tail2"}
     if not expected <= set(out):
@@ -771,21 +772,20 @@ def _large_k(run: KernelRun, instructions, top, K: int, threads: int) -> dict:
     cached, streamed = min(slots, cap), max(0, slots - cap)
     if "large_k_fixed" in run.variant:
         named = _fixed_loops(run, instructions, row.children)
-        # Every row but a block's first has its pass 1 fused into the previous row's pass 3: batches
-        # of 4 slots, the rest one by one (then pass 1 of the next row for those slots).
-        fused = threads * (cached // threads // 4)          # grad_fused iterations of a row (all threads)
-        rest = cached - 4 * fused
+        # Every row but a block's first has its pass 1 fused into the previous row's pass 3: each cached
+        # slot's gradient written, then the slot refilled (cp.async) with the next row's; the next row's
+        # pass 1 then reads the tail and takes the max of the cached slots from shared memory.
         tail = _tail_batches(streamed, threads)             # the tail loops' iterations (all threads)
         second = run.params["second_pass"]
-        visits = {"fill8": 0, "fill1": 0, "tail_max": 0, "fill8_next": 0, "fill1_next": rest,
-                  "tail_max_next": tail, "cached": cached, "tail": tail,
+        visits = {"fill": 0, "tail_max": 0, "cached_max": 0, "fill_next": 0, "tail_max_next": tail,
+                  "cached_max_next": cached, "cached": cached, "tail": tail,
                   "cached2": cached if second else 0, "tail2": tail if second else 0,
-                  "grad_fused": fused, "grad_cached": rest, "grad_tail": tail,
+                  "grad_fused": cached, "grad_cached": 0, "grad_tail": tail,
                   "grad_bytes_fused": 0, "grad_bytes_cached": 0, "grad_bytes_tail": 0}
         names, loops = list(named), list(named.values())
         return _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, elem)
-    # The loops of a row with loads, in source order (apl_cuda_large_k.cu): pass 1 fills shared memory (8
-    # slots per thread per iteration), sums exp over the cached slots, streams the tail; the block
+    # The loops of a row with loads, in source order (apl_cuda_large_k.cu): pass 1 fills shared memory
+    # (CUDA_LOAD_BATCH slots per thread per iteration), sums exp over the cached slots, streams the tail; the block
     # reduction of the stats (a loop over warps); pass 2 (losses with normaliser sums) over the cached
     # slots and the tail; the block reduction of the sums (unrolled loop and remainder); pass 3, the
     # gradient.  (fill_row, for bad rows, has no loads.)  A change of that structure must update this.
@@ -799,7 +799,7 @@ def _large_k(run: KernelRun, instructions, top, K: int, threads: int) -> dict:
     names = [n for n in layout if n]
     loops = [l for n, l in zip(layout, loaded) if n]
     second = run.params["second_pass"]
-    visits = {"fill": cached / 8, "cached": cached, "tail": streamed, "cached2": cached if second else 0,
+    visits = {"fill": cached / CUDA_LOAD_BATCH, "cached": cached, "tail": streamed, "cached2": cached if second else 0,
               "tail2": streamed if second else 0, "grad": slots}
     return _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, elem)
 
@@ -811,9 +811,10 @@ def _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, el
     per_thread = K / threads
     phases = {role: _phase(role, 0.0, 0.0) for role in ("read", "reread", "write")}
     for name, loop in zip(names, loops):
-        tail_batch = "large_k_fixed" in run.variant and name.startswith(("tail", "grad_tail", "grad_bytes_tail"))
-        elements = V * (8 if name in ("fill", "fill8", "fill8_next") else 4 if name.endswith("fused") else
-                        CUDA_TAIL_BATCH if tail_batch else 1)
+        fixed_kernel = "large_k_fixed" in run.variant
+        tail_batch = fixed_kernel and name.startswith(("tail", "grad_tail", "grad_bytes_tail"))
+        # slots an iteration: the general kernel fills shared memory CUDA_LOAD_BATCH at a time
+        elements = V * (CUDA_LOAD_BATCH if name == "fill" and not fixed_kernel else CUDA_TAIL_BATCH if tail_batch else 1)
         cheap = _doing(instructions, loop, elements, elem)
         lo += visits[name] * cheap
         hi += visits[name] * loop.static
@@ -835,8 +836,10 @@ def _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, el
     hi += sum(c.static for c in prefetch) * (K * elem / 32 / threads - 1)
     row_mufu = _mufu(instructions, row) - sum(_mufu(instructions, l) for l in loops)
     mufu = mufu / threads + row_mufu
-    # Iterations (per thread, per row) of the loops with global loads: each waits for its loads.
+    # Iterations (per thread, per row) of the loops with global loads: each waits for its loads.  The
+    # cp.async copies (LDGSTS) of a row are waited for once, after its pass 1 has issued them all.
     waits = sum(visits[name] / threads for name, loop in zip(names, loops) if loop.loads.get("LDG"))
+    waits += any(loop.loads.get("LDGSTS") for loop in loops)
     return {"hot_loops": detail, "sass_per_element": lo / per_thread, "sass_per_element_static": hi / per_thread,
             "mufu_per_element": mufu / per_thread, "count": CUDA_COUNT, "waits_per_row": waits,
             "phases": list(phases.values()) + [_phase("none", fixed / per_thread, row_mufu / per_thread)]}

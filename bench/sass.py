@@ -105,7 +105,7 @@ class Loop:
     latch: int                  # address of the backward branch
     static: int                 # instructions in the body
     shortest: int               # fewest instructions from header to latch
-    loads: Dict[str, int]       # bytes per thread per iteration (static), by opcode: LDG, LDS
+    loads: Dict[str, int]       # bytes per thread per iteration (static), by opcode: LDG, LDS, LDGSTS (cp.async)
     stores: Dict[str, int]
     children: List["Loop"] = dataclasses.field(default_factory=list)
 
@@ -204,7 +204,7 @@ def find_loops(instructions: List[Instruction]) -> List[Loop]:
     for header, latch in sorted(latches.items()):
         body = _body(instructions, header, latch)
         loops.append(Loop(header, latch, len(body), _shortest_path(body, latch),
-                          _traffic(body, ("LDG", "LDS")), _traffic(body, ("STG", "STS"))))
+                          _traffic(body, ("LDG", "LDS", "LDGSTS")), _traffic(body, ("STG", "STS"))))
     for loop in loops:
         parents = [p for p in loops if p.contains(loop)]
         if parents:

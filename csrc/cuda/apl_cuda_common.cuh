@@ -71,6 +71,30 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes, int64_
 #endif
 }
 
+// 16 bytes from global to shared memory with no register in between (sm_80+: cp.async.cg,
+// L2 only), in flight until this thread's async_copies_wait(): a loop of them issues the
+// whole batch without waiting.  The CPU emulator defers the write to the wait; the host
+// pass of nvcc copies at once.
+__device__ __forceinline__ void async_copy16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned to = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(to), "l"(gmem) : "memory");
+#elif defined(CUDA_EMU_ASYNC_COPY16)
+  CUDA_EMU_ASYNC_COPY16(smem, gmem);
+#else
+  *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
+#endif
+}
+// Every async_copy16 of this thread has landed (its own copies only: a slot another thread
+// copied needs a barrier after that thread's wait).
+__device__ __forceinline__ void async_copies_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;" ::: "memory");
+#elif defined(CUDA_EMU_ASYNC_WAIT_ALL)
+  CUDA_EMU_ASYNC_WAIT_ALL();
+#endif
+}
+
 template <typename scalar_t>
 struct alignas(16) Slot {
   static constexpr int V = 16 / int(sizeof(scalar_t));

@@ -26,8 +26,7 @@ namespace apl_cuda {
 namespace {
 
 constexpr int kLargeBlockMax = 512;
-constexpr int kLoadBatch = 8;  // 16-byte loads in flight per thread while filling shared memory
-constexpr int kFuseBatch = 4;  // the same in pass 3, which fills shared memory with the next row
+constexpr int kLoadBatch = 8;  // 16-byte loads in flight per thread while large_k_kernel fills shared memory
 
 // Called when a row's loads are issued: the block's next row into L2 while this
 // one's on-chip passes (shared memory, the L2 tail) run.  With one block a SM,
@@ -492,38 +491,28 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
   const float weight = grad_weight(a, kept);
   double partial = 0;
 
-  // Pass 1 of a row from slot `from` on (this thread's cached slots into shared memory,
-  // batches of loads in flight, its streamed tail and edge slot read for their max):
-  // `slot_max` takes the slots, the return value is this thread's max.
-  auto pass1 = [&](const scalar_t* zr, int shift_r, int64_t ns_r, int64_t nc_r, int64_t from,
-                   SlotMax<scalar_t>& slot_max) {
-    float m = -INFINITY;
-    auto slot_at = [&](int64_t j) { return interior_slot(zr, j, shift_r); };
+  // Pass 1 of a row from slot `from` on: this thread's cached slots copied into shared memory
+  // by cp.async (all in flight at once, no register, no wait per load), its streamed tail and
+  // edge slot read for their max meanwhile; then, its copies landed, the max of its cached
+  // slots from shared memory (each thread reads only the slots it copied: no barrier).  The
+  // return value is this thread's max.
+  auto pass1 = [&](const scalar_t* zr, int shift_r, int64_t ns_r, int64_t nc_r, int64_t from) {
+    const int64_t full_end = nc_r < ns_r - 1 ? nc_r : ns_r - 1;
     int64_t j = tid == 0 ? T : tid;
     if (j < from) j += (from - j + T - 1) / T * T;
-    const int64_t full_end = nc_r < ns_r - 1 ? nc_r : ns_r - 1;
-    for (; j + (kLoadBatch - 1) * T < full_end; j += kLoadBatch * T) {
-      S buf[kLoadBatch];
-#pragma unroll
-      for (int u = 0; u < kLoadBatch; ++u) buf[u] = slot_at(j + u * T);
-#pragma unroll
-      for (int u = 0; u < kLoadBatch; ++u) {
-        cache[j + u * T] = buf[u];
-        slot_max.add(buf[u]);
-      }
-    }
-    for (; j < full_end; j += T) {
-      const S b = slot_at(j);
-      cache[j] = b;
-      slot_max.add(b);
-    }
+    for (; j < full_end; j += T) async_copy16(cache + j, zr + (j * V - shift_r));
+    SlotMax<scalar_t> slot_max;
+    auto slot_at = [&](int64_t j) { return interior_slot(zr, j, shift_r); };
     streamed_slots(nc_r + tid, ns_r, T, ns_r, slot_at, [&](int64_t, const S& b) { slot_max.add(b); });
+    float m = -INFINITY;
     const int64_t edge = edge_slot_of(tid, T, ns_r);
     if (edge >= 0) {
       S b;
       load_slot(zr, edge * V - shift_r, K, b);
       for_each_in_slot(b, edge * V - shift_r, K, [&](int, int64_t, float v) { m = fmaxf(m, v); });
     }
+    async_copies_wait();
+    full_slots(tid, nc_r, T, ns_r, [&](int64_t j) { slot_max.add(copy_slot(cache + j)); });
     return fmaxf(m, slot_max.value());
   };
   // Whether this row's pass 1 ran inside the previous row's pass 3 (then `carried_max` is its max).
@@ -560,10 +549,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
     // max (sums of plain adds: the block reductions merge no rescaled partials).
     const int64_t my_edge = edge_slot_of(tid, T, ns);
     float m = carried_max;
-    if (!carried) {
-      SlotMax<scalar_t> slot_max;
-      m = pass1(z, shift, ns, nc, 0, slot_max);
-    }
+    if (!carried) m = pass1(z, shift, ns, nc, 0);
     carried = false;
     prefetch_next_row(a, row, tid, T);
     SoftmaxStats<float> s;
@@ -655,9 +641,10 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
         for (int t = 0; t < V; ++t) o.v[t] = static_cast<scalar_t>(R.grad(static_cast<float>(in.v[t])));
         return o;
       };
-      // The block's next row, when kept, is loaded as this one's slots are freed: each thread
-      // reloads the shared-memory slots it alone reads (the same j in both rows), so HBM
-      // keeps reading while this pass writes, and no barrier is needed.
+      // The block's next row, when kept, is copied in (cp.async) as this one's slots are freed:
+      // each thread refills the shared-memory slots it alone reads (the same j in both rows),
+      // each after its gradient is stored, so HBM keeps reading while this pass writes, with
+      // no barrier and no wait in the loop.
       const int64_t next = row + gridDim.x;
       const bool fuse = next < a.N && row_status(a, a.target[next]) == kRowOk;  // uniform
       const scalar_t* zn = a.logits + (fuse ? next : row) * a.row_stride;
@@ -665,7 +652,6 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
       const int64_t ns_n = slot_count<scalar_t>(K, shift_n), nc_n = ns_n < cap ? ns_n : cap;
       const int64_t full_end = nc < ns - 1 ? nc : ns - 1, full_end_n = nc_n < ns_n - 1 ? nc_n : ns_n - 1;
       const int64_t fused_end = fuse ? (full_end < full_end_n ? full_end : full_end_n) : 0;
-      SlotMax<scalar_t> next_max;
       int64_t next_from = 0;  // this thread's first slot of the next row left to pass 1
       auto pass3 = [&](auto vec) {
         auto store_full = [&](int64_t j, const S& o) {
@@ -673,16 +659,9 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
           else store_slot(g, j * V - shift, K, o, false);
         };
         int64_t j = tid == 0 ? T : tid;
-        for (; j + (kFuseBatch - 1) * T < fused_end; j += kFuseBatch * T) {
-          S buf[kFuseBatch];
-#pragma unroll
-          for (int u = 0; u < kFuseBatch; ++u) buf[u] = interior_slot(zn, j + u * T, shift_n);
-#pragma unroll
-          for (int u = 0; u < kFuseBatch; ++u) {
-            store_full(j + u * T, grad_slot(copy_slot(cache + j + u * T)));
-            cache[j + u * T] = buf[u];
-            next_max.add(buf[u]);
-          }
+        for (; j < fused_end; j += T) {
+          store_full(j, grad_slot(copy_slot(cache + j)));
+          async_copy16(cache + j, zn + (j * V - shift_n));  // the slot's old value is used (stored) by now
         }
         next_from = j;
         for (; j < full_end; j += T) store_full(j, grad_slot(copy_slot(cache + j)));
@@ -694,7 +673,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
       if (slot_owner((y + shift) / V, T, nc, ns) == tid)
         g[y] = static_cast<scalar_t>(R.template grad<true>(z_y));
       if (fuse) {  // the rest of the next row's pass 1: slots past the batches, its tail, its edge
-        carried_max = pass1(zn, shift_n, ns_n, nc_n, next_from, next_max);
+        carried_max = pass1(zn, shift_n, ns_n, nc_n, next_from);
         carried = true;
       }
     }

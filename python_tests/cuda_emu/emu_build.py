@@ -18,7 +18,9 @@ and line:
 and a module source that defines the op schemas of csrc/*.cpp under the
 namespace `<ns>_emu`, so that the emulated op loads beside the real
 apl_kernels._C without a clash.  Features the emulator does not model (inline
-PTX, cooperative groups, cp.async, TMA, wgmma) are refused here, with the line.
+PTX, cooperative groups, cp.async, TMA, wgmma) are refused here, with the line;
+a prefetch hint, and the 16-byte cp.async and its wait of apl_cuda_common.cuh
+(which route to include/cuda_emu.h's hooks off the GPU), pass.
 
 build() compiles the generated sources with torch.utils.cpp_extension.load,
 with APL_EMULATE_GPU_MATH defined: csrc/apl_loss_math.h then compiles its device
@@ -65,14 +67,24 @@ def _strip_comments(text: str) -> str:
 
 # A cache hint (`prefetch.global.L2`, under #ifdef __CUDA_ARCH__) changes no result: allowed, and absent
 # from the host form the emulator compiles.
-_HINT = re.compile(r"(asm|__asm__|__asm)\s*(volatile|__volatile__)?\s*\(\s*\"prefetch\.")
+_ASM_OPEN = r"(asm|__asm__|__asm)\s*(volatile|__volatile__)?\s*\(\s*\""
+_HINT = re.compile(_ASM_OPEN + r"prefetch\.")
+# The two cp.async forms of apl_cuda_common.cuh (16 bytes global to shared, wait for all): allowed only in
+# a file whose host form routes them to the emulator's hooks (include/cuda_emu.h: the copy deferred to
+# the wait, an exit before it a fault), so that the emulated kernel keeps their semantics.
+_EMULATED_ASM = [(re.compile(_ASM_OPEN + r"cp\.async\.cg\.shared\.global \["), "CUDA_EMU_ASYNC_COPY16"),
+                 (re.compile(_ASM_OPEN + r"cp\.async\.wait_all;"), "CUDA_EMU_ASYNC_WAIT_ALL")]
+
+
+def _emulated_asm(text: str, at: int) -> bool:
+    return bool(_HINT.match(text, at)) or any(p.match(text, at) and hook in text for p, hook in _EMULATED_ASM)
 
 
 def _check_supported(path: Path, text: str) -> None:
     code = _strip_comments(text)
     for pattern, what in _REFUSED:
         for m in pattern.finditer(code):
-            if what.startswith("inline PTX") and _HINT.match(text, m.start()):
+            if what.startswith("inline PTX") and _emulated_asm(text, m.start()):
                 continue
             line = code.count("\n", 0, m.start()) + 1
             raise Refused(f"{path}:{line}: {what} is not emulated by cuda_emu; the emulator refuses to run "

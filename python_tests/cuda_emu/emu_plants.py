@@ -75,6 +75,19 @@ PLANTS = {
         "  if (CUDA_EMU_PLANTED(11) && threadIdx.x >= 32) return;"
         " if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = c;",
         "warp_sums[threadIdx.x >> 5] = c;"),
+    "missing_cp_async_wait": Plant(
+        12, "cuda/apl_cuda_large_k.cu",
+        "    async_copies_wait();\n    full_slots(tid, nc_r, T, ns_r,",
+        "    if (!CUDA_EMU_PLANTED(12)) async_copies_wait();\n    full_slots(tid, nc_r, T, ns_r,",
+        "if (!CUDA_EMU_PLANTED(12)) async_copies_wait();"),
+    "cp_async_before_read": Plant(
+        13, "cuda/apl_cuda_large_k.cu",
+        "          store_full(j, grad_slot(copy_slot(cache + j)));\n"
+        "          async_copy16(cache + j, zn + (j * V - shift_n));",
+        "          if (CUDA_EMU_PLANTED(13)) async_copy16(cache + j, zn + (j * V - shift_n));"
+        " store_full(j, grad_slot(copy_slot(cache + j)));\n"
+        "          if (!CUDA_EMU_PLANTED(13)) async_copy16(cache + j, zn + (j * V - shift_n));",
+        "if (CUDA_EMU_PLANTED(13)) async_copy16"),
 }
 # Plant 10 (a __syncwarp(0x3) that lane 1 never joins: a deadlock) shares plant 4's line.
 DEADLOCK = 10

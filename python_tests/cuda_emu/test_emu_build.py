@@ -71,6 +71,31 @@ def test_a_prefetch_hint_is_allowed_and_other_ptx_after_it_still_refused(tmp_pat
         emu_build.generate(csrc, tmp_path / "out2")
 
 
+@pytest.mark.parametrize("hooked", [True, False])
+def test_cp_async_asm_passes_only_beside_the_emulator_hooks(tmp_path, hooked):
+    """The cp.async forms of apl_cuda_common.cuh run under the emulator only through its hooks (copy at
+    the wait, a fault at an exit before it); the same asm without them, or another cp.async, is refused."""
+    csrc = tmp_path / "csrc"
+    (csrc / "cuda").mkdir(parents=True)
+    (csrc / "ops.cpp").write_text('TORCH_LIBRARY(my_ops, m) {\n  m.def("f(Tensor x) -> Tensor");\n}\n')
+    host = ("#elif defined(CUDA_EMU_ASYNC_COPY16)\n  CUDA_EMU_ASYNC_COPY16(s, g);\n  CUDA_EMU_ASYNC_WAIT_ALL();\n"
+            if hooked else "#else\n")
+    (csrc / "cuda" / "k.cu").write_text(
+        "__device__ void f(void* s, const void* g) {\n#if defined(__CUDA_ARCH__)\n"
+        '  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(0), "l"(g));\n'
+        '  asm volatile("cp.async.wait_all;" ::: "memory");\n' + host + "#endif\n}\n")
+    if hooked:
+        emu_build.generate(csrc, tmp_path / "out")
+    else:
+        with pytest.raises(emu_build.Refused, match=r"k\.cu:3: inline PTX"):
+            emu_build.generate(csrc, tmp_path / "out")
+    text = (csrc / "cuda" / "k.cu").read_text().replace("cp.async.cg.shared.global [%0], [%1], 16;",
+                                                       "cp.async.ca.shared.global [%0], [%1], 8;")
+    (csrc / "cuda" / "k.cu").write_text(text)
+    with pytest.raises(emu_build.Refused, match=r"k\.cu:3: inline PTX"):
+        emu_build.generate(csrc, tmp_path / "out2")
+
+
 def test_unsupported_headers_are_refused_by_the_compiler(tmp_path):
     src = tmp_path / "k.cpp"
     src.write_text("#include <cuda_pipeline.h>\n")

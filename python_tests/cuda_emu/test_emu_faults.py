@@ -141,3 +141,26 @@ def test_divergent_syncthreads(planted):
     site = line_of(csrc, PLANTS["divergent_syncthreads"])
     file, line = site.rsplit(":", 1)
     assert site in msg and f"{file}:{int(line) + 1}" in msg, msg
+
+
+def test_missing_cp_async_wait(planted):
+    """Pass 1 reads its cached slots back without waiting for their cp.async copies: under the
+    forward schedule the copies are still in flight (the slots hold poison) and the threads exit
+    with them pending, a fault that names the copy."""
+    op, csrc = planted
+    logits, target = make(2, 60000, torch.float32, device="cpu", ignore_frac=0.0)
+    msg = caught(op, 12, logits, target, loss="nce+mae")
+    assert "exit with cp.async copies not waited for" in msg and "thread (0,0,0): 28 issued" in msg, msg
+    common = csrc / "cuda" / "apl_cuda_common.cuh"
+    site = [i + 1 for i, line in enumerate(common.read_text().splitlines()) if "CUDA_EMU_ASYNC_COPY16(smem" in line]
+    assert f"the last at {common}:{site[0]}" in msg, msg   # the copy helper's emulated line
+
+
+def test_cp_async_before_the_slot_is_read(planted):
+    """Pass 3 refills a slot with the next row before it reads the slot for this row's gradient:
+    under the reverse schedule the copy lands at once, so the gradient of a block's first row is
+    computed from its second row's logits."""
+    op, _ = planted
+    logits, target = make(140, 60000, torch.float32, device="cpu", ignore_frac=0.0, seed=7)
+    msg = caught(op, 13, logits, target, loss="nce+mae")
+    assert "bit-identical" in msg or "not close" in msg.lower(), msg

@@ -12,7 +12,12 @@ divergent barriers, exits while others wait at a barrier, shuffles outside
 their mask, misaligned `__ldg` and SIGSEGV in a kernel fail the launch with a
 message that names the block, the thread and the source line
 (test_emu_faults.py plants each of them); so does a failed CUDA_KERNEL_ASSERT
-(test_bad_target_is_a_device_side_assert).
+(test_bad_target_is_a_device_side_assert).  cp.async copies (large_k_fixed's
+shared-memory fills) land at the thread's wait under forward, random and
+roundrobin, at issue under reverse: the two ends of what the hardware may do, so
+a read of a slot before its copy's wait, or a copy over a slot not yet read,
+breaks the bit-identity or the reference check; an exit with copies not waited
+for is a fault.
 
 Here: the cases of python_tests/test_cuda_kernels.py, with its tables and
 checks, on CPU tensors, against the fp64 reference.  Each check runs the op

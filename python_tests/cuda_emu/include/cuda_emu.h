@@ -173,6 +173,13 @@ struct Fiber {
   uint64_t value = 0;
   uint64_t result = 0;
   int barrier_pred = 0;
+  // cp.async copies issued and not yet waited for (async_copy16).
+  struct AsyncCopy {
+    unsigned char* dst;
+    unsigned char bytes[16];
+    Site site;
+  };
+  std::vector<AsyncCopy> async_copies;
 #if CUDA_EMU_ASAN
   void* fake_stack = nullptr;
 #endif
@@ -762,6 +769,33 @@ inline void store_checked(Site site, T* p, T v, const char* what) {
 
 inline void* dynamic_shared() { return block().dyn_smem; }
 
+// cp.async of 16 bytes, global to dynamic shared memory, the source read now (it is read-only here).
+// The hardware may write the destination at any moment up to the thread's wait; the schedules take
+// the two ends: reverse writes it at once (a copy issued before a read of its destination is done
+// shows), the others at async_wait_all (a read before the wait sees the old bytes; an exit with
+// copies not waited for is a fault).
+inline void async_copy16(Site site, void* dst, const void* src) {
+  Block& b = block();
+  check_aligned(site, static_cast<const uint4*>(src), "cp.async source");
+  check_aligned(site, static_cast<const uint4*>(dst), "cp.async destination");
+  unsigned char* d = static_cast<unsigned char*>(dst);
+  if (d < b.dyn_smem || d + 16 > b.dyn_smem + b.dyn_smem_size)
+    fault(b, header(b, "cp.async outside dynamic shared memory", b.current->tid) + " at " + where(site) +
+                 launch_text(b));
+  if (b.schedule.order == Order::Reverse) {
+    memcpy(d, src, 16);
+    return;
+  }
+  Fiber::AsyncCopy c{d, {}, site};
+  memcpy(c.bytes, src, 16);
+  b.current->async_copies.push_back(c);
+}
+inline void async_wait_all() {
+  Fiber& f = *block().current;
+  for (const Fiber::AsyncCopy& c : f.async_copies) memcpy(c.dst, c.bytes, 16);
+  f.async_copies.clear();
+}
+
 // ---------------------------------------------------------------- atomics
 template <typename T>
 inline T atomic_add(T* p, T v) {
@@ -841,6 +875,10 @@ inline void fiber_entry(Fiber* f) {
   b.thunk(b.thunk_arg);
   // The thread exits.
   check_not_expected_by_collective(b, *f, "exited after", f->site);
+  if (!f->async_copies.empty())
+    fault(b, header(b, "exit with cp.async copies not waited for", f->tid) + ": " +
+                 std::to_string(f->async_copies.size()) + " issued, the last at " +
+                 where(f->async_copies.back().site) + " (no cp.async wait after them)" + launch_text(b));
   if (b.at_barrier > 0) {
     int waiting = 0;
     while (b.fibers[waiting].wait != Wait::Barrier) ++waiting;
@@ -1137,6 +1175,9 @@ constexpr int warpSize = 32;
 
 // Cache-hinted loads and stores: plain accesses that check their alignment.
 #define __ldg(p) ::cuda_emu::load_checked(CUDA_EMU_SITE, (p), "__ldg")
+// cp.async (csrc/cuda/apl_cuda_common.cuh uses these where the GPU runs the PTX)
+#define CUDA_EMU_ASYNC_COPY16(dst, src) ::cuda_emu::async_copy16(CUDA_EMU_SITE, (dst), (src))
+#define CUDA_EMU_ASYNC_WAIT_ALL() ::cuda_emu::async_wait_all()
 #define __ldcg(p) ::cuda_emu::load_checked(CUDA_EMU_SITE, (p), "__ldcg")
 #define __ldca(p) ::cuda_emu::load_checked(CUDA_EMU_SITE, (p), "__ldca")
 #define __ldcs(p) ::cuda_emu::load_checked(CUDA_EMU_SITE, (p), "__ldcs")
