@@ -774,8 +774,11 @@ def _large_k(run: KernelRun, instructions, top, K: int, threads: int) -> dict:
         named = _fixed_loops(run, instructions, row.children)
         # Every row but a block's first has its pass 1 fused into the previous row's pass 3: each cached
         # slot's gradient written, then the slot refilled (cp.async) with the next row's; the next row's
-        # pass 1 then reads the tail and takes the max of the cached slots from shared memory.
+        # pass 1 then reads the tail and takes the max of the cached slots from shared memory.  A tail of
+        # at most CUDA_TAIL_BATCH slots a thread stays in registers from pass 1 on (TailSlots): the later
+        # passes' tail work is counted by their streamed loops' instructions, without their waits.
         tail = _tail_batches(streamed, threads)             # the tail loops' iterations (all threads)
+        held = streamed <= CUDA_TAIL_BATCH * threads
         second = run.params["second_pass"]
         visits = {"fill": 0, "tail_max": 0, "cached_max": 0, "fill_next": 0, "tail_max_next": tail,
                   "cached_max_next": cached, "cached": cached, "tail": tail,
@@ -783,7 +786,8 @@ def _large_k(run: KernelRun, instructions, top, K: int, threads: int) -> dict:
                   "grad_fused": cached, "grad_cached": 0, "grad_tail": tail,
                   "grad_bytes_fused": 0, "grad_bytes_cached": 0, "grad_bytes_tail": 0}
         names, loops = list(named), list(named.values())
-        return _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, elem)
+        return _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, elem,
+                            no_wait=("tail", "tail2", "grad_tail", "grad_bytes_tail") if held else ())
     # The loops of a row with loads, in source order (apl_cuda_large_k.cu): pass 1 fills shared memory
     # (CUDA_LOAD_BATCH slots per thread per iteration), sums exp over the cached slots, streams the tail; the block
     # reduction of the stats (a loop over warps); pass 2 (losses with normaliser sums) over the cached
@@ -804,8 +808,9 @@ def _large_k(run: KernelRun, instructions, top, K: int, threads: int) -> dict:
     return _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, elem)
 
 
-def _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, elem) -> dict:
-    """The large-K count from its named per-slot loops and how often each runs per row (all threads)."""
+def _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, elem, no_wait=()) -> dict:
+    """The large-K count from its named per-slot loops and how often each runs per row (all threads);
+    the loops named in `no_wait` work on values already in registers."""
     children = sorted(row.children, key=lambda l: l.header)
     detail, lo, hi, mufu = [], 0.0, 0.0, 0.0
     per_thread = K / threads
@@ -835,10 +840,16 @@ def _large_k_sum(run, instructions, row, names, loops, visits, threads, K, V, el
     lo, hi = lo / threads + fixed, hi / threads + row.static - sum(l.static for l in loops)
     hi += sum(c.static for c in prefetch) * (K * elem / 32 / threads - 1)
     row_mufu = _mufu(instructions, row) - sum(_mufu(instructions, l) for l in loops)
+    # A held tail's passes (no_wait) also run as straight code in the row body, one copy beside each
+    # streamed loop, about one iteration of it (CUDA_TAIL_BATCH slots): counted once, by the loop's visits.
+    held = [l for n, l in zip(names, loops) if n in no_wait]
+    row_mufu -= sum(_mufu(instructions, l) for l in held)
+    hi -= sum(l.static for l in held)
     mufu = mufu / threads + row_mufu
     # Iterations (per thread, per row) of the loops with global loads: each waits for its loads.  The
     # cp.async copies (LDGSTS) of a row are waited for once, after its pass 1 has issued them all.
-    waits = sum(visits[name] / threads for name, loop in zip(names, loops) if loop.loads.get("LDG"))
+    waits = sum(visits[name] / threads for name, loop in zip(names, loops)
+                if loop.loads.get("LDG") and name not in no_wait)
     waits += any(loop.loads.get("LDGSTS") for loop in loops)
     return {"hot_loops": detail, "sass_per_element": lo / per_thread, "sass_per_element_static": hi / per_thread,
             "mufu_per_element": mufu / per_thread, "count": CUDA_COUNT, "waits_per_row": waits,

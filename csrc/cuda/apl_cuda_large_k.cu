@@ -439,6 +439,40 @@ __device__ __forceinline__ void streamed_slots(int64_t first, int64_t end, int64
   }
 }
 
+// This thread's streamed-tail slots of a row, as streamed_slots visits them, held in registers
+// from pass 1 to pass 3 when every thread has at most kTailBatch of them (bf16 / fp16 rows up to
+// about 131k classes at 512 threads): one wait a row for the tail instead of one a pass.  Longer
+// tails are streamed again in each pass.
+template <typename S>
+struct TailSlots {
+  S b[kTailBatch];
+  bool held = false;  // uniform over the block: ns and nc are the row's
+  // Pass 1: load (and keep, when they fit) the slots of [first, end), use(j, slot) each.
+  template <typename Load, typename Use>
+  __device__ __forceinline__ void load(int64_t first, int64_t end, int64_t T, int64_t ns, int64_t nc, Load&& load,
+                                       Use&& use) {
+    held = ns - nc <= kTailBatch * T;
+    if (!held) return streamed_slots(first, end, T, ns, load, use);
+    const int64_t j = first == 0 ? first + T : first, full_end = end < ns - 1 ? end : ns - 1;
+#pragma unroll
+    for (int u = 0; u < kTailBatch; ++u)
+      if (j + u * T < full_end) b[u] = load(j + u * T);
+#pragma unroll
+    for (int u = 0; u < kTailBatch; ++u)
+      if (j + u * T < full_end) use(j + u * T, b[u]);
+  }
+  // A later pass: the same slots, from registers when held.
+  template <typename Load, typename Use>
+  __device__ __forceinline__ void visit(int64_t first, int64_t end, int64_t T, int64_t ns, Load&& load,
+                                        Use&& use) const {
+    if (!held) return streamed_slots(first, end, T, ns, load, use);
+    const int64_t j = first == 0 ? first + T : first, full_end = end < ns - 1 ? end : ns - 1;
+#pragma unroll
+    for (int u = 0; u < kTailBatch; ++u)
+      if (j + u * T < full_end) use(j + u * T, b[u]);
+  }
+};
+
 // The edge slot this thread takes in every pass (thread 0 slot 0, the last thread slot ns - 1),
 // or -1: one call site per pass, read from global memory element by element each time.
 __device__ __forceinline__ int64_t edge_slot_of(int64_t tid, int64_t T, int64_t ns) {
@@ -496,6 +530,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
   // edge slot read for their max meanwhile; then, its copies landed, the max of its cached
   // slots from shared memory (each thread reads only the slots it copied: no barrier).  The
   // return value is this thread's max.
+  TailSlots<S> tail;  // the row's streamed tail, from its pass 1 on
   auto pass1 = [&](const scalar_t* zr, int shift_r, int64_t ns_r, int64_t nc_r, int64_t from) {
     const int64_t full_end = nc_r < ns_r - 1 ? nc_r : ns_r - 1;
     int64_t j = tid == 0 ? T : tid;
@@ -503,7 +538,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
     for (; j < full_end; j += T) async_copy16(cache + j, zr + (j * V - shift_r));
     SlotMax<scalar_t> slot_max;
     auto slot_at = [&](int64_t j) { return interior_slot(zr, j, shift_r); };
-    streamed_slots(nc_r + tid, ns_r, T, ns_r, slot_at, [&](int64_t, const S& b) { slot_max.add(b); });
+    tail.load(nc_r + tid, ns_r, T, ns_r, nc_r, slot_at, [&](int64_t, const S& b) { slot_max.add(b); });
     float m = -INFINITY;
     const int64_t edge = edge_slot_of(tid, T, ns_r);
     if (edge >= 0) {
@@ -563,7 +598,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
         if constexpr (kShifted) e.sum_arg += t;
       };
       full_slots(tid, nc, T, ns, [&](int64_t j) { for_each_in_full_slot(copy_slot(cache + j), 0, add); });
-      streamed_slots(nc + tid, ns, T, ns, full_slot, [&](int64_t, const S& b) { for_each_in_full_slot(b, 0, add); });
+      tail.visit(nc + tid, ns, T, ns, full_slot, [&](int64_t, const S& b) { for_each_in_full_slot(b, 0, add); });
       if (my_edge >= 0) for_each_in_slot(edge_slot(my_edge), my_edge * V - shift, K, add);
       e = block_allreduce_tree(e, reinterpret_cast<ExpSums*>(scratch));
       s.sumexp = e.sum * ex.unscale;
@@ -591,7 +626,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
       FixedSums acc;
       auto add = [&](int, int64_t, float v) { R.add_sums(v, acc); };
       full_slots(tid, nc, T, ns, [&](int64_t j) { for_each_in_full_slot(copy_slot(cache + j), 0, add); });
-      streamed_slots(nc + tid, ns, T, ns, full_slot, [&](int64_t, const S& b) { for_each_in_full_slot(b, 0, add); });
+      tail.visit(nc + tid, ns, T, ns, full_slot, [&](int64_t, const S& b) { for_each_in_full_slot(b, 0, add); });
       if (my_edge >= 0) for_each_in_slot(edge_slot(my_edge), my_edge * V - shift, K, add);
       acc = block_allreduce_tree(acc, reinterpret_cast<FixedSums*>(scratch));
       FixedSums label;  // the label's own terms, as the loop added them
@@ -665,7 +700,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
         }
         next_from = j;
         for (; j < full_end; j += T) store_full(j, grad_slot(copy_slot(cache + j)));
-        streamed_slots(nc + tid, ns, T, ns, full_slot, [&](int64_t j, const S& b) { store_full(j, grad_slot(b)); });
+        tail.visit(nc + tid, ns, T, ns, full_slot, [&](int64_t j, const S& b) { store_full(j, grad_slot(b)); });
       };
       if (slot_shift(g) == shift) pass3(std::true_type());
       else pass3(std::false_type());

@@ -131,6 +131,25 @@ def test_large_k_streamed_tail(smem, dtype):
             check_emulated(logits, target, loss)
 
 
+@pytest.mark.parametrize("past", [0, 1], ids=["held", "streamed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_large_k_tail_held_in_registers(tmp_path, dtype, past):
+    """large_k_fixed keeps a thread's streamed tail in registers from pass 1 to pass 3 when no thread
+    has more than kTailBatch (4) tail slots.  A 2500-slot cache (40000 bytes) and 256-thread blocks
+    (two such caches fit an SM): ns - 2500 = 4 x 256 slots gives thread 0 exactly 4 (held), one slot
+    more streams every pass.  In the offset view rows alternate between the two sides."""
+    V = 16 // dtype.itemsize
+    K = (2500 + 4 * 256 + past) * V
+    with env(APL_CUDA_SMEM_PER_BLOCK="40000"):
+        logits, target = make_cpu(5, K, dtype)
+        got = queued(tmp_path, logits, target)
+        assert got[-1].endswith("grid 5,1,1 block 256"), got   # the plan this case is sized for
+        for loss in ("nce+rce", "nfl+mae"):
+            check_emulated(logits, target, loss)
+        torch.manual_seed(0)   # _views draws from the global generator
+        check_emulated(_views(5, K - V // 2, dtype, device="cpu")["column_offset_1"], target % (K - V), "nce+rce")
+
+
 @pytest.mark.parametrize("loss", ["ce", "nce+rce", "nfl+rce", "nfl+mae", "ngce+mae", "nce+nnce", "nce+amse"])
 def test_large_k_rows_with_a_large_offset(loss):
     """Rows offset by 1e5: large_k_fixed's exps are 2^(z log2 e - c) with c = max log2 e rounded, whose
