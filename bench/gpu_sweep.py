@@ -10,7 +10,8 @@ Each configuration below changes one knob the kernels already read, so a single 
 says which way to redesign:
 
   triton  module constants of apl_kernels/triton/kernels.py, set in this process:
-          CHUNK (elements a loop step) and CHUNK_WARPS (warps of a chunked program), and
+          CHUNK (elements a loop step), CHUNK_STAGES (1: the chunk loops' loads not
+          pipelined), CHUNK_WARPS (warps of a chunked program), and
           programs_per_sm, which replaces kernels._programs_in_flight (the grid: with two
           8-warp programs a SM, 2 x 132 rows overflow L2 and later passes re-read HBM);
   cuda    environment knobs read once per process, so each runs in a child process:
@@ -44,6 +45,7 @@ SWEEP = (
     ("triton", "default", {}),
     ("triton", "chunk 4096 (8 warps)", {"CHUNK": {2: 4096, 4: 4096, 8: 2048}}),
     ("triton", "chunk 16384", {"CHUNK": {2: 16384, 4: 16384, 8: 2048}}),
+    ("triton", "no pipelined loads (1 stage)", {"CHUNK_STAGES": 1}),
     ("triton", "8 warps, 1 program a SM", {"CHUNK_WARPS": 8}),
     ("triton", "8 warps, 2 programs a SM (rows overflow L2)", {"CHUNK_WARPS": 8, "programs_per_sm": 2}),
     ("cuda", "default", {}),

@@ -218,7 +218,7 @@ def triton_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
     # kernels._programs_in_flight with the H200's figures
     per_sm = max(1, min(max(1, 16 // warps), min(tk.L2_BUDGET, int(L2_BYTES) * 2 // 3) // max(1, SMS * K * elem)))
     programs = max(1, min(B, SMS * per_sm))
-    consts = dict(base, NEEDS_PASS2=_needs_pass2(active, passive), BLOCK_K=chunk)
+    consts = dict(base, NEEDS_PASS2=_needs_pass2(active, passive), BLOCK_K=chunk, STAGES=tk.CHUNK_STAGES)
     run = KernelRun(_triton_key("chunked_kernel", dtype, consts, warps, B, K), programs, warps, "chunked", consts)
     return [prepass, run]
 
@@ -407,7 +407,7 @@ for job in jobs:
                               check=True).stdout
         usage = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "--dump-resource-usage", path],
                                capture_output=True, text=True, check=True).stdout
-        result = {"sass": text, "usage": usage, "name": compiled.metadata.name,
+        result = {"sass": text, "usage": usage, "name": compiled.metadata.name, "shared": compiled.metadata.shared,
                   "signature": {k: v for k, v in signature.items() if v != "constexpr"},
                   "divisible_by_16": [list(signature)[k[0]] for k, v in attrs.items() if v]}
         with open(job["cache"] + ".tmp", "w") as f:   # each result kept at once: an interrupted run resumes
@@ -603,8 +603,12 @@ def per_element(run: KernelRun, instructions: List[sass.Instruction], B: int, K:
         fixed_mufu = info["mufu_per_element"] - sum(p["mufu_per_element"] for p in phases)
         info["phases"] = phases + [_phase("none", fixed, fixed_mufu)]
         info["count"] = "static"
-        # Every chunk iteration of every pass loads (HBM or L2) and uses what it loaded in the same iteration.
-        info["waits_per_row"] = trips * sum(1 for c in passes if c.loads.get("LDG"))
+        # A chunk loop with plain loads (LDG) uses them in the iteration that issued them: a wait every
+        # iteration.  One software-pipelined by Triton (tl.range num_stages: cp.async, LDGSTS, into
+        # shared memory stages) waits for its first stages only, once a row (ASSUMED: each iteration's
+        # work covers the latency of the copies in flight; its barriers are counted as instructions).
+        info["waits_per_row"] = sum(trips if c.loads.get("LDG") else 1 if c.loads.get("LDGSTS") else 0
+                                    for c in passes)
     elif run.kind in ("single", "tiles"):
         block_r = run.params["BLOCK_R"]
         tiles = _cdiv(B, block_r)
@@ -1056,7 +1060,7 @@ def run(args) -> dict:
             name = res["name"] if res["name"] in functions else next(iter(functions))
             usage = sass.resource_usage(res["usage"]).get(name, {})
             kernels[variant] = {"instructions": functions[name], "usage": usage, "toolchain": label,
-                                "specialisation": {"signature": res["signature"],
+                                "shared": res["shared"], "specialisation": {"signature": res["signature"],
                                                    "divisible_by_16": res["divisible_by_16"]}}
     if "cuda" in backends:
         nvcc = nvcc_path()
@@ -1083,7 +1087,8 @@ def run(args) -> dict:
                 raise SystemExit(f"{r.variant} is not in the compiled code (found: {sorted(kernels)[:20]})")
             k = kernels[r.variant]
             static_smem = k["usage"].get("SHARED", 0)
-            dynamic_smem = r.params.get("smem", 0)
+            # Triton: the compiler's shared memory (the stages of pipelined loops, reduction scratch)
+            dynamic_smem = r.params.get("smem", 0) if backend == "cuda" else k.get("shared", 0)
             if r.kind == "large_k":
                 # As the host plan (csrc/cuda/apl_cuda_large_k.cu): the dynamic row cache gets the opt-in
                 # maximum less the kernel's static shared memory (its reduction scratch) and 256 bytes.

@@ -148,6 +148,48 @@ def test_per_element_count_of_a_chunked_kernel():
     assert info["waits_per_row"] == 32
 
 
+def test_a_pipelined_chunk_loop_waits_once_a_row():
+    """Triton's software-pipelined loops (tl.range num_stages) copy chunks into shared memory by
+    cp.async (LDGSTS): such a loop waits for its first stages once a row, a plain one every chunk."""
+    pipelined = [line.replace("LDG.E.128 R4, desc[UR4][R8.64]", "LDGSTS.E.BYPASS.128 [R4], desc[UR4][R8.64]", 1)
+                 if n == 3 else line for n, line in enumerate(NESTED)]
+    run = roofline.KernelRun("k", 132, 16, "chunked", {"BLOCK_K": 8192, "NEEDS_PASS2": False})
+    instructions = sass.parse_sass(_sass("k", pipelined))["k"]
+    assert instructions[3].op == "LDGSTS" and instructions[3].access_bytes == 16
+    assert roofline.per_element(run, instructions, 8192, 131072)["waits_per_row"] == 1 + 16
+
+
+# large_k_fixed's shape in small: a row loop holding a cp.async fill loop and a streamed-tail loop,
+# then the wait for the copies.
+FIXED_ROW = [
+    "MOV R1, c[0x0][0x28]",                          # 0x00
+    "IADD3 R2, R2, 0x1, RZ",                         # 0x10 row loop header
+    "LDGSTS.E.BYPASS.128 [R3], desc[UR4][R8.64]",    # 0x20 fill loop
+    "IADD3 R3, R3, 0x2000, RZ",                      # 0x30
+    "@P0 BRA 0x20",                                  # 0x40
+    "LDG.E.128.CONSTANT R4, desc[UR4][R8.64]",       # 0x50 tail loop
+    "HMNMX2.BF16 R6, R4, R6",                        # 0x60
+    "@P1 BRA 0x50",                                  # 0x70
+    "LDGDEPBAR",                                     # 0x80
+    "DEPBAR.LE SB0, 0x0",                            # 0x90
+    "@!P2 BRA 0x10",                                 # 0xa0 latch of the row loop
+    "EXIT",                                          # 0xb0
+]
+
+
+def test_cp_async_rows_wait_once_for_their_copies_and_a_held_tail_not_at_all():
+    instructions = sass.parse_sass(_sass("k", FIXED_ROW))["k"]
+    row = [l for l in sass.find_loops(instructions) if l.children][0]
+    fill, tail = sorted(row.children, key=lambda l: l.header)
+    assert fill.loads == {"LDGSTS": 16} and tail.loads == {"LDG": 16}
+    run = roofline.KernelRun("cuda large_k_fixed<c10::BFloat16, 0, 0>", 132, 16, "large_k",
+                             {"V": 8, "cap": 14336, "second_pass": False})
+    visits = {"fill": 14336, "tail": 3 * 512}   # per row, all 512 threads: 3 tail iterations a thread
+    args = (run, instructions, row, ["fill", "tail"], [fill, tail], visits, 512, 131072, 8, 2)
+    assert roofline._large_k_sum(*args)["waits_per_row"] == 3 + 1              # the tail's loads, the copies
+    assert roofline._large_k_sum(*args, no_wait=("tail",))["waits_per_row"] == 1   # the tail held in registers
+
+
 def test_the_mufu_rate_bounds_a_loss_with_many_exps_and_roots():
     """Five MUFU instructions per element (nfl+rce's three exps and two square roots) at 16 per clock per
     SM: 8192 * 131072 * 5 / (16 * 132 * 1.98e9) = 1.284 ms, over the 0.999 ms of its I/O and the 0.649 ms

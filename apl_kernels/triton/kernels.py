@@ -259,7 +259,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
                    mp_hi, mp_lo, t, count_programs,
                    ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
                    REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, NEEDS_PASS2: tl.constexpr,
-                   BLOCK_K: tl.constexpr, GAMMA_HALF: tl.constexpr = False):
+                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, GAMMA_HALF: tl.constexpr = False):
     """Persistent over rows; per row: online lse, normaliser sums, gradient.  Per-row losses to
     loss_ptr, or (mean, sum) the reduced loss by _finish_reduction.
 
@@ -284,7 +284,6 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
     total = zero
     not_target = tl.full([], 0, tl.int1)   # grad_block's label flag for every column but the label's
     G_DTYPE: tl.constexpr = grad_ptr.dtype.element_ty
-    FOCAL: tl.constexpr = (ACTIVE == lm.NFL) or (PASSIVE == lm.NNFL)
     for row in range(first_row, N, tl.num_programs(0)):
         y = tl.load(y_ptr + row)
         kept = y != ignore_index
@@ -299,7 +298,6 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
         # (a subtraction, not (K_row // BLOCK_K) * BLOCK_K: test_triton_compile flags int32 products
         # of row-derived values; the hints keep the unmasked loads vectorised)
         full = tl.multiple_of(K_row - K_row % BLOCK_K, BLOCK_K)
-        last = tl.multiple_of(tl.maximum(full - BLOCK_K, 0), BLOCK_K)   # the prefetch past the last chunk re-reads it
         # pass 1: per-group online max / sum of exps (/ sum (z - ref) for nce, / first index
         # of the group max for ece), one cross-thread reduction per row
         m_v = tl.full([GROUPS], float("-inf"), ACC)
@@ -307,10 +305,8 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
         s_v = tl.zeros([GROUPS], ACC)
         sz_v = tl.zeros([GROUPS], ACC)
         first_v = tl.full([GROUPS], 0, tl.int32) + K
-        nxt = _load_groups(z_row, 0, offs, full)
-        for start in range(0, full, BLOCK_K):
-            z = lm.widen(nxt, ACC)
-            nxt = tl.load(z_row + tl.minimum(start + BLOCK_K, last) + offs)   # two chunks in flight
+        for start in tl.range(0, full, BLOCK_K, num_stages=STAGES):
+            z = lm.widen(tl.load(z_row + start + offs), ACC)
             if ACTIVE == lm.ECE:
                 first_v = lm.first_max_index_update(z, m_v, start + offs, first_v, K)
             m_v, c_v, s_v, t_sum = lm.group_update(m_v, c_v, s_v, z)
@@ -340,7 +336,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
         sp2_v = tl.zeros([GROUPS], ACC)
         if NEEDS_PASS2:   # no prefetch here: the nfl/ngce terms need the registers
             label_group = tl.where(y_ok, y32 // VEC, -1)
-            for start in range(0, full, BLOCK_K):
+            for start in tl.range(0, full, BLOCK_K, num_stages=STAGES):
                 log_p, p = lm.class_probs(lm.widen(tl.load(z_row + start + offs), ACC), c, inv_s, log_s2)
                 t1, t2, t3, t4 = _group_sums(log_p, p, True, start // VEC + groups0 != label_group,
                                              gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
@@ -385,13 +381,8 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
             # last use of these lines: evict first); a kept row with a valid label only
             g_row = grad_ptr + row * grad_stride
             if y_ok:   # else the loop after this one writes the row
-                nxt = _load_groups(z_row, 0, offs, full)
-                for start in range(0, full, BLOCK_K):
-                    if FOCAL:   # no prefetch: the focal terms need the registers (spills otherwise)
-                        z = lm.widen(tl.load(z_row + start + offs), ACC)
-                    else:
-                        z = lm.widen(nxt, ACC)
-                        nxt = tl.load(z_row + tl.minimum(start + BLOCK_K, last) + offs)
+                for start in tl.range(0, full, BLOCK_K, num_stages=STAGES):
+                    z = lm.widen(tl.load(z_row + start + offs), ACC)
                     log_p, p = lm.class_probs(z, c, inv_s, log_s2)
                     g = lm.grad_block(log_p, p, not_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q,
                                       min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
@@ -430,9 +421,13 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
 RESIDENT_MAX_K = {1: 8192, 2: 8192, 4: 8192, 8: 4096}
 TILE_ELEMS = 2048          # elements of a row-resident tile (8 per thread with 8 warps)
 SINGLE_MAX_TILES = 4       # reduced losses this small run in one program (one launch)
-# Chunk per loop step (16 warps: 16 elements per thread, no spills at sm_90; the
-# next chunk is prefetched, so 32 KB (bf16) to 64 KB (fp32) are in flight per SM).
+# Chunk per loop step (16 warps: 16 elements per thread, no spills at sm_90).
 CHUNK = {2: 8192, 4: 8192, 8: 2048}
+# Software-pipelined chunk loops (tl.range num_stages): the compiler copies the next chunks into
+# shared memory (cp.async) while one is worked on, so a program waits for its loads about once a
+# pass, not once a chunk (the H200's 2026-11-30 run: one program a SM, latency-bound).  Shared
+# memory: two chunks in flight, 33 KB (bf16) to 66 KB (fp32).  1: plain loads (bench.gpu_sweep).
+CHUNK_STAGES = 3
 CHUNK_WARPS = 16           # warps of a chunked program (8 below 8192-element chunks)
 # Column indices are int32 (int64 would double their registers): the last chunk's
 # start + BLOCK_K must stay below 2^31.
@@ -595,7 +590,7 @@ def _launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode
         num_warps = CHUNK_WARPS if chunk >= 8192 else 8
         grid = _programs_in_flight(device, K * elem, N, num_warps)
         last_plan = ("chunked", grid, 1, chunk)
-        kernel, consts = chunked_kernel, dict(NEEDS_PASS2=lm.needs_second_pass(active, passive))
+        kernel, consts = chunked_kernel, dict(NEEDS_PASS2=lm.needs_second_pass(active, passive), STAGES=CHUNK_STAGES)
         single, block_k = False, chunk
     work, count_programs = loss, 0
     if not single:   # labels checked (and counted, for mean) by a pre-pass: the main kernel has no assert
