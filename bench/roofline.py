@@ -87,8 +87,13 @@ Model: one training step's fwd+bwd as `loss.backward()` runs it.
                overlap.  This figure models that: a row takes `waits_per_row` (the iterations,
                per thread, of its loops with global loads) x LOOP_LATENCY_S (CALIBRATED per
                backend on those measurements) plus its instructions, and the block's rows run
-               one after another.  None where several blocks share an SM (they hide latency)
-               or the kernel has no row loop.  The lower of the figures is the forecast.
+               one after another.  Loads issued as cp.async (LDGSTS: CUDA large_k_fixed's
+               shared-memory fills, Triton's pipelined chunk loops) do not wait per iteration:
+               a cp.async row waits once for its copies, a pipelined loop once a row for its
+               first stages, and a tail held in registers only when it is loaded (ASSUMPTIONS:
+               the calibration predates these kernels; the GPU session's sweep tests them).
+               None where several blocks share an SM (they hide latency) or the kernel has no
+               row loop.  The lower of the figures is the forecast.
 """
 from __future__ import annotations
 

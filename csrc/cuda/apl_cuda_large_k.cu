@@ -447,29 +447,29 @@ template <typename S>
 struct TailSlots {
   S b[kTailBatch];
   bool held = false;  // uniform over the block: ns and nc are the row's
-  // Pass 1: load (and keep, when they fit) the slots of [first, end), use(j, slot) each.
+  // Pass 1: load (and keep, when they fit) the slots of [first, end), then use(j, slot) each.
   template <typename Load, typename Use>
   __device__ __forceinline__ void load(int64_t first, int64_t end, int64_t T, int64_t ns, int64_t nc, Load&& load,
                                        Use&& use) {
     held = ns - nc <= kTailBatch * T;
     if (!held) return streamed_slots(first, end, T, ns, load, use);
-    const int64_t j = first == 0 ? first + T : first, full_end = end < ns - 1 ? end : ns - 1;
-#pragma unroll
-    for (int u = 0; u < kTailBatch; ++u)
-      if (j + u * T < full_end) b[u] = load(j + u * T);
-#pragma unroll
-    for (int u = 0; u < kTailBatch; ++u)
-      if (j + u * T < full_end) use(j + u * T, b[u]);
+    each(first, end, T, ns, [&](int u, int64_t j) { b[u] = load(j); });
+    each(first, end, T, ns, [&](int u, int64_t j) { use(j, b[u]); });
   }
   // A later pass: the same slots, from registers when held.
   template <typename Load, typename Use>
   __device__ __forceinline__ void visit(int64_t first, int64_t end, int64_t T, int64_t ns, Load&& load,
                                         Use&& use) const {
     if (!held) return streamed_slots(first, end, T, ns, load, use);
+    each(first, end, T, ns, [&](int u, int64_t j) { use(j, b[u]); });
+  }
+  // f(u, j) over this thread's full tail slots j, as streamed_slots' single batch takes them.
+  template <typename F>
+  __device__ __forceinline__ static void each(int64_t first, int64_t end, int64_t T, int64_t ns, F&& f) {
     const int64_t j = first == 0 ? first + T : first, full_end = end < ns - 1 ? end : ns - 1;
 #pragma unroll
     for (int u = 0; u < kTailBatch; ++u)
-      if (j + u * T < full_end) use(j + u * T, b[u]);
+      if (j + u * T < full_end) f(u, j + u * T);
   }
 };
 
