@@ -18,7 +18,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import gpu_kernels_once, gpu_session  # noqa: E402
+from bench import gpu_kernels_once, gpu_session, gpu_sweep  # noqa: E402
 from bench.gpu_session import Command, Settings, Step  # noqa: E402
 
 
@@ -392,7 +392,8 @@ def test_cpu_check_runs_every_step_it_can(cpu_check):
     # the sweep: every Triton configuration timed, interpreted, with the default's loss
     sweep = json.loads((out / "sweep.json").read_text())["records"]
     triton = [r for r in sweep if r["backend"] == "triton"]
-    assert len(triton) == 5 and all("ms" in r and r["loss_matches_default"] for r in triton), triton
+    assert [r["config"] for r in triton] == [c[1] for c in gpu_sweep.SWEEP if c[0] == "triton"], triton
+    assert all("ms" in r and r["loss_matches_default"] for r in triton), triton
     assert {r["plan"][0] for r in triton} == {"chunked"}
     assert all(r["error"].startswith("RuntimeError: unavailable") for r in sweep if r["backend"] == "cuda")
 
