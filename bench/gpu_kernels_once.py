@@ -57,6 +57,9 @@ CUDA_VARIANTS = (
     Variant("cuda", "small K, lanes per row", 300, 100),
     Variant("cuda", "small K, wide rows", 300, 1000),
     Variant("cuda", "large K, row in shared memory", 64, 4099),
+    # 140 rows over 132 one-block SMs: a block's second row copied in (cp.async) during its first
+    # row's pass 3; fp32: a 600-slot tail held in registers; bf16: the whole row cached.
+    Variant("cuda", "large K, next row copied in, tail in registers", 140, 60000),
     Variant("cuda", "large K, tail streamed", 16, 30011, env={"APL_CUDA_SMEM_PER_BLOCK": "4096"}),
     Variant("cuda", "large K, all streamed", 16, 5003, env={"APL_CUDA_SMEM_PER_BLOCK": "0"}),
 )
@@ -65,6 +68,7 @@ TRITON_VARIANTS = (
     Variant("triton", "one program", 128, 10),
     Variant("triton", "row-resident tiles", 1024, 100),
     Variant("triton", "chunked", 64, 20000),
+    Variant("triton", "chunked, pipelined over 7 chunks", 16, 60000),
     Variant("triton", "chunked, small chunks", 33, 100, forced_chunk=16),
     Variant("triton", "in place (overwrite_logits)", 256, 1000, overwrite=True),
 )
