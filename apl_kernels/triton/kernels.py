@@ -334,7 +334,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
         sa2_v = tl.zeros([GROUPS], ACC)
         sp1_v = tl.zeros([GROUPS], ACC)
         sp2_v = tl.zeros([GROUPS], ACC)
-        if NEEDS_PASS2:   # no prefetch here: the nfl/ngce terms need the registers
+        if NEEDS_PASS2:
             label_group = tl.where(y_ok, y32 // VEC, -1)
             for start in tl.range(0, full, BLOCK_K, num_stages=STAGES):
                 log_p, p = lm.class_probs(lm.widen(tl.load(z_row + start + offs), ACC), c, inv_s, log_s2)

@@ -707,7 +707,7 @@ __global__ void __launch_bounds__(kLargeBlockMax) large_k_fixed(const Args<scala
       if (my_edge >= 0) store_slot(g, my_edge * V - shift, K, grad_slot(edge_slot(my_edge)), false);
       if (slot_owner((y + shift) / V, T, nc, ns) == tid)
         g[y] = static_cast<scalar_t>(R.template grad<true>(z_y));
-      if (fuse) {  // the rest of the next row's pass 1: slots past the batches, its tail, its edge
+      if (fuse) {  // the rest of the next row's pass 1: slots past the fused loop, its tail, its edge, its max
         carried_max = pass1(zn, shift_n, ns_n, nc_n, next_from);
         carried = true;
       }
