@@ -240,9 +240,7 @@ def _triton_key(kernel: str, dtype: str, consts: dict, warps: int, B: int, K: in
     return f"triton {kernel} {dtype} w{warps} {spec} {body}"
 
 
-CUDA_SMALL_K_MAX = 1024
-CUDA_SMALL_BLOCK = 256
-CUDA_TINY_NV = 4
+CUDA_SMALL_K_MAX = 1024   # apl_cuda_op.cu's small/large split (a literal there)
 
 
 def cuda_constant(file: str, name: str) -> int:
@@ -259,6 +257,10 @@ CUDA_SPREAD_BYTES = cuda_constant("apl_cuda_small_k.cu", "kSpreadBytes")
 CUDA_COUNT_LOADS_PER_THREAD = cuda_constant("apl_cuda_common.cuh", "kCountLoadsPerThread")
 CUDA_TAIL_BATCH = cuda_constant("apl_cuda_large_k.cu", "kTailBatch")   # large_k_fixed's streamed-tail loads
 CUDA_LOAD_BATCH = cuda_constant("apl_cuda_large_k.cu", "kLoadBatch")   # large_k_kernel's shared-memory fill
+CUDA_SMALL_BLOCK = cuda_constant("apl_cuda_small_k.cu", "kSmallBlock")
+CUDA_TINY_NV = cuda_constant("apl_cuda_small_k.cu", "kTinyNV")
+CUDA_LARGE_BLOCK = cuda_constant("apl_cuda_large_k.cu", "kLargeBlockMax")
+CUDA_TWO_PER_SM_THREADS = cuda_constant("apl_cuda_large_k.cu", "kTwoPerSmThreads")
 
 
 def _tail_batches(streamed: int, threads: int) -> int:
@@ -297,12 +299,12 @@ def cuda_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
         main = KernelRun(f"cuda small_k_kernel<{tname}, {nv}, {str(pow_terms).lower()}>", grid,
                          threads // 32, "small_k", {"group": group, "nv": nv, "V": V, "K": K})
     else:
-        threads = 512 if max_slots >= 2048 else (256 if max_slots >= 512 else 128)
+        threads = CUDA_LARGE_BLOCK if max_slots >= 2048 else (256 if max_slots >= 512 else 128)   # block_threads
         cap = min(max_slots, (SMEM_OPTIN_PER_BLOCK - 2048) // 16)
         # plan_large_k: 256-thread blocks when two cached rows fit in an SM's shared memory (with the
         # kernel's static share, about 2 KB at most, and the runtime's 1 KB per block).
-        if threads > 256 and 2 * (cap * 16 + 2048 + SMEM_RESERVED_PER_BLOCK) <= SMEM_PER_SM:
-            threads = 256
+        if threads > CUDA_TWO_PER_SM_THREADS and 2 * (cap * 16 + 2048 + SMEM_RESERVED_PER_BLOCK) <= SMEM_PER_SM:
+            threads = CUDA_TWO_PER_SM_THREADS
         # apl_cuda_large_k.cu: large_k_fixed (constant terms) for the losses of its shapes, the run-time-term
         # kernel (-1, -1) else.
         shapes = cuda_fixed_shapes(spec)

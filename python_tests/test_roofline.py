@@ -489,7 +489,9 @@ def test_small_k_row_loop_is_the_first_loop_that_reads_and_writes():
 
 
 def test_cuda_plan_constants_are_read_from_the_kernel_sources():
-    """kSpreadBytes, kCountLoadsPerThread and kTailBatch have one home, csrc/cuda/; a renamed one fails loudly."""
+    """The plan constants (kSpreadBytes, kTailBatch, kSmallBlock, kTwoPerSmThreads, ...) have one home,
+    csrc/cuda/; a renamed one fails loudly."""
+    assert (roofline.CUDA_SMALL_BLOCK, roofline.CUDA_TWO_PER_SM_THREADS, roofline.CUDA_LARGE_BLOCK) == (256, 256, 512)
     assert roofline.CUDA_SPREAD_BYTES == 64 * 1024      # apl_cuda_small_k.cu: `64 * 1024`
     assert roofline.cuda_constant("apl_cuda_large_k.cu", "kTailBatch") == roofline.CUDA_TAIL_BATCH
     with pytest.raises(RuntimeError, match="no longer defines"):
