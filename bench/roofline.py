@@ -27,7 +27,10 @@ instructions of its body are counted and divided by the elements one thread
 handles per iteration, derived from the kernel's block parameters (Triton:
 BLOCK_K / threads per chunk, BLOCK_R x K / threads per tile; CUDA: the 16-byte
 slots a thread loads per iteration, from the loads on the loop's path).  A row's
-fixed work (reductions, finish_row) is spread over its elements.  The result,
+fixed work (reductions, finish_row) is spread over its elements.  A Triton row's
+straight-line code is counted as run once a row, branches or not: the chunked
+kernel's masked tail steps are compiled out (EVEN_K) where K is a multiple of the
+chunk, as at the goal shapes, so that code the row skips is not counted.  The result,
 `sass_per_element`, is thread-instructions per logit (warp-instructions per 32
 logits).  Triton bodies are straight-line (per-element choices are predicated),
 so the body's full count is what runs.  The CUDA kernels may keep branches in
@@ -223,7 +226,8 @@ def triton_plan(loss: str, dtype: str, B: int, K: int) -> List[KernelRun]:
     # kernels._programs_in_flight with the H200's figures
     per_sm = max(1, min(max(1, 16 // warps), min(tk.L2_BUDGET, int(L2_BYTES) * 2 // 3) // max(1, SMS * K * elem)))
     programs = max(1, min(B, SMS * per_sm))
-    consts = dict(base, NEEDS_PASS2=_needs_pass2(active, passive), BLOCK_K=chunk, STAGES=tk.CHUNK_STAGES)
+    consts = dict(base, NEEDS_PASS2=_needs_pass2(active, passive), BLOCK_K=chunk, STAGES=tk.CHUNK_STAGES,
+                  EVEN_K=K % chunk == 0)
     run = KernelRun(_triton_key("chunked_kernel", dtype, consts, warps, B, K), programs, warps, "chunked", consts)
     return [prepass, run]
 

@@ -169,7 +169,7 @@ def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, 
     log_p = lm.log_softmax(z, m[:, None], log_s[:, None])
     p = lm.fast_exp(log_p)
     is_t = cols[None, :] == y[:, None]
-    sa1, sa2, sp1, sp2 = lm.normalizer_sums(log_p, p, is_t, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
+    sa1, sa2, sp1, sp2 = lm.normalizer_sums(log_p, p, 1.0, is_t, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
                                             GAMMA_HALF, 1)
     # The label's logit without an indexed load; an out-of-range label gives NaN.
     z_y = tl.sum(tl.where(is_t & mask, z, 0.0), axis=1)
@@ -181,7 +181,7 @@ def _resident_tile(z_ptr, y_ptr, grad_ptr, row0, N, K, stride_row, grad_stride, 
         log_s, lm.log_softmax(z_y, m, log_s), gap_sum, y_is_max, sa1, sa2, sp1, sp2, K.to(alpha.dtype), weight,
         alpha, beta, gamma, q, A, a, m_ece, t, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
     if COMPUTE_GRAD:
-        g = lm.grad_block(log_p, p, is_t, c_act[:, None], c_pas[:, None], c_pas2[:, None], c_target[:, None],
+        g = lm.grad_block(log_p, p, 1.0, is_t, c_act[:, None], c_pas[:, None], c_pas2[:, None], c_target[:, None],
                           g_sum[:, None], gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
         g = tl.where(kept[:, None], g, 0.0)
         tl.store(grad_ptr + rows64[:, None] * grad_stride + cols[None, :], g.to(grad_ptr.dtype.element_ty),
@@ -244,11 +244,11 @@ def _load_groups(z_row, start, offs, K):
 
 
 @triton.jit
-def _group_sums(log_p, p, mask, own, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
+def _group_sums(log_p, e, unit, mask, own, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
                 GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.constexpr):
     # normalizer_sums of a [groups, VEC] block per group (in-thread), no label flagged; 0 where not `own`.
     not_target = tl.full([], 0, tl.int1)   # (a tensor: ~ of a Python False is -1)
-    s1, s2, s3, s4 = lm.normalizer_sums(log_p, p, not_target, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
+    s1, s2, s3, s4 = lm.normalizer_sums(log_p, e, unit, not_target, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
                                         GAMMA_HALF, 1)
     return tl.where(own, s1, 0.0), tl.where(own, s2, 0.0), tl.where(own, s3, 0.0), tl.where(own, s4, 0.0)
 
@@ -259,13 +259,15 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
                    mp_hi, mp_lo, t, count_programs,
                    ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
                    REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, NEEDS_PASS2: tl.constexpr,
-                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, GAMMA_HALF: tl.constexpr = False):
+                   BLOCK_K: tl.constexpr, STAGES: tl.constexpr, GAMMA_HALF: tl.constexpr = False,
+                   EVEN_K: tl.constexpr = False):
     """Persistent over rows; per row: online lse, normaliser sums, gradient.  Per-row losses to
     loss_ptr, or (mean, sum) the reduced loss by _finish_reduction.
 
     A chunk is held as [BLOCK_K / VEC, VEC]: one 16-byte load per group, each group in one
     thread, so per-group maxima and sums are in-thread work and the per-row partial sums
-    are per group (one cross-thread reduction per row, of BLOCK_K / VEC lanes)."""
+    are per group (one cross-thread reduction per row, of BLOCK_K / VEC lanes).
+    EVEN_K (K a multiple of BLOCK_K) compiles the masked tail steps out."""
     ACC: tl.constexpr = loss_ptr.dtype.element_ty
     VEC: tl.constexpr = 128 // z_ptr.dtype.element_ty.primitive_bitwidth
     GROUPS: tl.constexpr = BLOCK_K // VEC
@@ -312,7 +314,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
             m_v, c_v, s_v, t_sum = lm.group_update(m_v, c_v, s_v, z)
             if ACTIVE == lm.NCE:
                 sz_v += lm.gap_to_ref(t_sum, c_v, ref, VEC)
-        if full < K_row:
+        if (not EVEN_K) and full < K_row:
             z = lm.widen(_load_groups(z_row, full, offs, K_row), ACC)
             if ACTIVE == lm.ECE:
                 first_v = lm.first_max_index_update(z, m_v, full + offs, first_v, K)
@@ -325,7 +327,7 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
         if ACTIVE == lm.ECE:
             y_is_max = lm.first_max_index(m_v, m, first_v, m_v > float("-inf"), K, 0) == y
         log_s = lm.log_sum_rel_max(m, c, s)   # log sum e^(z - max)
-        log_s2 = tl.log(s)                    # log sum 2^(z log2e - c), for class_probs
+        log_s2 = tl.log(s)                    # log sum 2^(z log2e - c), for class_exps
         inv_s = 1.0 / s
         # pass 2: sums that need the final lse (re-read from L2), per group.  The label's
         # group is left out of the loops and summed after them with the label flagged:
@@ -337,17 +339,17 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
         if NEEDS_PASS2:
             label_group = tl.where(y_ok, y32 // VEC, -1)
             for start in tl.range(0, full, BLOCK_K, num_stages=STAGES):
-                log_p, p = lm.class_probs(lm.widen(tl.load(z_row + start + offs), ACC), c, inv_s, log_s2)
-                t1, t2, t3, t4 = _group_sums(log_p, p, True, start // VEC + groups0 != label_group,
+                log_p, e = lm.class_exps(lm.widen(tl.load(z_row + start + offs), ACC), c, log_s2)
+                t1, t2, t3, t4 = _group_sums(log_p, e, inv_s, True, start // VEC + groups0 != label_group,
                                              gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
                 sa1_v += t1   # unused slots add zeros: the compiler drops them
                 sa2_v += t2
                 sp1_v += t3
                 sp2_v += t4
-            if full < K_row:
+            if (not EVEN_K) and full < K_row:
                 mask = full + offs < K_row
-                log_p, p = lm.class_probs(lm.widen(_load_groups(z_row, full, offs, K_row), ACC), c, inv_s, log_s2)
-                t1, t2, t3, t4 = _group_sums(log_p, p, mask, full // VEC + groups0 != label_group,
+                log_p, e = lm.class_exps(lm.widen(_load_groups(z_row, full, offs, K_row), ACC), c, log_s2)
+                t1, t2, t3, t4 = _group_sums(log_p, e, inv_s, mask, full // VEC + groups0 != label_group,
                                              gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
                 sa1_v += t1
                 sa2_v += t2
@@ -356,9 +358,9 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
             # the label's group, with the label flagged (nothing for a row without a valid label)
             cols_y = (y32 - y32 % VEC) + lanes   # (label_group * VEC: an int32 product the compile test flags)
             mask_y = (cols_y < K_row) & y_ok
-            log_p_y, p_y = lm.class_probs(tl.load(z_row + cols_y, mask=mask_y, other=float("-inf")).to(ACC), c,
-                                          inv_s, log_s2)
-            y1, y2, y3, y4 = lm.normalizer_sums(log_p_y, p_y, cols_y == y32, mask_y, gamma, q, min_prob, ACTIVE, PASSIVE,
+            log_p_y, e_y = lm.class_exps(tl.load(z_row + cols_y, mask=mask_y, other=float("-inf")).to(ACC), c,
+                                         log_s2)
+            y1, y2, y3, y4 = lm.normalizer_sums(log_p_y, e_y, inv_s, cols_y == y32, mask_y, gamma, q, min_prob, ACTIVE, PASSIVE,
                                                 GRAD_MODE, GAMMA_HALF, 0)
             sa1_v += tl.where(groups0 == 0, y1, 0.0)
             sa2_v += tl.where(groups0 == 0, y2, 0.0)
@@ -383,17 +385,17 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
             if y_ok:   # else the loop after this one writes the row
                 for start in tl.range(0, full, BLOCK_K, num_stages=STAGES):
                     z = lm.widen(tl.load(z_row + start + offs), ACC)
-                    log_p, p = lm.class_probs(z, c, inv_s, log_s2)
-                    g = lm.grad_block(log_p, p, not_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q,
+                    log_p, e = lm.class_exps(z, c, log_s2)
+                    g = lm.grad_block(log_p, e, inv_s, not_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q,
                                       min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
                     tl.store(g_row + start + offs, g.to(G_DTYPE), eviction_policy="evict_first")
-                if full < K:
+                if (not EVEN_K) and full < K:
                     cols = full + offs
-                    log_p, p = lm.class_probs(lm.widen(_load_groups(z_row, full, offs, K), ACC), c, inv_s, log_s2)
-                    g = lm.grad_block(log_p, p, not_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q,
+                    log_p, e = lm.class_exps(lm.widen(_load_groups(z_row, full, offs, K), ACC), c, log_s2)
+                    g = lm.grad_block(log_p, e, inv_s, not_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q,
                                       min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
                     tl.store(g_row + cols, g.to(G_DTYPE), mask=cols < K, eviction_policy="evict_first")
-                g_y = lm.grad_block(l_y, tl.exp(l_y), ~not_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q,
+                g_y = lm.grad_block(l_y, tl.exp(l_y), 1.0, ~not_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q,
                                     min_prob, ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF)
                 tl.debug_barrier()   # after the loop's store of that column, by whichever thread made it
                 tl.store(g_row + y, g_y.to(G_DTYPE))
@@ -590,7 +592,8 @@ def _launch(logits, target, active, passive, alpha, beta, gamma, q, A, grad_mode
         num_warps = CHUNK_WARPS if chunk >= 8192 else 8
         grid = _programs_in_flight(device, K * elem, N, num_warps)
         last_plan = ("chunked", grid, 1, chunk)
-        kernel, consts = chunked_kernel, dict(NEEDS_PASS2=lm.needs_second_pass(active, passive), STAGES=CHUNK_STAGES)
+        kernel, consts = chunked_kernel, dict(NEEDS_PASS2=lm.needs_second_pass(active, passive), STAGES=CHUNK_STAGES,
+                                              EVEN_K=K % chunk == 0)
         single, block_k = False, chunk
     work, count_programs = loss, 0
     if not single:   # labels checked (and counted, for mean) by a pre-pass: the main kernel has no assert

@@ -221,6 +221,7 @@ def focal_deriv(log_p, om, gamma, GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.conste
 
 # clamp(p, P_MIN, 1) of p = exp(log p): log p = (z - max) - log(sumexp) <= 0, so p <= 1 (to an ulp of
 # ex2.approx) and only the lower bound is tested.  NaN stays NaN (and unclamped is False).
+# rce's sums and gradient test e = p / unit against P_MIN / unit instead (``normalizer_terms``).
 @triton.jit
 def clamp_prob(p):
     return tl.where(p < P_MIN, P_MIN, p)
@@ -229,6 +230,13 @@ def clamp_prob(p):
 @triton.jit
 def unclamped(p):
     return p >= P_MIN
+
+
+@triton.jit
+def live_e_min(unit):
+    """unclamped(p) for p = e unit is e >= live_e_min(unit) (a row's scalar: no per-element multiply).
+    (1 / unit first: a constexpr on the left of a tensor stays a constexpr in the interpreter.)"""
+    return (1.0 / unit) * P_MIN
 
 
 # ------------------------------------------------------------------ step 1
@@ -322,12 +330,13 @@ def log_sum_rel_max(m, c, s):
 
 
 @triton.jit
-def class_probs(z, c, inv_s, log_s):
-    """(log p, p) of a row's logits z from its shift c and s = sum 2^(z log2e - c)
-    (inv_s = 1/s, log_s = log s): one FFMA and one MUFU for 2^(z log2e - c), a multiply
-    for p, and one FFMA for log p where a term reads it (dead code elsewhere)."""
+def class_exps(z, c, log_s):
+    """(log p, e) of a row's logits z from its shift c and s = sum 2^(z log2e - c) (log_s = log s):
+    e = 2^(z log2e - c) = p s, one FFMA and one MUFU; log p one FFMA where a term reads it (dead
+    code elsewhere).  The terms take e with unit = 1/s (``normalizer_terms``): p = e unit costs a
+    multiply only where a term reads p itself."""
     t = fma(z, LOG2E, -c)
-    return t * LN2 - log_s, exp2_ftz(t) * inv_s
+    return t * LN2 - log_s, exp2_ftz(t)
 
 
 @triton.jit
@@ -348,11 +357,14 @@ def log_softmax(z, m, log_s):
 
 # ------------------------------------------------------------------ step 2
 @triton.jit
-def normalizer_terms(log_p, p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
-                     GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.constexpr):
+def normalizer_terms(log_p, e, unit, is_target, mask, gamma, q, min_prob, ACTIVE: tl.constexpr,
+                     PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.constexpr):
     """Per class, 0 in masked lanes: the two active and the two passive summands.
-    log_p and p = e^log_p both come from the caller (``class_probs``): a term that
-    reads one of them only leaves the other's instructions to dead-code elimination.
+    log_p and e = p / unit come from the caller (``class_exps``: unit = 1/s; 1 for callers
+    holding p): a term that reads one of them only leaves the other's instructions to
+    dead-code elimination.  rce's two summands are in units of e, classified by
+    e >= P_MIN / unit (p itself is not formed for them): ``normalizer_sums`` scales their
+    sums by unit, one multiply a sum instead of one an element.
 
       nfl        f = -(1-p)^gamma l,  f'                       (sum: the normaliser and its derivative)
       ngce       clamp(p)^q,  p^q where p is unclamped
@@ -371,6 +383,7 @@ def normalizer_terms(log_p, p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.c
     a2 = zero
     p1 = zero
     p2 = zero
+    p = e * unit
     if ACTIVE == NFL or PASSIVE == NNFL:
         om = one_minus_p(p)
     if ACTIVE == NFL:
@@ -382,8 +395,11 @@ def normalizer_terms(log_p, p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.c
             a1 = tl.where(mask, pq, 0.0)
             a2 = tl.where(mask & unclamped(p), pq, 0.0)
         if PASSIVE == RCE or PASSIVE == NRCE:
-            p1 = tl.where(mask & (~is_target), clamp_prob(p), 0.0)
-            p2 = tl.where(mask & (is_target | (~unclamped(p))), p, 0.0)
+            # e >= e_min: unclamped(p).  A NaN e (a NaN or inf logit) makes s, so unit, NaN too:
+            # max and < may drop it, the sums are NaN through unit.
+            e_min = live_e_min(unit)
+            p1 = tl.where(mask & (~is_target), tl.maximum(e, e_min), 0.0)
+            p2 = tl.where(mask & (is_target | (e < e_min)), e, 0.0)
         if PASSIVE == AMSE:
             p1 = tl.where(mask & (~is_target), p * p, 0.0)
         if PASSIVE == NNCE:
@@ -400,11 +416,11 @@ def normalizer_terms(log_p, p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.c
 
 
 @triton.jit
-def normalizer_sums(log_p, p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.constexpr, PASSIVE: tl.constexpr,
-                    GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.constexpr, AXIS: tl.constexpr):
-    """The four sums of ``normalizer_terms`` along AXIS (unused ones: 0, no reduction)."""
-    t1, t2, t3, t4 = normalizer_terms(log_p, p, is_target, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
-                                      GAMMA_HALF)
+def normalizer_sums(log_p, e, unit, is_target, mask, gamma, q, min_prob, ACTIVE: tl.constexpr,
+                    PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.constexpr, AXIS: tl.constexpr):
+    """The four sums of ``normalizer_terms`` along AXIS (unused ones: 0, no reduction), in units of p."""
+    t1, t2, t3, t4 = normalizer_terms(log_p, e, unit, is_target, mask, gamma, q, min_prob, ACTIVE, PASSIVE,
+                                      GRAD_MODE, GAMMA_HALF)
     zero = tl.sum(tl.zeros_like(log_p), axis=AXIS)
     s1 = zero
     s2 = zero
@@ -417,6 +433,9 @@ def normalizer_sums(log_p, p, is_target, mask, gamma, q, min_prob, ACTIVE: tl.co
         s3 = tl.sum(t3, axis=AXIS)
         if PASSIVE != AMSE:
             s4 = tl.sum(t4, axis=AXIS)
+        if PASSIVE == RCE or PASSIVE == NRCE:
+            s3 = s3 * unit
+            s4 = s4 * unit
     return s1, s2, s3, s4
 
 
@@ -577,11 +596,12 @@ def finish_row(log_s, l_y, gap_sum, y_is_max, sa1, sa2, sp1, sp2, Kf, weight,
 
 
 @triton.jit
-def grad_block(log_p, p, is_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q, min_prob,
+def grad_block(log_p, e, unit, is_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma, q, min_prob,
                ACTIVE: tl.constexpr, PASSIVE: tl.constexpr, GRAD_MODE: tl.constexpr,
                GAMMA_HALF: tl.constexpr):
-    """d loss / d z_j = g_j - p_j sum_k g_k (coefficients broadcast by the caller; log_p and p as
-    in ``normalizer_terms``)."""
+    """d loss / d z_j = g_j - p_j sum_k g_k (coefficients broadcast by the caller; log_p, e and unit
+    as in ``normalizer_terms``)."""
+    p = e * unit
     if ACTIVE == NFL or PASSIVE == NNFL:
         om = one_minus_p(p)
     g = tl.where(is_target, c_target, 0.0)
@@ -591,8 +611,8 @@ def grad_block(log_p, p, is_target, c_act, c_pas, c_pas2, c_target, g_sum, gamma
         g += c_act * focal_deriv(log_p, om, gamma, GRAD_MODE, GAMMA_HALF)
     if ACTIVE == NGCE:
         g += tl.where(unclamped(p), c_act * clamped_prob_pow(log_p, q), 0.0)
-    if PASSIVE == RCE or PASSIVE == NRCE:   # its own share of p_j sum g folded in: one FFMA
-        return g + p * tl.where(unclamped(p) & (~is_target), c_pas - g_sum, c_pas2 - g_sum)
+    if PASSIVE == RCE or PASSIVE == NRCE:   # its own share of p_j sum g folded in: one FFMA, on e
+        return g + e * tl.where((e >= live_e_min(unit)) & (~is_target), (c_pas - g_sum) * unit, (c_pas2 - g_sum) * unit)
     if PASSIVE == AMSE:
         g += c_pas * p * p
     if PASSIVE == NNCE:

@@ -369,6 +369,17 @@ def test_default_chunked_regime(dtype, k, device):
     assert plan()[0] == "chunked"
 
 
+@pytest.mark.parametrize("k", (48, 47), ids=("no_tail", "tail"))
+def test_chunked_rows_with_and_without_a_tail(k, device):
+    """48 classes in chunks of 16 compile the masked tail step out (EVEN_K); 47 run it.  Row 0
+    (logits x12) clamps many p: rce's sums and gradient in units of e are checked there too."""
+    x, y = make_logits(5, k, torch.float32, device, seed=k), make_target(5, k, device)
+    with regime("chunked"):
+        for loss in ("nce+rce", "nfl+rce", "ngce+nrce", "nce+nnce"):
+            assert_matches(x, y, LossSpec.from_name(loss))
+            assert plan()[0] == "chunked"
+
+
 def test_too_many_classes_is_refused(device):
     """Column indices are int32: K near 2^31 is refused by name, before any allocation."""
     from apl_kernels.triton import kernels
