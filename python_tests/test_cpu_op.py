@@ -65,8 +65,8 @@ def test_unit_grad_output_needs_no_pass():
 
 
 def test_large_gradient_is_an_ordinary_tensor():
-    """A gradient of 4 MiB or more comes from the allocator that advises huge pages
-    (csrc/cpu/huge_pages.cpp): still right, resizable, and seen by torch.profiler."""
+    """The gradient comes from the allocator that advises huge pages and caches freed buffers
+    (csrc/cpu/grad_buffer.cpp): still right, resizable, and seen by torch.profiler."""
     x, y = make_inputs(1024, 1100, torch.float32)  # 4.3 MiB
     spec = LossSpec.from_name("nce+rce")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -81,6 +81,35 @@ def test_large_gradient_is_an_ordinary_tensor():
     assert torch.equal(grad[:1024], before)
     grad[1024:] = 1.0
     assert grad.sum().isfinite()
+
+
+def test_freed_gradient_buffer_is_reused():
+    """A freed gradient goes to the cache of csrc/cpu/grad_buffer.cpp and comes back for the next
+    gradient of its size, even when malloc has handed its memory to another tensor meanwhile."""
+    x, y = make_inputs(512, 1100, torch.float32)   # 2.1 MiB
+    _, grad = _call(x, y)
+    first = grad.data_ptr()
+    del grad
+    other = torch.empty(512 * 1100)   # what malloc would give the freed block to
+    _, grad = _call(x, y)
+    assert grad.data_ptr() == first and other.data_ptr() != first
+
+
+def test_reused_gradient_buffer_is_overwritten():
+    """A reused buffer holds the last gradient: every entry is written again, ignored rows (0) and
+    rows with a label out of range (NaN, never read) included."""
+    x, y = make_inputs(64, 300, torch.float32)
+    for _ in range(2):
+        _, grad = _call(x * 5, y, reduction="sum")
+        assert (grad != 0).all()
+        del grad
+    bad = y.clone()
+    bad[::2] = -100
+    bad[1::4] = 300
+    loss, grad = _call(x, bad, reduction="none")
+    assert torch.equal(grad[::2], torch.zeros_like(grad[::2])) and grad[1::4].isnan().all()
+    ref_loss, ref_grad = reference_loss_and_grad(x.double()[3::4], bad[3::4], LossSpec(), "none")
+    assert_close(grad[3::4], ref_grad, torch.float32, "grad")
 
 
 def test_deterministic_across_thread_counts():

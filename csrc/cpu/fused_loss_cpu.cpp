@@ -38,7 +38,7 @@
 #include "apl_loss_math.h"
 #include "apl_op_args.h"
 #include "cpu/fused_rows.h"
-#include "cpu/huge_pages.h"
+#include "cpu/grad_buffer.h"
 
 namespace apl_cpu {
 namespace base {
@@ -135,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> fused_loss_cpu(const at::Tensor& logits, cons
 
   const auto loss_dtype = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor row_loss = at::empty(reduction == apl::kReduceNone ? N : 0, logits.options().dtype(loss_dtype));
-  at::Tensor grad = compute_grad ? empty_on_huge_pages({N, K}, logits.options()) : at::empty({0}, logits.options());
+  at::Tensor grad = compute_grad ? empty_gradient({N, K}, logits.options()) : at::empty({0}, logits.options());
   double total = 0;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "apl_fused_loss_cpu", [&] {
     total = run<scalar_t>(logits, t, P, reduction, ignore_index, kept, row_loss, grad);
