@@ -248,8 +248,8 @@ def _group_sums(log_p, e, unit, mask, own, gamma, q, min_prob, ACTIVE: tl.conste
                 GRAD_MODE: tl.constexpr, GAMMA_HALF: tl.constexpr):
     # normalizer_sums of a [groups, VEC] block per group (in-thread), no label flagged; 0 where not `own`.
     not_target = tl.full([], 0, tl.int1)   # (a tensor: ~ of a Python False is -1)
-    s1, s2, s3, s4 = lm.normalizer_sums(log_p, e, unit, not_target, mask, gamma, q, min_prob, ACTIVE, PASSIVE, GRAD_MODE,
-                                        GAMMA_HALF, 1)
+    s1, s2, s3, s4 = lm.normalizer_sums(log_p, e, unit, not_target, mask, gamma, q, min_prob, ACTIVE, PASSIVE,
+                                        GRAD_MODE, GAMMA_HALF, 1)
     return tl.where(own, s1, 0.0), tl.where(own, s2, 0.0), tl.where(own, s3, 0.0), tl.where(own, s4, 0.0)
 
 
@@ -360,8 +360,8 @@ def chunked_kernel(z_ptr, y_ptr, loss_ptr, grad_ptr, work_ptr, N, K, stride_row,
             mask_y = (cols_y < K_row) & y_ok
             log_p_y, e_y = lm.class_exps(tl.load(z_row + cols_y, mask=mask_y, other=float("-inf")).to(ACC), c,
                                          log_s2)
-            y1, y2, y3, y4 = lm.normalizer_sums(log_p_y, e_y, inv_s, cols_y == y32, mask_y, gamma, q, min_prob, ACTIVE, PASSIVE,
-                                                GRAD_MODE, GAMMA_HALF, 0)
+            y1, y2, y3, y4 = lm.normalizer_sums(log_p_y, e_y, inv_s, cols_y == y32, mask_y, gamma, q, min_prob,
+                                                ACTIVE, PASSIVE, GRAD_MODE, GAMMA_HALF, 0)
             sa1_v += tl.where(groups0 == 0, y1, 0.0)
             sa2_v += tl.where(groups0 == 0, y2, 0.0)
             sp1_v += tl.where(groups0 == 0, y3, 0.0)
