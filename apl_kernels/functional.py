@@ -6,7 +6,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import backends
+from . import backends, ops
 from .reference import reference_loss
 from .spec import REDUCTIONS, LossSpec
 
@@ -136,8 +136,8 @@ def fused_loss(logits: torch.Tensor, target: torch.Tensor, spec: LossSpec, *, re
         from .triton.op import inplace_loss
         loss = inplace_loss(rows, flat_target, *spec.op_args(), REDUCTIONS[reduction], ignore_index)
         return loss.reshape(target.shape) if reduction == "none" else loss
-    loss, _ = backends.fused_op(name)(rows, flat_target, *spec.op_args(), REDUCTIONS[reduction],
-                                      ignore_index, compute_grad)
+    loss, _ = ops.call_fused(backends.fused_op(name), rows, flat_target, *spec.op_args(), REDUCTIONS[reduction],
+                             ignore_index, compute_grad)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 

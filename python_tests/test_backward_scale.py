@@ -25,6 +25,33 @@ def test_grad_scaler_scale_does_not_overflow_half_gradient():
 
 @pytest.mark.skipif(backends.unavailable_reason("cpu", torch.device("cpu")) is not None,
                     reason="the fused CPU kernel is not built")
+@pytest.mark.parametrize("reduction", ("mean", "none"))
+def test_eager_calls_bypass_the_torch_library_autograd_wrapper(monkeypatch, reduction):
+    """An eager fwd+bwd runs ops._EagerFusedLoss, the registered formula applied directly: torch.library's
+    own wrapper runs fill_defaults, which reads the op's schema 17 times a call (0.1-0.25 ms of host time).
+    The gradient is the reference's, and a second backward (retain_graph) still recomputes it."""
+    import torch._library.utils as library_utils
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.library's autograd wrapper ran")
+
+    monkeypatch.setattr(library_utils, "fill_defaults", refuse)
+    torch.manual_seed(0)
+    logits = torch.randn(12, 7, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 7, (12,))
+    weights = torch.rand(12, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0, dtype=torch.float64)
+    loss = (apl_kernels.apl_loss(logits, target, "nce+rce", reduction=reduction, backend="cpu") * weights).sum()
+    (first,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (second,) = torch.autograd.grad(loss, logits)
+    oracle = logits.detach().requires_grad_()
+    (apl_kernels.apl_loss(oracle, target, "nce+rce", reduction=reduction, backend="reference") * weights).sum().backward()
+    torch.testing.assert_close(first, oracle.grad)
+    torch.testing.assert_close(second, oracle.grad)
+    assert first.data_ptr() != second.data_ptr()
+
+
+@pytest.mark.skipif(backends.unavailable_reason("cpu", torch.device("cpu")) is not None,
+                    reason="the fused CPU kernel is not built")
 def test_grad_scaler_scale_per_row_half_gradient():
     # reduction="none" with GradScaler: grad_output is 65536 x per-row weights, an [N] fp32 tensor.
     torch.manual_seed(0)
