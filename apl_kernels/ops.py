@@ -45,6 +45,11 @@ The logits and labels are therefore kept until the graph is freed (as the
 saved inputs of any op); ``overwrite_logits=True`` (Triton) is the mode that
 keeps no second [N, K] tensor.  Under torch.compile and other tracing the
 backward is a plain out-of-place multiply (in fp32), which the compiler fuses.
+
+The formula is registered with torch.library (a direct call of the op, and any
+tracing, use it); the functional API's eager calls apply the same two functions
+through ``_EagerFusedLoss`` (``call_fused``), which skips the per-call schema walk
+of torch.library's wrapper.
 """
 from __future__ import annotations
 
